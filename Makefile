@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-real demo lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned first: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check analysis tests bench figures
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+test-real: $(STAMP)
+	$(PY) -m pytest -q -m real
+
+demo: $(STAMP)
+	@echo "The demo arrives with the sweep (issue: the study). For now: graftlm check / transplant on your own folders."
+
+clean:
+	rm -rf $(VENV) .pytest_cache
