@@ -1,0 +1,120 @@
+"""Can the donor's components go into the target? Architecture, config, tokenizer and tensor shapes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analysis import units
+from analysis.checkpoint import Checkpoint
+from analysis.errors import GraftError
+from analysis.models import ModelRef, load_config, resolve
+
+# Config fields whose difference makes a component mean something else in the other model.
+CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "intermediate_size", "vocab_size", "rope_theta", "rope_scaling", "rope_parameters",
+                 "tie_word_embeddings", "hidden_act", "max_position_embeddings")
+# Differences here change what the transplanted weights compute: they block a transplant.
+BLOCKING_FIELDS = {"model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "vocab_size", "hidden_act"}
+
+
+@dataclass
+class CheckReport:
+    """What `graftlm check` prints; ``ok`` is False when the pair cannot be transplanted."""
+
+    donor: str
+    target: str
+    family: str
+    matched: dict[str, int]
+    totals: dict[str, int]
+    config_diffs: dict[str, tuple[Any, Any]]
+    tokenizer_equal: bool | None
+    mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "donor": self.donor, "target": self.target, "ok": self.ok, "family": self.family,
+            "matched": self.matched, "totals": self.totals,
+            "config_diffs": {k: list(v) for k, v in self.config_diffs.items()},
+            "tokenizer_equal": self.tokenizer_equal,
+            "mismatched": [{"tensor": n, "donor": d, "target": t} for n, d, t in self.mismatched],
+            "problems": self.problems,
+        }
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    data = config.to_dict()
+    fields = {k: data.get(k) for k in CONFIG_FIELDS if k in data}
+    heads = getattr(config, "num_attention_heads", None)
+    if heads:  # configs spell these out or leave them implied: compare the effective values
+        fields["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // heads
+        fields["num_key_value_heads"] = getattr(config, "num_key_value_heads", None) or heads
+    return fields
+
+
+def tokenizer_fingerprint(ref: ModelRef) -> str | None:
+    """A comparable view of a folder's tokenizer (vocabulary, merges, special tokens), or None."""
+    if ref.path is None or ref.kind == "gguf":
+        return None
+    path = ref.path / "tokenizer.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return json.dumps({"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True)
+    vocab = [p for p in (ref.path / "vocab.json", ref.path / "tokenizer.model") if p.is_file()]
+    return "|".join(p.read_bytes().hex()[:4096] + str(p.stat().st_size) for p in vocab) or None
+
+
+def check(donor: str | Path, target: str | Path, *, allow_pickle: bool = False,
+          trust_remote_code: bool = False) -> CheckReport:
+    """Compare donor and target: config fields, tokenizer, and every tensor by name and shape."""
+    dref, tref = resolve(donor), resolve(target)
+    dcfg, tcfg = (load_config(r, trust_remote_code=trust_remote_code) for r in (dref, tref))
+    dck = Checkpoint.open(dref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tck = Checkpoint.open(tref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    dconf, tconf = _config_dict(dcfg), _config_dict(tcfg)
+    diffs = {k: (dconf.get(k), tconf.get(k)) for k in set(dconf) | set(tconf) if dconf.get(k) != tconf.get(k)}
+    problems = [f"config {k} differs: donor {d!r}, target {t!r}" for k, (d, t) in sorted(diffs.items())
+                if k in BLOCKING_FIELDS]
+    dtok, ttok = tokenizer_fingerprint(dref), tokenizer_fingerprint(tref)
+    tokenizer_equal = None if dtok is None or ttok is None else dtok == ttok
+    if tokenizer_equal is False:
+        problems.append("tokenizers differ: the same token ids mean different text in the two models")
+    lay = units.layout(tcfg, tck.shapes())
+    try:
+        units.layout(dcfg, dck.shapes())
+    except GraftError as err:
+        problems.append(f"donor: {err}")
+    matching = units.match(dck.shapes(), tck.shapes(), lay)
+    if matching.mismatched:
+        name, d, t = matching.mismatched[0]
+        problems.append(f"tensor {name}: donor {_shape(d)}, target {_shape(t)}"
+                        + (f" (and {len(matching.mismatched) - 1} more)" if len(matching.mismatched) > 1 else ""))
+    totals = units.match(tck.shapes(), tck.shapes(), lay).matched
+    return CheckReport(dref.text, tref.text, lay.family, dict(matching.matched), dict(totals), diffs,
+                       tokenizer_equal, matching.mismatched, problems)
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "missing" if shape is None else "×".join(map(str, shape))
+
+
+def require_compatible(report: CheckReport, params: set[str] | None = None) -> None:
+    """Raise the first blocking problem; with ``params``, only shape problems in those tensors count."""
+    for problem in report.problems:
+        if problem.startswith("tensor ") and params is not None:
+            continue
+        raise GraftError(f"{report.donor} → {report.target}: {problem}",
+                         "donor and target must share architecture, shapes and tokenizer (run `graftlm check`)")
+    if params is not None:
+        for name, d, t in report.mismatched:
+            if name in params:
+                raise GraftError(f"tensor {name}: donor {_shape(d)}, target {_shape(t)}",
+                                 "transplant only components whose shapes match (run `graftlm check`)")

@@ -1,0 +1,119 @@
+"""The `graftlm` command: a thin layer over the Python API with the same verbs.
+
+Bad input raises :class:`~analysis.errors.GraftError` below this module; here it becomes one line on
+stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from analysis.errors import GraftError
+
+app = typer.Typer(
+    name="graftlm",
+    help="Find the heads and MLPs that carry a task, transplant them from a donor into a target model, "
+    "and measure what that recovers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+Donor = Annotated[str, typer.Option("--donor", "-d", help="Donor model: HF folder, .gguf file, demo:NAME or hub id.")]
+Target = Annotated[str, typer.Option("--target", "-t", help="Target model (same architecture), as for --donor.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights (loaded weights_only).")]
+TrustCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run a model's own modelling code.")]
+
+
+@app.command("check")
+def check_cmd(
+    donor: Donor,
+    target: Target,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustCode = False,
+) -> None:
+    """Can the donor's components go into the target? Exit 2 if not, naming the first offending tensors."""
+    from analysis.check import check
+
+    report = check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        table = Table(title=f"{report.donor} → {report.target} ({report.family})")
+        for col in ("kind", "matched", "of"):
+            table.add_column(col, justify="right" if col != "kind" else "left")
+        for kind, total in report.totals.items():
+            table.add_row(kind, str(report.matched.get(kind, 0)), str(total))
+        out_console.print(table)
+        for key, (d, t) in sorted(report.config_diffs.items()):
+            out_console.print(f"config {key}: donor {d!r}, target {t!r}")
+        tok = {True: "identical", False: "DIFFERENT", None: "not compared (no tokenizer.json)"}[report.tokenizer_equal]
+        out_console.print(f"tokenizer: {tok}")
+        for name, d, t in report.mismatched[:5]:
+            out_console.print(f"mismatch {name}: donor {d}, target {t}")
+    if not report.ok:
+        raise GraftError(f"not transplantable: {report.problems[0]}", "see the table above (or --json)")
+    if not as_json:
+        out_console.print("[green]transplantable[/green]")
+
+
+@app.command("transplant")
+def transplant_cmd(
+    donor: Donor,
+    target: Target,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (an HF model, or a patch with --patch).")],
+    plan: Annotated[Path | None, typer.Option("--plan", "-p", help="Plan YAML (see `analysis.plan`).")] = None,
+    components: Annotated[list[str] | None, typer.Option(
+        "--components", "-c", help="Component patterns instead of a plan: L3.mlp, 'L*.H0', L5.attn.q, … (repeat).")] = None,
+    strength: Annotated[float | None, typer.Option("--strength", "-a", help="α for every component (default 1 = copy).")] = None,
+    patch: Annotated[bool, typer.Option("--patch", help="Write a graft patch (changed tensors only).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    allow_extrapolation: Annotated[bool, typer.Option("--allow-extrapolation", help="Allow α outside [0, 1].")] = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustCode = False,
+) -> None:
+    """Blend the donor's components into the target: W' = (1 − α)·W_target + α·W_donor, written to --out."""
+    from analysis.transplant import transplant
+
+    written = transplant(donor, target, plan, out=out, components=components, strength=strength, patch=patch,
+                         force=force, allow_extrapolation=allow_extrapolation, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code)
+    out_console.print(f"wrote {'patch' if patch else 'model'} {written}")
+
+
+@app.command("apply-patch")
+def apply_patch_cmd(
+    target: Target,
+    patch: Annotated[Path, typer.Option("--patch", help="Patch folder written by `graftlm transplant --patch`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the transplanted model to.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Rebuild a transplanted model from its target and a graft patch (target hashes are checked)."""
+    from analysis.transplant import apply_patch
+
+    written = apply_patch(target, patch, out=out, force=force, allow_pickle=allow_pickle)
+    out_console.print(f"wrote model {written}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning GraftError into one line and exit code 2."""
+    try:
+        app(args=argv)  # standalone: usage errors already exit 2 with click's message
+    except GraftError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Load a model reference into a Hugging Face model, its tokenizer and a TransformerLens bridge.
+
+A reference is a local Hugging Face folder, a ``.gguf`` file (dequantized), ``demo:NAME`` for the
+embedded pair, or a hub id (only from the local cache unless ``online=True``). The bridge wraps the
+*same* parameters as the HF model (raw weights, never TransformerLens's processed ones), so an edit
+made through either view is seen by both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from analysis.errors import GraftError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEMO_DIR = Path(__file__).parent / "demo" / "models"
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Wrapped modules keep the HF module under this attribute once a TransformerBridge has booted.
+BRIDGE_WRAPPER = "._original_component"
+
+FUSED = re.compile(r"(qkv_proj|c_attn|query_key_value|gate_up_proj)\.")
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+RefKind = Literal["folder", "gguf", "demo", "hub"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model's files are: resolved from what the user typed, nothing loaded yet."""
+
+    text: str
+    kind: RefKind
+    path: Path | None  # the folder holding config/weights (None for a hub id)
+    gguf_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.text
+
+
+def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
+    """Turn a user's model reference into a :class:`ModelRef`, checking that it exists."""
+    if isinstance(ref, ModelRef):
+        return ref
+    text = str(ref)
+    if text.startswith("demo:"):
+        name = text.removeprefix("demo:")
+        folder = DEMO_DIR / name
+        if not (folder / "config.json").is_file():
+            known = sorted(p.name for p in DEMO_DIR.glob("*") if (p / "config.json").is_file())
+            raise GraftError(
+                f"unknown demo model {text!r}",
+                f"use one of {', '.join('demo:' + k for k in known) or '(none shipped)'}",
+            )
+        return ModelRef(text, "demo", folder)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GraftError(f"no such GGUF file: {text}", "check the path")
+        return ModelRef(text, "gguf", path.parent, path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise GraftError(
+                f"{text} is a file, not a model folder",
+                "pass the folder holding config.json (or a .gguf file)",
+            )
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelRef(text, "gguf", path, ggufs[0].name)
+            raise GraftError(
+                f"{text} is not a model folder (no config.json)",
+                "pass a Hugging Face folder saved with save_pretrained, or a .gguf file",
+            )
+        return ModelRef(text, "folder", path)
+    if text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(text):
+        raise GraftError(f"no such model folder: {text}", "check the path")
+    return ModelRef(text, "hub", None)
+
+
+def weight_files(ref: ModelRef) -> list[Path]:
+    """The safetensors files of a folder reference (empty when it has none)."""
+    if ref.path is None or ref.kind == "gguf":
+        return []
+    index = ref.path / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [ref.path / n for n in names]
+    single = ref.path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(ref.path.glob("*.safetensors"))
+
+
+def pickle_files(ref: ModelRef) -> list[Path]:
+    if ref.path is None:
+        return []
+    return sorted(p for p in ref.path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def _dtype(name: DTypeName | torch.dtype) -> torch.dtype | str:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise GraftError(f"unknown dtype {name!r}", "use auto, float32, bfloat16 or float16") from None
+
+
+@contextlib.contextmanager
+def _hub(online: bool):
+    """Keep the hub offline unless asked: offline, a missing id fails at once instead of retrying."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = not online
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+@dataclass
+class LoadedModel:
+    """An HF model, its tokenizer, and (booted on first use) a TransformerBridge over the same weights."""
+
+    ref: ModelRef
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    storage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    _bridge: TransformerBridge | None = None
+    _params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Names are taken before the bridge boots: booting renames modules (and, for fused q/k/v,
+        # re-registers the fused projection under another name), but keeps the same Parameter objects.
+        if not self._params:
+            self._params = hf_parameters(self.model)
+
+    @property
+    def name(self) -> str:
+        return self.ref.text
+
+    @property
+    def bridge(self) -> TransformerBridge:
+        """TransformerLens view of :attr:`model`; its parameters *are* the HF parameters."""
+        if self._bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            with _hub(False):
+                self._bridge = TransformerBridge.boot_transformers(
+                    str(self.ref.path or self.ref.text),
+                    hf_model=self.model,
+                    tokenizer=self.tokenizer,
+                    dtype=self.model.dtype,
+                    device=self.model.device,
+                )
+        return self._bridge
+
+    def parameters(self) -> dict[str, torch.nn.Parameter]:
+        """HF parameter names (as in the checkpoint) → live parameters, also after the bridge boots."""
+        return self._params
+
+    def sync(self, names: Iterable[str]) -> None:
+        """Refresh the bridge's split copies of fused tensors after they were edited in place.
+
+        For fused projections (Phi-3 ``qkv_proj`` and ``gate_up_proj``, GPT-2 ``c_attn``, GPT-NeoX
+        ``query_key_value``) the bridge computes with separate q/k/v (gate/up) copies made when it
+        booted; an edit of the fused HF tensor reaches the forward pass only through this call.
+        """
+        if self._bridge is None:
+            return
+        layers = sorted({int(m.group(1)) for n in names if FUSED.search(n) and (m := LAYER_INDEX.search(n))})
+        with torch.no_grad():
+            for layer in layers:
+                block = self._bridge.blocks[layer]
+                attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+                if attn is not None and hasattr(attn, "split_qkv_matrix"):
+                    fresh = attn.split_qkv_matrix(attn.original_component)
+                    for part, new in zip((attn.q, attn.k, attn.v), fresh, strict=True):
+                        _copy_linear(part.original_component, new)
+                if mlp is not None and hasattr(mlp, "split_gate_up_matrix"):
+                    gate, up = mlp.split_gate_up_matrix(mlp.original_component)
+                    _copy_linear(mlp.gate.original_component, gate)
+                    _copy_linear(getattr(mlp, "in").original_component, up)
+
+
+def _copy_linear(dest: torch.nn.Module, src: torch.nn.Module) -> None:
+    dest.weight.copy_(src.weight)
+    if getattr(dest, "bias", None) is not None and getattr(src, "bias", None) is not None:
+        dest.bias.copy_(src.bias)
+
+
+def hf_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Checkpoint-style names of a model's parameters, undoing the bridge's module wrapping."""
+    return {name.replace(BRIDGE_WRAPPER, ""): p for name, p in model.named_parameters()}
+
+
+def load(
+    ref: str | os.PathLike[str] | ModelRef,
+    *,
+    dtype: DTypeName | torch.dtype = "auto",
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    online: bool = False,
+    attn_implementation: str = "eager",
+) -> LoadedModel:
+    """Load a model reference for analysis.
+
+    ``attn_implementation`` defaults to eager because the TransformerLens bridge forces eager
+    attention: loading eager from the start keeps the HF model's logits and the bridge's identical.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mref = resolve(ref)
+    torch_dtype = _dtype(dtype)
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": attn_implementation,
+    }
+    source: str = str(mref.path) if mref.path is not None else mref.text
+    tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if mref.kind == "gguf":
+        from transformers import GgufConfig
+
+        kwargs["gguf_file"] = tok_kwargs["gguf_file"] = mref.gguf_file
+        # Without dequantize the model cannot be saved or edited as float tensors.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        if torch_dtype == "auto":
+            kwargs["dtype"] = torch.float32
+    elif mref.kind in ("folder", "demo"):
+        if not weight_files(mref):
+            pickles = pickle_files(mref)
+            if not pickles:
+                raise GraftError(f"{mref.text} has no weights (*.safetensors)", "check the folder")
+            if not allow_pickle:
+                raise GraftError(
+                    f"{mref.text} holds pickle weights ({pickles[0].name}), which can run code when loaded",
+                    "convert it to safetensors, or pass --allow-pickle (loaded with weights_only=True)",
+                )
+            kwargs["use_safetensors"] = False  # transformers loads .bin with torch.load(weights_only=True)
+    _check_architecture(mref, trust_remote_code)
+    try:
+        with _hub(online):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+    except GraftError:
+        raise
+    except OSError as err:
+        if mref.kind == "hub":
+            how = "pass a local folder, or --online to download it" if not online else "check the id"
+            raise GraftError(f"model {mref.text!r} is not a local folder and not in the hub cache", how) from err
+        raise GraftError(f"could not load {mref.text}: {str(err).splitlines()[0]}", "check the folder") from err
+    model.to(device).eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from analysis.checkpoint import Checkpoint
+
+    storage = Checkpoint.open(mref).dtypes() if weight_files(mref) else {}
+    return LoadedModel(ref=mref, model=model, tokenizer=tokenizer, storage_dtypes=storage)
+
+
+def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bool = False) -> Any:
+    """The model's ``PretrainedConfig`` without loading weights."""
+    from transformers import AutoConfig
+
+    mref = resolve(ref)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if mref.kind == "gguf":
+        kwargs["gguf_file"] = mref.gguf_file
+    try:
+        with _hub(False):
+            return AutoConfig.from_pretrained(str(mref.path or mref.text), **kwargs)
+    except (OSError, ValueError) as err:
+        raise GraftError(f"could not read the config of {mref.text}: {str(err).splitlines()[0]}",
+                         "pass a Hugging Face model folder") from err
+
+
+def _check_architecture(mref: ModelRef, trust_remote_code: bool) -> None:
+    """Refuse custom modelling code unless asked: it would run arbitrary Python."""
+    if mref.path is None or mref.kind == "gguf" or trust_remote_code:
+        return
+    import json
+
+    try:
+        config = json.loads((mref.path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise GraftError(f"{mref.path / 'config.json'} is not valid JSON (line {err.lineno})",
+                         "repair or re-save the model") from err
+    if config.get("auto_map"):
+        raise GraftError(
+            f"{mref.text} needs custom code (auto_map in config.json)",
+            "review it, then pass --trust-remote-code",
+        )

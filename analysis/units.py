@@ -1,0 +1,408 @@
+"""Components: the parts of a model that can be measured and transplanted.
+
+A :class:`Component` names a part of one layer (an attention head, a KV group, an MLP, one neuron,
+one projection, the attention block, or the whole layer) and carries two views of it: the
+TransformerLens hook names where its activation is seen, and the slices of Hugging Face tensors that
+hold its weights. Architectures differ only in how they name and fuse tensors; a :class:`Layout`
+hides that (separate q/k/v as in Llama, Qwen2, Gemma-3; fused as in Phi-3; GPT-2's transposed
+``Conv1D``; GPT-NeoX's per-head interleaved ``query_key_value``).
+
+Component ids (also the pattern syntax, with ``*`` wildcards)::
+
+    L12              the whole layer (block with its norms)
+    L12.attn         the attention block (q, k, v, o and attention-internal norms)
+    L12.mlp          the MLP (gate, up, down)
+    L12.H3           query head 3: its rows of q and columns of o. Without GQA it has its own K/V
+                     rows too; with GQA the shared K/V is left alone (use L12.G1 to take it)
+    L12.G1           KV group 1: its K/V rows and every query head that shares them
+    L12.N407         MLP neuron 407: its rows of gate/up and column of down
+    L12.attn.q       one projection (+ bias): attn.q / .k / .v / .o, mlp.gate / .up / .down
+    model.layers.12.mlp.down_proj.weight   an HF tensor name (whole tensor; embeddings only this way)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from analysis.errors import GraftError
+
+Kind = Literal["layer", "attn", "mlp", "head", "group", "neuron", "linear", "tensor"]
+KINDS: tuple[Kind, ...] = ("layer", "attn", "mlp", "head", "group", "neuron", "linear", "tensor")
+ATTN_LINEARS = ("q", "k", "v", "o")
+MLP_LINEARS = ("gate", "up", "down")
+HOOK_LINEAR = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
+               "gate": "mlp.gate", "up": "mlp.in", "down": "mlp.out"}
+
+
+@dataclass(frozen=True, order=True)
+class Slice:
+    """Rows ``start:stop`` along ``dim`` of one HF tensor; ``dim=None`` means the whole tensor."""
+
+    param: str
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    def index(self, ndim: int) -> tuple[slice, ...]:
+        if self.dim is None:
+            return (slice(None),) * ndim
+        return tuple(slice(self.start, self.stop) if d == self.dim else slice(None) for d in range(ndim))
+
+
+@dataclass(frozen=True)
+class Component:
+    """One transplantable unit: its id, kind, layer, weight slices and TransformerLens hooks."""
+
+    id: str
+    kind: Kind
+    layer: int | None
+    slices: tuple[Slice, ...]
+    hooks: tuple[str, ...] = ()
+    index: int | None = None  # head, group or neuron index (the position within its hook's axis)
+    heads: tuple[int, ...] = ()  # query heads covered (heads and groups), for hook_z
+
+    @property
+    def params(self) -> set[str]:
+        return {s.param for s in self.slices}
+
+
+def _ranges(starts: Iterable[int], width: int) -> list[tuple[int, int]]:
+    return [(s, s + width) for s in starts]
+
+
+@dataclass
+class Layout:
+    """How one architecture stores its layers; built from parameter names, shapes and the config."""
+
+    family: Literal["llama", "phi3", "gpt2", "neox"]
+    prefix: str  # text before the layer index, e.g. "model.layers."
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    d_mlp: int
+    shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
+
+    # --- tensor names of the logical projections, per family -------------------------------------
+    def _rel(self, lin: str) -> str:
+        return {
+            "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                      "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                      "down": "mlp.down_proj"},
+            "phi3": {"q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
+                     "o": "self_attn.o_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
+                     "down": "mlp.down_proj"},
+            "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+                     "up": "mlp.c_fc", "down": "mlp.c_proj"},
+            "neox": {"q": "attention.query_key_value", "k": "attention.query_key_value",
+                     "v": "attention.query_key_value", "o": "attention.dense",
+                     "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
+        }[self.family].get(lin, "")
+
+    @property
+    def conv1d(self) -> bool:
+        """GPT-2's Conv1D stores weights as (in, out): output features are along dim 1."""
+        return self.family == "gpt2"
+
+    @property
+    def has_gate(self) -> bool:
+        return self.family in ("llama", "phi3")
+
+    @property
+    def gqa(self) -> bool:
+        return self.n_kv < self.n_heads
+
+    def linears(self) -> tuple[str, ...]:
+        return ATTN_LINEARS + (MLP_LINEARS if self.has_gate else ("up", "down"))
+
+    def _out(self, layer: int, lin: str, rows: list[tuple[int, int]]) -> list[Slice]:
+        """Output-feature rows of a projection: weight rows (Conv1D: columns) and bias entries."""
+        base = f"{self.prefix}{layer}.{self._rel(lin)}"
+        wdim = 1 if self.conv1d else 0
+        slices = [Slice(f"{base}.weight", wdim, a, b) for a, b in rows]
+        if f"{base}.bias" in self.shapes:
+            slices += [Slice(f"{base}.bias", 0, a, b) for a, b in rows]
+        return slices
+
+    def _in(self, layer: int, lin: str, cols: list[tuple[int, int]]) -> list[Slice]:
+        """Input-feature columns of a projection (o and down): weight only, bias is the layer's."""
+        base = f"{self.prefix}{layer}.{self._rel(lin)}"
+        return [Slice(f"{base}.weight", 0 if self.conv1d else 1, a, b) for a, b in cols]
+
+    # --- rows of each logical projection within its (possibly fused) tensor ------------------------
+    def _q_rows(self, head: int) -> list[tuple[int, int]]:
+        hd = self.head_dim
+        if self.family == "neox":
+            return [(head * 3 * hd, head * 3 * hd + hd)]
+        return [(head * hd, (head + 1) * hd)]
+
+    def _kv_rows(self, which: Literal["k", "v"], group: int) -> list[tuple[int, int]]:
+        hd, q_width = self.head_dim, self.n_heads * self.head_dim
+        if self.family == "llama":
+            start = group * hd
+        elif self.family == "phi3":
+            start = q_width + (0 if which == "k" else self.n_kv * hd) + group * hd
+        elif self.family == "gpt2":
+            start = q_width * (1 if which == "k" else 2) + group * hd
+        else:  # neox: per head [q | k | v]
+            start = group * 3 * hd + (1 if which == "k" else 2) * hd
+        return [(start, start + hd)]
+
+    def _mlp_rows(self, lin: Literal["gate", "up"], neurons: tuple[int, int]) -> list[tuple[int, int]]:
+        a, b = neurons
+        if self.family == "phi3" and lin == "up":
+            return [(self.d_mlp + a, self.d_mlp + b)]
+        return [(a, b)]
+
+    def linear_slices(self, layer: int, lin: str) -> list[Slice]:
+        """A whole logical projection: the full tensor, or its share of a fused one."""
+        if lin in ("o", "down"):
+            base = f"{self.prefix}{layer}.{self._rel(lin)}"
+            return [Slice(f"{base}.weight")] + ([Slice(f"{base}.bias")] if f"{base}.bias" in self.shapes else [])
+        if self.family == "llama" or (self.family in ("gpt2", "neox") and lin == "up"):
+            base = f"{self.prefix}{layer}.{self._rel(lin)}"
+            return [Slice(f"{base}.weight")] + ([Slice(f"{base}.bias")] if f"{base}.bias" in self.shapes else [])
+        if lin in ("gate", "up"):
+            return self._out(layer, lin, self._mlp_rows(lin, (0, self.d_mlp)))  # type: ignore[arg-type]
+        if lin == "q":
+            rows = [r for h in range(self.n_heads) for r in self._q_rows(h)]
+        else:
+            rows = [r for g in range(self.n_kv) for r in self._kv_rows(lin, g)]  # type: ignore[arg-type]
+        return self._out(layer, lin, _merge(rows))
+
+    def head_slices(self, layer: int, head: int, with_kv: bool) -> list[Slice]:
+        slices = self._out(layer, "q", self._q_rows(head))
+        if with_kv:
+            group = head // (self.n_heads // self.n_kv)
+            slices += self._out(layer, "k", self._kv_rows("k", group))
+            slices += self._out(layer, "v", self._kv_rows("v", group))
+        slices += self._in(layer, "o", [(head * self.head_dim, (head + 1) * self.head_dim)])
+        return slices
+
+    def group_slices(self, layer: int, group: int) -> list[Slice]:
+        per = self.n_heads // self.n_kv
+        heads = range(group * per, (group + 1) * per)
+        slices = [s for h in heads for s in self._out(layer, "q", self._q_rows(h))]
+        slices += self._out(layer, "k", self._kv_rows("k", group))
+        slices += self._out(layer, "v", self._kv_rows("v", group))
+        slices += self._in(layer, "o", [(heads[0] * self.head_dim, (heads[-1] + 1) * self.head_dim)])
+        return _merge_slices(slices)
+
+    def neuron_slices(self, layer: int, neuron: int) -> list[Slice]:
+        span = (neuron, neuron + 1)
+        slices = self._out(layer, "gate", self._mlp_rows("gate", span)) if self.has_gate else []
+        slices += self._out(layer, "up", self._mlp_rows("up", span))
+        slices += self._in(layer, "down", [span])
+        return slices
+
+    def layer_params(self, layer: int) -> list[str]:
+        head = f"{self.prefix}{layer}."
+        return sorted(n for n in self.shapes if n.startswith(head))
+
+    def block_params(self, layer: int, block: Literal["attn", "mlp"]) -> list[str]:
+        """Tensors of the attention block or the MLP (q_norm/k_norm belong to attention)."""
+        rels = [self._rel(lin) for lin in (ATTN_LINEARS if block == "attn" else MLP_LINEARS)]
+        rels = [r for r in dict.fromkeys(rels) if r]
+        if block == "attn":
+            rels += ["self_attn.q_norm", "self_attn.k_norm"]
+        head = f"{self.prefix}{layer}."
+        return sorted(n for n in self.shapes if any(n.startswith(head + r + ".") for r in rels))
+
+
+def _merge(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge touching row ranges, so a fused q is one slice when it is contiguous."""
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(rows):
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _merge_slices(slices: list[Slice]) -> list[Slice]:
+    out: list[Slice] = []
+    for s in sorted(slices, key=lambda s: (s.param, s.dim if s.dim is not None else -1, s.start)):
+        if out and out[-1].param == s.param and out[-1].dim == s.dim and out[-1].stop == s.start:
+            out[-1] = Slice(s.param, s.dim, out[-1].start, s.stop)
+        else:
+            out.append(s)
+    return out
+
+
+FAMILY_PROBES = (("llama", "self_attn.q_proj.weight"), ("phi3", "self_attn.qkv_proj.weight"),
+                 ("gpt2", "attn.c_attn.weight"), ("neox", "attention.query_key_value.weight"))
+LAYER_RE = re.compile(r"^(?P<prefix>.*?(?:layers|\.h)\.)(?P<layer>\d+)\.")
+
+
+def layout(config: object, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
+    """Recognise the architecture from its tensor names; raise a clear error when it is unknown."""
+    names = list(shapes)
+
+    def find(suffix: str) -> str | None:
+        for n in names:
+            m = LAYER_RE.match(n)
+            if m and m.group("layer") == "0" and n.endswith(suffix):
+                return m.group("prefix")
+        return None
+
+    found = [(fam, find(probe)) for fam, probe in FAMILY_PROBES]
+    found = [(fam, prefix) for fam, prefix in found if prefix is not None]
+    if not found:
+        raise GraftError(
+            "unsupported architecture: no layer-0 attention projection found "
+            f"(first tensors: {', '.join(names[:3])})",
+            "graftlm supports Llama-style, Phi-3, GPT-2 and GPT-NeoX models",
+        )
+    family, prefix = found[0]
+    n_layers = 1 + max(int(m.group("layer")) for n in names if (m := LAYER_RE.match(n)) and m.group("prefix") == prefix)
+    n_heads = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    hidden = int(config.hidden_size)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // n_heads)
+    rel_down = {"llama": "mlp.down_proj", "phi3": "mlp.down_proj", "gpt2": "mlp.c_proj",
+                "neox": "mlp.dense_4h_to_h"}[family]
+    down = shapes[f"{prefix}0.{rel_down}.weight"]
+    d_mlp = down[0] if family == "gpt2" else down[1]
+    return Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes)  # type: ignore[arg-type]
+
+
+def component(lay: Layout, cid: str) -> Component:
+    """Build one component from its canonical id (no wildcards)."""
+    if cid in lay.shapes:
+        return Component(cid, "tensor", _layer_of(lay, cid), (Slice(cid),))
+    m = re.fullmatch(r"L(\d+)(?:\.(attn|mlp|H\d+|G\d+|N\d+)(?:\.(q|k|v|o|gate|up|down))?)?", cid)
+    if not m:
+        raise GraftError(f"unknown component {cid!r}",
+                         "use L12, L12.attn, L12.mlp, L12.H3, L12.G1, L12.N407, L12.attn.q, L12.mlp.down "
+                         "or an HF tensor name (see `graftlm check`)")
+    layer = int(m.group(1))
+    if layer >= lay.n_layers:
+        raise GraftError(f"component {cid!r}: the model has layers 0..{lay.n_layers - 1}", "pick an existing layer")
+    part, lin = m.group(2), m.group(3)
+    b = f"blocks.{layer}"
+    if part is None:
+        return Component(cid, "layer", layer, tuple(Slice(n) for n in lay.layer_params(layer)), (f"{b}.hook_out",))
+    if lin is not None:
+        if (part == "attn" and lin not in ATTN_LINEARS) or (part == "mlp" and lin not in MLP_LINEARS):
+            raise GraftError(f"unknown component {cid!r}", "attn has q, k, v, o; mlp has gate, up, down")
+        if lin not in lay.linears():
+            raise GraftError(f"component {cid!r}: this {lay.family} model has no {lin} projection",
+                             f"use one of {', '.join(lay.linears())}")
+        return Component(cid, "linear", layer, tuple(lay.linear_slices(layer, lin)), (f"{b}.{HOOK_LINEAR[lin]}.hook_out",))
+    if part in ("attn", "mlp"):
+        hooks = (f"{b}.hook_attn_out",) if part == "attn" else (f"{b}.hook_mlp_out",)
+        params = lay.block_params(layer, part)  # type: ignore[arg-type]
+        return Component(cid, part, layer, tuple(Slice(n) for n in params), hooks)  # type: ignore[arg-type]
+    kind, idx = part[0], int(part[1:])
+    limit = {"H": lay.n_heads, "G": lay.n_kv, "N": lay.d_mlp}[kind]
+    if idx >= limit:
+        raise GraftError(f"component {cid!r}: index out of range (0..{limit - 1})", "pick an existing one")
+    if kind == "H":
+        return Component(cid, "head", layer, tuple(lay.head_slices(layer, idx, with_kv=not lay.gqa)),
+                         (f"{b}.attn.hook_z",), idx, (idx,))
+    if kind == "G":
+        per = lay.n_heads // lay.n_kv
+        heads = tuple(range(idx * per, (idx + 1) * per))
+        return Component(cid, "group", layer, tuple(lay.group_slices(layer, idx)), (f"{b}.attn.hook_z",), idx, heads)
+    return Component(cid, "neuron", layer, tuple(lay.neuron_slices(layer, idx)), (f"{b}.mlp.hook_post",), idx)
+
+
+def _layer_of(lay: Layout, name: str) -> int | None:
+    m = LAYER_RE.match(name)
+    return int(m.group("layer")) if m and m.group("prefix") == lay.prefix else None
+
+
+def component_ids(lay: Layout, kinds: Iterable[Kind] = ("layer", "attn", "mlp", "head", "group", "linear")) -> list[str]:
+    """Canonical ids of every component of the given kinds, layer by layer."""
+    kinds = set(kinds)
+    ids: list[str] = []
+    for L in range(lay.n_layers):
+        if "layer" in kinds:
+            ids.append(f"L{L}")
+        if "attn" in kinds:
+            ids.append(f"L{L}.attn")
+        if "mlp" in kinds:
+            ids.append(f"L{L}.mlp")
+        if "head" in kinds:
+            ids += [f"L{L}.H{h}" for h in range(lay.n_heads)]
+        if "group" in kinds and lay.gqa:
+            ids += [f"L{L}.G{g}" for g in range(lay.n_kv)]
+        if "neuron" in kinds:
+            ids += [f"L{L}.N{n}" for n in range(lay.d_mlp)]
+        if "linear" in kinds:
+            ids += [f"L{L}.{'attn' if lin in ATTN_LINEARS else 'mlp'}.{lin}" for lin in lay.linears()]
+    if "tensor" in kinds:
+        ids += list(lay.shapes)
+    return ids
+
+
+def components(lay: Layout, kinds: Iterable[Kind]) -> list[Component]:
+    return [component(lay, cid) for cid in component_ids(lay, kinds)]
+
+
+def select(lay: Layout, patterns: Iterable[str]) -> list[Component]:
+    """Components matching id patterns (``*`` wildcards) or HF tensor names, in a stable order."""
+    patterns = [p.strip() for p in patterns if p.strip()]
+    if not patterns:
+        raise GraftError("no components given", "pass patterns such as L3.mlp or 'L*.H0', or a plan")
+    chosen: dict[str, None] = {}
+    for pattern in patterns:
+        if "*" not in pattern and "?" not in pattern:
+            chosen[component(lay, pattern).id] = None
+            continue
+        kinds: tuple[Kind, ...] = ("tensor",) if not pattern.startswith("L") else (
+            "layer", "attn", "mlp", "head", "group", "linear") + (("neuron",) if ".N" in pattern else ())
+        hits = [cid for cid in component_ids(lay, kinds) if fnmatch.fnmatchcase(cid, pattern)]
+        if not hits:
+            raise GraftError(f"pattern {pattern!r} matches no component",
+                             "see `graftlm check` for the ids, e.g. L*.mlp, L3.H*, L*.attn.q")
+        chosen.update(dict.fromkeys(hits))
+    return [component(lay, cid) for cid in chosen]
+
+
+# --- matching donor and target -------------------------------------------------------------------
+
+@dataclass
+class Matching:
+    """Which components exist with the same tensor names and shapes in donor and target."""
+
+    layout: Layout
+    matched: dict[Kind, int]
+    mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]  # name, donor, target
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+
+def match(donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]],
+          lay: Layout) -> Matching:
+    """Compare every tensor by name and shape, and count the components that match per kind."""
+    mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
+    for name in sorted(set(donor_shapes) | set(target_shapes), key=_natural):
+        d, t = donor_shapes.get(name), target_shapes.get(name)
+        if d != t:
+            mismatched.append((name, d, t))
+    # A tensor present on one side only (a bias, say) spoils the component whose weight it sits beside.
+    bad = {m[0] for m in mismatched} | {m[0].removesuffix(".bias") + ".weight" for m in mismatched}
+    counts: dict[Kind, int] = {}
+    for kind in ("layer", "attn", "mlp", "head", "group", "neuron", "linear"):
+        if kind == "group" and not lay.gqa:
+            continue
+        ids = component_ids(lay, (kind,))  # type: ignore[arg-type]
+        if kind == "neuron":
+            # Neurons share their tensors: all of a layer's neurons match when its MLP tensors match.
+            counts[kind] = sum(lay.d_mlp for L in range(lay.n_layers)
+                               if not bad & set(lay.block_params(L, "mlp")))
+            continue
+        counts[kind] = sum(1 for cid in ids if not component(lay, cid).params & bad)  # type: ignore[index]
+    return Matching(lay, counts, mismatched)
+
+
+def _natural(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,0 +1,85 @@
+"""Tiny random models of six architectures, built in-process and saved as HF folders (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
+torch.set_num_threads(1)
+
+CHARS = [chr(i) for i in range(32, 127)]
+FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox")
+
+
+def char_tokenizer(folder: Path, extra: int = 0) -> T.PreTrainedTokenizerFast:
+    """A character-level tokenizer saved to ``folder`` (``extra`` adds tokens, changing the vocab)."""
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "<pad>", "<unk>"] + CHARS + [f"<x{i}>" for i in range(extra)])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                    unk_token="<unk>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_config(family: str, vocab: int, **over: object) -> T.PretrainedConfig:
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if family == "gpt2":
+        cfg = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        cfg.update(over)
+        return T.GPT2Config(**cfg)
+    if family == "neox":
+        cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=64, **common)
+        cfg.update(over)
+        return T.GPTNeoXConfig(**cfg)
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=64, **common)
+    if family == "gemma3":
+        cfg["head_dim"] = 8
+    cfg.update(over)
+    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "gemma3": T.Gemma3TextConfig, "phi3": T.Phi3Config}[family]
+    return cls(**cfg)
+
+
+def build_model(folder: Path, family: str, seed: int, *, dtype: torch.dtype = torch.float32, extra_vocab: int = 0,
+                shard: str | None = None, **over: object) -> Path:
+    """Save a random tiny model of ``family`` with its tokenizer to ``folder``."""
+    tok = char_tokenizer(folder, extra_vocab)
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family, len(tok), **over))
+    with torch.no_grad():  # random norms and biases, so a transplant of them is visible
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard or "2GB")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    """``tiny_pairs(family)`` → (donor, target) folders of the same architecture, built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in cache:
+            cache[family] = (build_model(root / f"{family}-donor", family, seed=1),
+                             build_model(root / f"{family}-target", family, seed=2))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def llama_pair(tiny_pairs: Callable[[str], tuple[Path, Path]]) -> tuple[Path, Path]:
+    return tiny_pairs("llama")

@@ -1,0 +1,153 @@
+"""Components map to the right weights: checked through TransformerLens activations, per architecture.
+
+For each family the donor is the target with one layer's attention (or MLP) projections perturbed, so
+layer 0 sees the same input in both models. Transplanting a head must then make that head's
+activation the donor's and leave every other head the target's; likewise for neurons and projections.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, build_model
+from transformers import AutoModelForCausalLM
+
+from analysis import units
+from analysis.checkpoint import Checkpoint
+from analysis.errors import GraftError
+from analysis.models import load
+from analysis.plan import Plan
+from analysis.transplant import applied
+
+TEXT = "The cat sat on 12 mats."
+
+
+def perturbed(target: Path, out: Path, block: str) -> Path:
+    """A copy of ``target`` whose layer-0 projections of ``block`` (attn or mlp) are perturbed."""
+    model = AutoModelForCausalLM.from_pretrained(target)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    lay = units.layout(model.config, shapes)
+    lins = ("q", "k", "v", "o") if block == "attn" else (("gate", "up", "down") if lay.has_gate else ("up", "down"))
+    names = {s.param for lin in lins for s in units.component(lay, f"L0.{block}.{lin}").slices}
+    names -= {s.param for s in units.component(lay, "L0.attn.o" if block == "attn" else "L0.mlp.down").slices
+              if s.param.endswith("bias")}  # output biases belong to no head or neuron: keep them equal
+    torch.manual_seed(7)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(torch.randn_like(params[n]) * 0.5)
+    model.save_pretrained(out)
+    for f in target.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def cache(loaded, names: list[str]) -> dict[str, torch.Tensor]:
+    bridge = loaded.bridge
+    tokens = loaded.tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        _, c = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return {n: c[n].clone() for n in names}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_and_projections_take_the_donors_activations(family: str, tmp_path: Path) -> None:
+    target = build_model(tmp_path / "target", family, seed=3)
+    donor = perturbed(target, tmp_path / "donor", "attn")
+    t, d = load(target), load(donor)
+    hooks = ["blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k"]
+    base, ref = cache(t, hooks), cache(d, hooks)
+    lay = units.layout(t.model.config, {n: tuple(p.shape) for n, p in t.parameters().items()})
+    dck = Checkpoint.open(donor)
+    # A KV group (or, without GQA, a head) carries its own q, k, v and o: its z becomes the donor's.
+    unit = "G" if lay.gqa else "H"
+    for idx in range(lay.n_kv if lay.gqa else lay.n_heads):
+        comp = units.component(lay, f"L0.{unit}{idx}")
+        with applied(t, dck, Plan.of([comp.id])):
+            z = cache(t, ["blocks.0.attn.hook_z"])["blocks.0.attn.hook_z"]
+        for h in range(lay.n_heads):
+            want = ref if h in comp.heads else base
+            torch.testing.assert_close(z[:, :, h], want["blocks.0.attn.hook_z"][:, :, h], msg=f"{comp.id} head {h}")
+    # A query head under GQA: its q becomes the donor's, the shared k stays the target's.
+    with applied(t, dck, Plan.of(["L0.H1"])):
+        after = cache(t, ["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
+    torch.testing.assert_close(after["blocks.0.attn.hook_q"][:, :, 1], ref["blocks.0.attn.hook_q"][:, :, 1])
+    torch.testing.assert_close(after["blocks.0.attn.hook_q"][:, :, 0], base["blocks.0.attn.hook_q"][:, :, 0])
+    if lay.gqa:
+        torch.testing.assert_close(after["blocks.0.attn.hook_k"], base["blocks.0.attn.hook_k"])
+    # Every head together (o columns included) gives the donor's attention output.
+    with applied(t, dck, Plan.of([f"L0.{unit}*"])):
+        out = cache(t, ["blocks.0.hook_attn_out"])["blocks.0.hook_attn_out"]
+    torch.testing.assert_close(out, ref["blocks.0.hook_attn_out"])
+    # Each projection alone: its output hook becomes the donor's (fused q/k/v included).
+    for lin in ("q", "k", "v"):
+        hook = f"blocks.0.attn.{lin}.hook_out"
+        want = cache(d, [hook])[hook]
+        with applied(t, dck, Plan.of([f"L0.attn.{lin}"])):
+            got = cache(t, [hook])[hook]
+        torch.testing.assert_close(got, want, msg=f"L0.attn.{lin}")
+    # And the model is back to the target afterwards.
+    torch.testing.assert_close(cache(t, ["blocks.0.attn.hook_z"])["blocks.0.attn.hook_z"], base["blocks.0.attn.hook_z"],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neurons_and_mlp_take_the_donors_activations(family: str, tmp_path: Path) -> None:
+    target = build_model(tmp_path / "target", family, seed=3)
+    donor = perturbed(target, tmp_path / "donor", "mlp")
+    t, d = load(target), load(donor)
+    hooks = ["blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out"]
+    base, ref = cache(t, hooks), cache(d, hooks)
+    dck = Checkpoint.open(donor)
+    with applied(t, dck, Plan.of(["L0.N5", "L0.N17"])):
+        post = cache(t, ["blocks.0.mlp.hook_post"])["blocks.0.mlp.hook_post"]
+    moved = torch.zeros(post.shape[-1], dtype=torch.bool)
+    moved[[5, 17]] = True
+    torch.testing.assert_close(post[..., moved], ref["blocks.0.mlp.hook_post"][..., moved])
+    torch.testing.assert_close(post[..., ~moved], base["blocks.0.mlp.hook_post"][..., ~moved])
+    with applied(t, dck, Plan.of(["L0.N*"])):
+        out = cache(t, ["blocks.0.hook_mlp_out"])["blocks.0.hook_mlp_out"]
+    torch.testing.assert_close(out, ref["blocks.0.hook_mlp_out"])
+    with applied(t, dck, Plan.of(["L0.mlp"])):
+        out = cache(t, ["blocks.0.hook_mlp_out"])["blocks.0.hook_mlp_out"]
+    torch.testing.assert_close(out, ref["blocks.0.hook_mlp_out"])
+
+
+def test_patterns_select_components(llama_pair: tuple[Path, Path]) -> None:
+    _, target = llama_pair
+    ck = Checkpoint.open(target)
+    lay = units.layout(load(target).model.config, ck.shapes())
+    assert [c.id for c in units.select(lay, ["L1.H*"])] == ["L1.H0", "L1.H1", "L1.H2", "L1.H3"]
+    assert [c.id for c in units.select(lay, ["L*.mlp"])] == ["L0.mlp", "L1.mlp"]
+    assert [c.id for c in units.select(lay, ["L*.attn.q", "L0.mlp.down"])] == ["L0.attn.q", "L1.attn.q", "L0.mlp.down"]
+    assert units.select(lay, ["L0.N7"])[0].kind == "neuron"
+    assert units.select(lay, ["L1"])[0].kind == "layer"
+    assert {s.param for s in units.select(lay, ["L1"])[0].slices} >= {"model.layers.1.input_layernorm.weight"}
+    tensor = units.select(lay, ["model.embed_tokens.weight"])[0]
+    assert tensor.kind == "tensor" and tensor.slices[0].dim is None
+    # Embeddings and the LM head are never part of a layer pattern.
+    every = units.select(lay, ["L*"])
+    assert not any("embed" in p or "lm_head" in p for c in every for p in c.params)
+
+
+@pytest.mark.parametrize("pattern", ["L9.mlp", "L0.H4", "L0.attn.gate", "X1", "L*.Z*", "L0.N64"])
+def test_bad_patterns_are_named(llama_pair: tuple[Path, Path], pattern: str) -> None:
+    _, target = llama_pair
+    ck = Checkpoint.open(target)
+    lay = units.layout(load(target).model.config, ck.shapes())
+    with pytest.raises(GraftError, match="component|pattern"):
+        units.select(lay, [pattern])
+
+
+def test_gpt2_conv1d_head_slices_are_columns(tiny_pairs) -> None:
+    _, target = tiny_pairs("gpt2")
+    lay = units.layout(load(target).model.config, Checkpoint.open(target).shapes())
+    head = units.component(lay, "L0.H2")
+    qkv = [s for s in head.slices if s.param.endswith("c_attn.weight")]
+    # Conv1D is (in, out): q, k and v rows of head 2 are columns 16:24, 48:56, 80:88 of c_attn.
+    assert [(s.dim, s.start, s.stop) for s in qkv] == [(1, 16, 24), (1, 48, 56), (1, 80, 88)]
+    o = [s for s in head.slices if s.param.endswith("attn.c_proj.weight")]
+    assert [(s.dim, s.start, s.stop) for s in o] == [(0, 16, 24)]
