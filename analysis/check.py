@@ -81,7 +81,9 @@ def check(donor: str | Path, target: str | Path, *, allow_pickle: bool = False,
     tck = Checkpoint.open(tref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dconf, tconf = _config_dict(dcfg), _config_dict(tcfg)
     diffs = {k: (dconf.get(k), tconf.get(k)) for k in set(dconf) | set(tconf) if dconf.get(k) != tconf.get(k)}
-    problems = [f"config {k} differs: donor {d!r}, target {t!r}" for k, (d, t) in sorted(diffs.items())
+    # model_type first: "different architecture" is the news, the fields that follow from it are not.
+    problems = [f"config {k} differs: donor {d!r}, target {t!r}"
+                for k, (d, t) in sorted(diffs.items(), key=lambda kv: (kv[0] != "model_type", kv[0]))
                 if k in BLOCKING_FIELDS]
     dtok, ttok = tokenizer_fingerprint(dref), tokenizer_fingerprint(tref)
     tokenizer_equal = None if dtok is None or ttok is None else dtok == ttok

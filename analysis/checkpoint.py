@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from analysis.errors import GraftError
-from analysis.models import ModelRef, hf_parameters, resolve, weight_files
+from analysis.models import LoadedModel, ModelRef, resolve, weight_files
 
 # safetensors dtype names → torch dtypes (the format's own spelling).
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -66,10 +66,11 @@ class Checkpoint:
     """A read-only view of one model's weights, by HF parameter name."""
 
     def __init__(self, ref: ModelRef, infos: dict[str, TensorInfo] | None,
-                 tensors: dict[str, torch.Tensor] | None) -> None:
+                 tensors: dict[str, torch.Tensor] | None, loaded: LoadedModel | None = None) -> None:
         self.ref = ref
         self.infos = infos  # set for safetensors folders
         self._tensors = tensors  # set for checkpoints loaded into memory (GGUF, pickle)
+        self.loaded = loaded  # the model those tensors belong to
 
     @classmethod
     def open(cls, ref: str | os.PathLike[str] | ModelRef, *, allow_pickle: bool = False,
@@ -86,8 +87,8 @@ class Checkpoint:
         from analysis.models import load
 
         loaded = load(mref, dtype="auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        state = {name: p.detach() for name, p in hf_parameters(loaded.model).items()}
-        return cls(mref, None, state)
+        state = {name: p.detach() for name, p in loaded.parameters().items()}
+        return cls(mref, None, state, loaded)
 
     @property
     def streamable(self) -> bool:

@@ -108,6 +108,9 @@ def apply_patch_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning GraftError into one line and exit code 2."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars cover long stages; keep errors on one line
     try:
         app(args=argv)  # standalone: usage errors already exit 2 with click's message
     except GraftError as err:

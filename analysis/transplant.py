@@ -338,9 +338,8 @@ def _overwrite_in_place(tck: Checkpoint, changed: dict[str, torch.Tensor], folde
 
 def _save_materialized(tck: Checkpoint, changed: dict[str, torch.Tensor], folder: Path) -> None:
     """GGUF or pickle targets: load once, apply, and save as safetensors with the tokenizer."""
-    from analysis.models import load
-
-    loaded = load(tck.ref, dtype="auto")
+    loaded = tck.loaded
+    assert loaded is not None
     params = loaded.parameters()
     with torch.no_grad():
         for name, value in changed.items():

@@ -1,0 +1,183 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model
+from safetensors.torch import load_file, save_file
+
+from analysis.cli import main
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed while building models
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+def assert_refused(args: list[str], capsys: pytest.CaptureFixture[str], out: Path | None, *words: str) -> str:
+    code, _, err = run(args, capsys)
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word.lower() in err.lower(), err
+    if out is not None:
+        assert not out.exists()
+        assert not any(p.name.startswith(f".{out.name}.graftlm-") for p in out.parent.iterdir())
+    return err
+
+
+def transplant_args(donor: Path | str, target: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["transplant", "--donor", str(donor), "--target", str(target), "--out", str(out), *extra]
+
+
+def test_missing_path(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, _ = llama_pair
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, tmp_path / "nope", out, "-c", "L0.mlp"), capsys, out, "no such", "nope")
+
+
+def test_not_a_model(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, _ = llama_pair
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, tmp_path / "empty", out, "-c", "L0.mlp"), capsys, out, "not a model folder")
+
+
+def test_different_architecture(tiny_pairs, tmp_path: Path, capsys) -> None:
+    donor, _ = tiny_pairs("gpt2")
+    _, target = tiny_pairs("llama")
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, target, out, "-c", "L0.mlp"), capsys, out, "model_type")
+    assert_refused(["check", "--donor", str(donor), "--target", str(target)], capsys, None, "not transplantable")
+
+
+def test_shape_mismatch(tmp_path: Path, capsys) -> None:
+    donor = build_model(tmp_path / "d", "llama", seed=1, intermediate_size=48)
+    target = build_model(tmp_path / "t", "llama", seed=2)
+    out = tmp_path / "o"
+    err = assert_refused(transplant_args(donor, target, out, "-c", "L1.mlp"), capsys, out, "mlp")
+    assert "48" in err and "64" in err
+    # attention tensors still match: a head transplant is allowed
+    code, _, _ = run(transplant_args(donor, target, out, "-c", "L1.H0"), capsys)
+    assert code == 0 and out.is_dir()
+
+
+def test_vocab_mismatch(tmp_path: Path, capsys) -> None:
+    donor = build_model(tmp_path / "d", "llama", seed=1, extra_vocab=5)
+    target = build_model(tmp_path / "t", "llama", seed=2)
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, target, out, "-c", "L0.mlp"), capsys, out, "vocab")
+
+
+@pytest.mark.parametrize("pattern,word", [("L7.mlp", "layers 0..1"), ("L0.H9", "out of range"),
+                                          ("L*.foo", "matches no component"), ("", "no components")])
+def test_unknown_or_empty_component_pattern(llama_pair, tmp_path: Path, capsys, pattern: str, word: str) -> None:
+    donor, target = llama_pair
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, target, out, "-c", pattern), capsys, out, word)
+
+
+def test_nothing_to_transplant(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, target = llama_pair
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, target, out), capsys, out, "--plan")
+
+
+def test_alpha_outside_unit_interval(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, target = llama_pair
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, target, out, "-c", "L0.mlp", "--strength", "1.5"), capsys, out,
+                   "--allow-extrapolation")
+    code, _, _ = run(transplant_args(donor, target, out, "-c", "L0.mlp", "-a", "1.5", "--allow-extrapolation"), capsys)
+    assert code == 0 and out.is_dir()
+
+
+def test_existing_out_needs_force(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, target = llama_pair
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, _, err = run(transplant_args(donor, target, out, "-c", "L0.mlp"), capsys)
+    assert code == 2 and "--force" in err and (out / "keep.txt").read_text() == "user data"
+    code, _, _ = run(transplant_args(donor, target, out, "-c", "L0.mlp", "--force"), capsys)
+    assert code == 0 and (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_pickle_weights_refused_unless_allowed(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, target = llama_pair
+    pickled = tmp_path / "pickled"
+    shutil.copytree(target, pickled)
+    state = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    out = tmp_path / "o"
+    assert_refused(transplant_args(donor, pickled, out, "-c", "L0.mlp"), capsys, out, "pickle", "--allow-pickle")
+    code, _, err = run(transplant_args(donor, pickled, out, "-c", "L0.mlp", "--allow-pickle"), capsys)
+    assert code == 0, err
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+
+
+def test_nan_in_a_source_tensor(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, target = llama_pair
+    broken = tmp_path / "broken"
+    shutil.copytree(donor, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    assert_refused(transplant_args(broken, target, out, "-c", "L0.mlp"), capsys, out, "NaN", "up_proj")
+
+
+def test_custom_code_needs_trust(llama_pair, tmp_path: Path, capsys) -> None:
+    donor, target = llama_pair
+    custom = tmp_path / "custom"
+    shutil.copytree(target, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (custom / "config.json").write_text(json.dumps(config))
+    from analysis.errors import GraftError
+    from analysis.models import load
+
+    with pytest.raises(GraftError, match="trust-remote-code"):
+        load(custom)
+
+
+def test_apply_patch_refuses_another_target(tiny_pairs, tmp_path: Path, capsys) -> None:
+    donor, target = tiny_pairs("llama")
+    patch = tmp_path / "patch"
+    code, _, _ = run(transplant_args(donor, target, patch, "-c", "L0.mlp", "--patch"), capsys)
+    assert code == 0
+    out = tmp_path / "o"
+    assert_refused(["apply-patch", "--target", str(donor), "--patch", str(patch), "--out", str(out)], capsys, out,
+                   "another target")
+    code, out_text, _ = run(["apply-patch", "--target", str(target), "--patch", str(patch), "--out", str(out)], capsys)
+    assert code == 0 and (out / "model.safetensors").is_file()
+
+
+def test_check_reports_matching_components(tiny_pairs, capsys) -> None:
+    donor, target = tiny_pairs("qwen2")
+    code, out, _ = run(["check", "--donor", str(donor), "--target", str(target), "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["tokenizer_equal"]
+    assert report["matched"]["head"] == 8 and report["matched"]["group"] == 4 and report["matched"]["neuron"] == 128
+
+
+def test_console_script_has_no_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "graftlm"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "analysis.cli"]
+    proc = subprocess.run([*cmd, "check", "--donor", str(tmp_path / "a"), "--target", str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such model folder" in proc.stderr
+    help_text = subprocess.run([*cmd, "transplant", "--help"], capture_output=True, text=True).stdout
+    assert "--components" in help_text and "--patch" in help_text

