@@ -106,6 +106,36 @@ def apply_patch_cmd(
     out_console.print(f"wrote model {written}")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model: HF folder, .gguf file, demo:NAME or hub id.")],
+    task: Annotated[str, typer.Option("--task", help="Task YAML, JSONL file, datasets folder, built-in or demo:NAME.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for records.jsonl and summary.json.")],
+    split: Annotated[str | None, typer.Option(
+        "--split", help="probe | dev | test | retention | all (default: test; a task without splits: all items).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N items of the split.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length cap.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size (speed only, never results).")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (the summary).")] = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustCode = False,
+) -> None:
+    """Evaluate a model on a task: per-item records and accuracy with k/n and a 95% Wilson interval."""
+    from analysis import tasks
+    from analysis.evaluate import describe, run
+    from analysis.models import load
+
+    loaded_task = tasks.load(task, split=split, limit=limit)  # a bad task file fails before the model loads
+    loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    result = run(loaded.model, loaded.tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size,
+                 max_new_tokens=max_new_tokens, out=out, progress=not as_json)
+    if as_json:
+        print(json.dumps(result.summary))
+    else:
+        out_console.print(describe(result.summary), highlight=False)
+        out_console.print(f"records: {result.paths['records']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning GraftError into one line and exit code 2."""
     from transformers.utils import logging as hf_logging

@@ -1,0 +1,419 @@
+"""Evaluate a Hugging Face causal LM on a task: batched greedy generation, batched log-likelihood
+scoring (a shared prompt is encoded once for all its choices) and perplexity; per-item records.
+
+Works on any model called as ``model(input_ids, attention_mask=..., position_ids=..., past_key_values=...)``
+— a plain ``PreTrainedModel``, or one whose modules a TransformerLens ``TransformerBridge`` wraps.
+Batches are sorted by length; the batch size changes speed, not results (tested).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from analysis import metrics
+from analysis.errors import GraftError
+from analysis.tasks import Item, Task
+from analysis.tasks import load as load_task
+
+
+@dataclass
+class EvalResult:
+    """Per-item ``records`` (in item order) and a ``summary`` (k, n, accuracy, ci_low, ci_high, ...)."""
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> list[bool]:
+        return [bool(r["correct"]) for r in self.records]
+
+    @property
+    def accuracy(self) -> metrics.Accuracy:
+        return metrics.accuracy_of(self.correct)
+
+    def save(self, out: str | Path) -> dict[str, str]:
+        """Write ``records.jsonl`` and ``summary.json`` into folder ``out``."""
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        rec_path, sum_path = folder / "records.jsonl", folder / "summary.json"
+        with rec_path.open("w", encoding="utf-8") as fh:
+            for r in self.records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        sum_path.write_text(json.dumps(self.summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        self.paths = {"records": str(rec_path), "summary": str(sum_path)}
+        return self.paths
+
+
+# -- tokenisation -----------------------------------------------------------------------------------
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids as lm-evaluation-harness encodes them: the tokenizer's default special tokens, except
+    no second BOS when the text already starts with it (a rendered chat template)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add = not (bos and text.startswith(bos))
+    return list(tokenizer.encode(text, add_special_tokens=add))
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split as lm-evaluation-harness does: trailing spaces of the
+    context move to the continuation; the continuation is the whole encoding after the context's."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list | tuple):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def _max_length(model: Any) -> int:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else 2048
+
+
+def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield list(order[start:start + size])
+
+
+class _Forward:
+    """Calls the model; asks for logits only where needed when the model supports ``logits_to_keep``
+    (the LM head is a large share of a small model's FLOPs)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        self.keep = "logits_to_keep" in params
+        # transformers >= 5.2x renamed past_key_values to cache (the old name warns).
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.device = next(model.parameters()).device
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 past: Any = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device),
+                                  "use_cache": True}
+        if past is not None:
+            kwargs[self.cache_kw] = past
+        if last_only and self.keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(ids.to(self.device), **kwargs)
+        logits = out.logits[:, -1:] if last_only else out.logits
+        cache = getattr(out, "cache", None)
+        return logits.float(), cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequence[str], max_new_tokens: int,
+             batch_size: int = 8, progress: bool = False) -> list[tuple[str, float, int]]:
+    """Greedy continuations of ``prompts``: (text cut at the first stop string, sum of logprobs of the
+    generated tokens, number of generated tokens). Left padding, longest prompts first."""
+    fwd = _Forward(model)
+    pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
+    encoded = [encode(tokenizer, p) for p in prompts]
+    limit = _max_length(model) - max_new_tokens
+    encoded = [e[-limit:] if len(e) > limit else e for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    results: list[tuple[str, float, int]] = [("", 0.0, 0)] * len(encoded)
+    bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        ids, mask, positions = _left_pad([encoded[i] for i in batch], pad)
+        n = len(batch)
+        new: list[list[int]] = [[] for _ in range(n)]
+        logprob = [0.0] * n
+        done = [False] * n
+        logits, past = fwd(ids, mask, positions, last_only=True)
+        for _step in range(max_new_tokens):
+            logp = torch.log_softmax(logits[:, -1], dim=-1)
+            token = logp.argmax(-1)
+            for r in range(n):
+                if done[r]:
+                    continue
+                t = int(token[r])
+                new[r].append(t)
+                logprob[r] += float(logp[r, t])
+                if t in eos or any(s in tokenizer.decode(new[r], skip_special_tokens=True) for s in stop):
+                    done[r] = True
+            if all(done):
+                break
+            # Finished rows keep decoding padding; their outputs are already fixed.
+            step = torch.tensor([[t[-1] if not d else pad] for t, d in zip(new, done, strict=True)])
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits, past = fwd(step, mask, positions, past=past, last_only=True)
+        for r, i in enumerate(batch):
+            text = tokenizer.decode([t for t in new[r] if t not in eos], skip_special_tokens=True)
+            cuts = [text.find(s) for s in stop if s and s in text]
+            results[i] = (text[: min(cuts)] if cuts else text, logprob[r], len(new[r]))
+        bar.update(n)
+    bar.close()
+    return results
+
+
+# -- log-likelihood ---------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], *,
+                   batch_size: int = 8, progress: bool = False) -> list[list[float]]:
+    """Sum of logprobs of each continuation after its context: ``[(context, [cont, ...]), ...]`` →
+    ``[[logprob, ...], ...]``. Each context is run once; its KV cache is shared by all its continuations."""
+    fwd = _Forward(model)
+    pad = _pad_id(tokenizer)
+    max_len = _max_length(model)
+    prepared: list[tuple[list[int], list[list[int]]]] = []
+    for context, conts in requests:
+        pairs = [encode_pair(tokenizer, context, c) for c in conts]
+        ctx = pairs[0][0]  # identical for every continuation: the same context string is encoded
+        cont_ids = [p[1] for p in pairs]
+        if any(not c for c in cont_ids):
+            raise GraftError(f"a continuation of {context[-40:]!r} encodes to no tokens", "check the choices")
+        room = max_len - max(len(c) for c in cont_ids)
+        prepared.append((ctx[-room:] if len(ctx) > room else ctx, cont_ids))
+    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
+    results: list[list[float]] = [[] for _ in prepared]
+    bar = tqdm(total=len(prepared), desc="loglikelihood", disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        ids, mask, positions = _left_pad([prepared[i][0] for i in batch], pad)
+        logits, past = fwd(ids, mask, positions, last_only=True)
+        first = torch.log_softmax(logits[:, -1], dim=-1)  # predicts every continuation's first token
+        rows = [(b, cont) for b, i in enumerate(batch) for cont in prepared[i][1]]
+        scores = [float(first[b, cont[0]]) for b, cont in rows]
+        rest_width = max(len(cont) for _, cont in rows) - 1
+        if rest_width > 0:
+            # Continuations after their first token, right-padded, on the context cache repeated per choice.
+            index = torch.tensor([b for b, _ in rows])
+            past.batch_select_indices(index)
+            ids2 = torch.full((len(rows), rest_width), pad, dtype=torch.long)
+            mask2 = torch.zeros((len(rows), rest_width), dtype=torch.long)
+            for r, (_, cont) in enumerate(rows):
+                if len(cont) > 1:
+                    ids2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                    mask2[r, : len(cont) - 1] = 1
+            ctx_len = mask.sum(-1)[index]
+            positions2 = ctx_len[:, None] + torch.arange(rest_width)[None, :]
+            logits2, _ = fwd(ids2, torch.cat([mask[index], mask2], dim=1), positions2, past=past)
+            # Input cont[:-1]: logits2[:, j] predicts cont[j + 1].
+            logp2 = torch.log_softmax(logits2, dim=-1)
+            for r, (_, cont) in enumerate(rows):
+                if len(cont) > 1:
+                    target = torch.tensor(cont[1:])
+                    scores[r] += float(logp2[r, torch.arange(len(cont) - 1), target].sum())
+        k = 0
+        for i in batch:
+            m = len(prepared[i][1])
+            results[i] = scores[k:k + m]
+            k += m
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+@torch.inference_mode()
+def token_nlls(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8,
+               progress: bool = False) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, predicted tokens) per text; long texts in windows of the model's
+    length overlapping by one token, so every token after the first is predicted exactly once."""
+    fwd = _Forward(model)
+    pad = _pad_id(tokenizer)
+    width = min(_max_length(model), 2048)
+    windows: list[tuple[int, list[int]]] = []
+    for t, text in enumerate(texts):
+        ids = encode(tokenizer, text)
+        for start in range(0, max(len(ids) - 1, 1), width - 1):
+            windows.append((t, ids[start:start + width]))
+    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i][1]), i))
+    nll = [0.0] * len(texts)
+    count = [0] * len(texts)
+    bar = tqdm(total=len(windows), desc="perplexity", disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        seqs = [windows[i][1] for i in batch]
+        w = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), w), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), w), dtype=torch.long)
+        for r, s in enumerate(seqs):  # right padding: real tokens keep positions 0..len-1
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        positions = torch.arange(w)[None, :].expand(len(seqs), w)
+        logits, _ = fwd(ids, mask, positions)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        for r, i in enumerate(batch):
+            s = seqs[r]
+            if len(s) < 2:
+                continue
+            target = torch.tensor(s[1:])
+            nll[windows[i][0]] -= float(logp[r, torch.arange(len(s) - 1), target].sum())
+            count[windows[i][0]] += len(s) - 1
+        bar.update(len(batch))
+    bar.close()
+    return list(zip(nll, count, strict=True))
+
+
+# -- the task-level entry point ---------------------------------------------------------------------
+
+def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | None = None, limit: int | None = None,
+        batch_size: int = 8, max_new_tokens: int | None = None, out: str | Path | None = None,
+        progress: bool = True) -> EvalResult:
+    """Evaluate ``model`` on ``task``'s ``split`` (None: ``test`` when the task has splits, else every
+    item; ``"retention"``: the retention set, as perplexity). Writes records.jsonl + summary.json into
+    ``out`` when given."""
+    if batch_size < 1:
+        raise GraftError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
+    task = task if isinstance(task, Task) else load_task(task)
+    split_name = task.resolve_split(split)
+    items = task.items(split_name, limit)
+    scored = task.retention if split_name == "retention" and task.retention is not None else task
+    if not items:
+        raise GraftError(f"{task.source}: split {split_name!r} has no items", "choose another split or a larger limit")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            if scored.kind == "generate":
+                records = _run_generate(model, tokenizer, scored, items, batch_size, max_new_tokens, progress)
+            elif scored.kind == "choice":
+                records = _run_choice(model, tokenizer, scored, items, batch_size, progress)
+            else:
+                records = _run_perplexity(model, tokenizer, items, batch_size, progress)
+    finally:
+        if was_training:
+            model.train()
+    wall = time.perf_counter() - start
+    summary = _summarise(scored, records)
+    summary.update({
+        "task": task.name, "source": task.source, "kind": scored.kind, "split": split_name or "all",
+        "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
+        "batch_size": batch_size, "wall_s": round(wall, 3),
+    })
+    if scored.kind == "generate":
+        summary["max_new_tokens"] = max_new_tokens or scored.max_new_tokens
+    result = EvalResult(records, summary)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _run_generate(model: Any, tokenizer: Any, task: Task, items: list[Item], batch_size: int,
+                  max_new_tokens: int | None, progress: bool) -> list[dict[str, Any]]:
+    prompts = [task.render(it, tokenizer) for it in items]
+    outs = generate(model, tokenizer, prompts, stop=task.stop, max_new_tokens=max_new_tokens or task.max_new_tokens,
+                    batch_size=batch_size, progress=progress)
+    strict = task.metric == "strict"
+    records = []
+    for it, (text, logprob, n_tok) in zip(items, outs, strict=True):
+        ex = task.score(it, text)
+        records.append({
+            "id": it.id, "split": it.split, "prompt": task.prompt_text(it), "output": text,
+            "extracted": ex.strict if strict else ex.flexible, "gold": ex.gold,
+            "correct": ex.correct_strict if strict else ex.correct_flexible,
+            "extracted_strict": ex.strict, "extracted_flexible": ex.flexible,
+            "correct_strict": ex.correct_strict, "correct_flexible": ex.correct_flexible,
+            "logprob": logprob, "n_tokens": n_tok,
+        })
+    return records
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # first maximum, as numpy's argmax
+
+
+def _run_choice(model: Any, tokenizer: Any, task: Task, items: list[Item], batch_size: int,
+                progress: bool) -> list[dict[str, Any]]:
+    requests = [(task.render(it, tokenizer), task.continuations(it)) for it in items]
+    lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+    norm = task.metric == "acc_norm"
+    records = []
+    for it, ll in zip(items, lls, strict=True):
+        pred = _argmax(ll)
+        # acc_norm divides by the choice's length in characters, as lm-evaluation-harness does.
+        pred_norm = _argmax([v / max(len(c), 1) for v, c in zip(ll, it.choices, strict=True)])
+        gold = int(it.answer)
+        records.append({
+            "id": it.id, "split": it.split, "prompt": task.prompt_text(it), "answer": gold,
+            "extracted": pred_norm if norm else pred,
+            "correct": (pred_norm if norm else pred) == gold,
+            "pred": pred, "pred_norm": pred_norm, "correct_acc": pred == gold, "correct_acc_norm": pred_norm == gold,
+            "logprobs": ll,
+        })
+    return records
+
+
+def _run_perplexity(model: Any, tokenizer: Any, items: list[Item], batch_size: int,
+                    progress: bool) -> list[dict[str, Any]]:
+    nlls = token_nlls(model, tokenizer, [it.text for it in items], batch_size=batch_size, progress=progress)
+    return [{"id": it.id, "split": it.split, "nll": nll, "n_tokens": n,
+             "perplexity": math.exp(nll / n) if n else math.nan} for it, (nll, n) in zip(items, nlls, strict=True)]
+
+
+def _summarise(task: Task, records: list[dict[str, Any]]) -> dict[str, Any]:
+    if task.kind == "perplexity":
+        total = sum(r["nll"] for r in records)
+        tokens = sum(r["n_tokens"] for r in records)
+        mean = total / tokens if tokens else math.nan
+        return {"metric": "perplexity", "n": len(records), "k": None, "accuracy": None, "ci_low": None,
+                "ci_high": None, "n_tokens": tokens, "mean_nll": mean, "perplexity": math.exp(mean) if tokens else None}
+    acc = metrics.accuracy_of([r["correct"] for r in records])
+    summary: dict[str, Any] = {"metric": task.metric, **acc.as_dict()}
+    names = ("strict", "flexible") if task.kind == "generate" else ("acc", "acc_norm")
+    for name in names:
+        key = f"correct_{name}"
+        other = metrics.accuracy_of([r[key] for r in records])
+        summary[name] = {"k": other.k, "accuracy": other.accuracy, "ci_low": other.ci_low, "ci_high": other.ci_high}
+    if task.kind == "generate":
+        summary["filter"] = task.filter
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One human line for a summary: accuracy with k/n and interval, or perplexity."""
+    head = f"{summary.get('task')} ({summary.get('split')})"
+    if summary.get("kind") == "perplexity":
+        return f"{head}: perplexity {summary['perplexity']:.3f} (mean NLL {summary['mean_nll']:.4f} over " \
+               f"{summary['n_tokens']} tokens, {summary['n']} texts)"
+    acc = metrics.Accuracy(summary["k"], summary["n"], summary["accuracy"], summary["ci_low"], summary["ci_high"])
+    return f"{head} {summary['metric']}: {acc}"

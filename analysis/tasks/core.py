@@ -1,0 +1,360 @@
+"""Tasks: items with disjoint splits, a prompt format and a scorer (schema: docs/tasks.md)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from analysis.errors import GraftError
+from analysis.tasks.extract import Extraction, check_filter, clean_number, extract
+
+Kind = Literal["generate", "choice", "perplexity"]
+KINDS: tuple[str, ...] = ("generate", "choice", "perplexity")
+SPLITS: tuple[str, ...] = ("probe", "dev", "test", "retention", "train")
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "generate": ("prompt", "answer"),
+    "choice": ("prompt", "choices", "answer"),
+    "perplexity": ("text",),
+}
+
+
+class TaskConfig(BaseModel):
+    """The task YAML; every key and its default is documented in docs/tasks.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    kind: Kind | None = None
+    data: str | dict[str, str] | None = None
+    builtin: str | None = None
+    split_field: str = "split"
+    fields: dict[str, str] = {}
+    prompt: str = "{prompt}"
+    target: str = " {answer}"
+    choice_prefix: str = " "
+    description: str = ""
+    filter: str | None = None
+    metric: str | None = None
+    stop: list[str] = ["\n"]
+    max_new_tokens: int = 32
+    fewshot: int = 0
+    fewshot_split: str = "dev"
+    fewshot_seed: int = 0
+    fewshot_separator: str = "\n\n"
+    chat_template: bool = False
+    system: str | None = None
+    retention: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One task item. ``fields`` holds every source field (renamed), for prompt templates."""
+
+    id: str
+    fields: Mapping[str, Any]
+    split: str | None = None
+    where: str = ""  # "file:line", for error messages
+
+    @property
+    def prompt(self) -> str:
+        return str(self.fields.get("prompt", ""))
+
+    @property
+    def answer(self) -> Any:
+        return self.fields.get("answer")
+
+    @property
+    def choices(self) -> list[str]:
+        return [str(c) for c in self.fields.get("choices") or []]
+
+    @property
+    def text(self) -> str:
+        return str(self.fields.get("text", ""))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A fixed few-shot example: a prompt (already formatted) and what follows it."""
+
+    prompt: str
+    target: str
+
+
+@dataclass
+class Task:
+    """A loaded task. ``items(split)`` gives the items; ``render`` and ``score`` format and grade them."""
+
+    name: str
+    kind: str
+    config: TaskConfig
+    source: str
+    all_items: list[Item]
+    has_splits: bool
+    retention: Task | None = None
+    default_split: str | None = None
+    limit: int | None = None
+    fixed_fewshot: list[Example] = field(default_factory=list)
+
+    # -- items ----------------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        """Split names present (``retention`` included when the task has a retention set)."""
+        names = [s for s in SPLITS if any(it.split == s for it in self.all_items)] if self.has_splits else []
+        if self.retention is not None and "retention" not in names:
+            names.append("retention")
+        return names
+
+    def resolve_split(self, split: str | None) -> str | None:
+        """``None`` → the default split (``test`` when the task has splits, else the whole task)."""
+        split = split if split is not None else self.default_split
+        if split is None:
+            return "test" if self.has_splits else None
+        return split
+
+    def items(self, split: str | None = None, limit: int | None = None) -> list[Item]:
+        """Items of ``split`` (``"all"``: every item), at most ``limit`` (or the task's limit)."""
+        split = self.resolve_split(split)
+        limit = limit if limit is not None else self.limit
+        if split == "retention" and self.retention is not None:
+            ret = self.retention
+            own = "retention" if "retention" in ret.splits else ("test" if "test" in ret.splits else "all")
+            return ret.items(own, limit)
+        if split is None or split == "all":
+            chosen = list(self.all_items)
+        elif not self.has_splits:
+            raise GraftError(
+                f"{self.source}: has no splits, so split {split!r} does not exist",
+                "add a 'split' field to the items (or one file per split in a task YAML), or ask for no split",
+            )
+        elif split not in self.splits:
+            raise GraftError(
+                f"{self.source}: no split {split!r} (splits: {', '.join(self.splits) or 'none'})",
+                "ask for one of those splits",
+            )
+        else:
+            chosen = [it for it in self.all_items if it.split == split]
+        return chosen[:limit] if limit is not None else chosen
+
+    # -- scoring options ------------------------------------------------------------------------
+    @property
+    def filter(self) -> str:
+        return self.config.filter or "exact"
+
+    @property
+    def metric(self) -> str:
+        if self.config.metric:
+            return self.config.metric
+        return {"generate": "flexible", "choice": "acc", "perplexity": "perplexity"}[self.kind]
+
+    @property
+    def stop(self) -> list[str]:
+        return list(self.config.stop)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+    # -- prompts --------------------------------------------------------------------------------
+    def _format(self, template: str, item: Item) -> str:
+        try:
+            return template.format(**item.fields)
+        except KeyError as err:
+            raise GraftError(
+                f"{item.where}: the template {template!r} uses field {err.args[0]!r}, which this item lacks",
+                "add the field to every item or change the template",
+            ) from None
+        except (IndexError, ValueError) as err:
+            raise GraftError(
+                f"{self.source}: bad template {template!r} ({err})", "double literal braces: {{ and }}"
+            ) from None
+
+    def prompt_text(self, item: Item) -> str:
+        """The item's own prompt, without description or few-shot examples."""
+        return self._format(self.config.prompt, item)
+
+    def _example_text(self, ex: Item) -> str:
+        if self.kind == "choice":
+            return self.prompt_text(ex) + self.config.choice_prefix + ex.choices[int(ex.answer)]
+        return self.prompt_text(ex) + self._format(self.config.target, ex)
+
+    def fewshot_examples(self, item: Item) -> list[str]:
+        """The few-shot examples for ``item``: a seeded sample that never contains the item itself."""
+        k = self.config.fewshot
+        if k <= 0 or self.kind == "perplexity":
+            return []
+        if self.fixed_fewshot:
+            return [ex.prompt + ex.target for ex in self.fixed_fewshot[:k]]
+        pool = [it for it in self.items(self.config.fewshot_split, limit=None) if it.id != item.id] \
+            if self.has_splits else [it for it in self.all_items if it.id != item.id]
+        if len(pool) < k:
+            raise GraftError(
+                f"{self.source}: fewshot {k} needs {k} examples but split {self.config.fewshot_split!r} "
+                f"has {len(pool)}",
+                "lower fewshot or set fewshot_split",
+            )
+        # Seeded per item: the examples of an item do not depend on which other items are evaluated.
+        rng = random.Random(f"{self.config.fewshot_seed}:{item.id}")
+        return [self._example_text(ex) for ex in rng.sample(pool, k)]
+
+    def render(self, item: Item, tokenizer: Any = None) -> str:
+        """The full prompt text: description, few-shot examples, the prompt; chat template if asked."""
+        sep = self.config.fewshot_separator
+        parts = [*self.fewshot_examples(item), self.prompt_text(item)]
+        text = self._format(self.config.description, item) + sep.join(parts)
+        if not self.config.chat_template:
+            return text
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise GraftError(
+                f"{self.source}: chat_template is on but the tokenizer has no chat template",
+                "set chat_template: false, or use an instruction-tuned model's tokenizer",
+            )
+        messages = ([{"role": "system", "content": self.config.system}] if self.config.system else [])
+        messages.append({"role": "user", "content": text})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def continuations(self, item: Item) -> list[str]:
+        """Choice kind: the text scored after the prompt, one per choice."""
+        return [self.config.choice_prefix + c for c in item.choices]
+
+    def score(self, item: Item, output: str) -> Extraction:
+        """Generation kind: extract the answer from ``output`` and compare it with the item's."""
+        return extract(output, str(item.answer), self.filter)
+
+    def with_options(self, **overrides: Any) -> Task:
+        """A copy with config keys replaced (e.g. ``fewshot=0``), validated like a YAML."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if not overrides:
+            return self
+        config = _validate_config({**self.config.model_dump(), **overrides}, self.source)
+        return replace(self, config=config)
+
+
+# -- reading files ------------------------------------------------------------------------------
+
+def _validate_config(raw: Mapping[str, Any], where: str) -> TaskConfig:
+    try:
+        config = TaskConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise GraftError(f"{where}: key {key!r}: {first['msg']}", "see docs/tasks.md for the task YAML schema") from None
+    if config.filter is not None:
+        check_filter(config.filter, where)
+    if config.metric is not None and config.metric not in ("strict", "flexible", "acc", "acc_norm"):
+        raise GraftError(f"{where}: unknown metric {config.metric!r}", "use strict, flexible, acc or acc_norm")
+    if config.fewshot < 0 or config.max_new_tokens < 1:
+        raise GraftError(f"{where}: fewshot must be >= 0 and max_new_tokens >= 1", "fix the values")
+    return config
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` pairs; bad JSON or non-objects raise naming file and line."""
+    if not path.is_file():
+        raise GraftError(f"{path}: no such file", "check the path (relative paths in a task YAML start at the YAML)")
+    records: list[tuple[int, dict[str, Any]]] = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GraftError(f"{path}:{n}: malformed JSON ({err.msg})", "write one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise GraftError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}",
+                                 "write one JSON object per line")
+            records.append((n, record))
+    if not records:
+        raise GraftError(f"{path}: empty file", "add one JSON object per line")
+    return records
+
+
+def read_datasets_folder(path: Path) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Rows of a ``datasets.save_to_disk`` folder as ``(where, record, split)``."""
+    try:
+        import datasets
+    except ImportError:
+        raise GraftError(f"{path}: reading a datasets folder needs the datasets package",
+                         "pip install datasets") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a folder it cannot read
+        raise GraftError(f"{path}: not a datasets.save_to_disk folder ({err})", "point at the saved folder") from None
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    rows: list[tuple[str, dict[str, Any], str | None]] = []
+    for split, ds in parts:
+        name = {"validation": "dev"}.get(split, split) if split else None
+        rows += [(f"{path} [{split or 'rows'} {i}]", dict(r), name) for i, r in enumerate(ds)]
+    if not rows:
+        raise GraftError(f"{path}: empty dataset", "save a dataset with at least one row")
+    return rows
+
+
+def infer_kind(record: Mapping[str, Any]) -> str:
+    """``choices`` → choice; ``text`` without ``prompt`` → perplexity; else generate."""
+    if "choices" in record:
+        return "choice"
+    if "text" in record and "prompt" not in record:
+        return "perplexity"
+    return "generate"
+
+
+def make_item(record: Mapping[str, Any], *, kind: str, where: str, index: int,
+              rename: Mapping[str, str], split_field: str, split: str | None) -> Item:
+    """Validate one record for ``kind`` (the error names ``where``) and build the item."""
+    fields = dict(record)
+    for canon, src in rename.items():
+        if src in record:
+            fields[canon] = record[src]
+    need = REQUIRED[kind]
+    if kind == "choice" and "choices" in fields and "answer" not in fields:
+        raise GraftError(f"{where}: 'choices' without 'answer'", "add \"answer\": the index of the correct choice")
+    for key in need:
+        if key not in fields or fields[key] is None:
+            src = rename.get(key, key)
+            raise GraftError(f"{where}: missing field {src!r} (a {kind} item needs {', '.join(need)})",
+                             f"add {src!r} to the item")
+    if kind == "choice":
+        choices = fields["choices"]
+        if isinstance(choices, Mapping) and "text" in choices:  # HF ARC-style {"text": [...], "label": [...]}
+            choices = fields["choices"] = list(choices["text"])
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise GraftError(f"{where}: 'choices' must be a list of at least 2 strings", "fix the item")
+        answer = fields["answer"]
+        if isinstance(answer, str) and answer.strip().lstrip("-").isdigit():
+            answer = int(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise GraftError(f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), "
+                             f"got {fields['answer']!r}", "give the correct choice's index")
+        fields["answer"] = answer
+    if kind == "generate" and isinstance(fields["answer"], list | dict):
+        raise GraftError(f"{where}: 'answer' must be a string or a number", "fix the item")
+    item_split = split
+    if split_field in record and record[split_field] is not None:
+        item_split = str(record[split_field])
+        if item_split not in SPLITS:
+            raise GraftError(f"{where}: unknown split {item_split!r}", f"use one of {', '.join(SPLITS)}")
+    item_id = str(fields.get("id", index))
+    return Item(id=item_id, fields=fields, split=item_split, where=where)
+
+
+def check_unique(items: Iterable[Item]) -> None:
+    """Item ids must be unique: per-item records are keyed by them."""
+    seen: dict[str, str] = {}
+    for it in items:
+        key = f"{it.split}:{it.id}" if it.split == "retention" else it.id
+        if key in seen:
+            raise GraftError(f"{it.where}: duplicate id {it.id!r} (also at {seen[key]})", "give every item its own id")
+        seen[key] = it.where
+
+
+def default_filter(items: Iterable[Item]) -> str:
+    """``numeric`` when every answer is a number, else ``exact``."""
+    answers = [it.answer for it in items]
+    return "numeric" if answers and all(clean_number(str(a)) is not None for a in answers) else "exact"
