@@ -119,6 +119,24 @@ class _Forward:
         # transformers >= 5.2x renamed past_key_values to cache (the old name warns).
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.device = next(model.parameters()).device
+        self._caches: bool | None = None
+
+    @property
+    def caches(self) -> bool:
+        """Does the KV cache give the full forward's logits? A TransformerLens bridge booted over the
+        model leaves the cache empty (seen with TL 4.3), so we probe once and otherwise recompute."""
+        if self._caches is None:
+            vocab = self.model.get_input_embeddings().num_embeddings
+            ids = (torch.arange(1, 7) % vocab)[None, :]
+            ones = torch.ones_like(ids)
+            full, _ = self(ids, ones, torch.arange(6)[None, :], last_only=True)
+            _, past = self(ids[:, :-1], ones[:, :-1], torch.arange(5)[None, :], last_only=True)
+            if past is None or not hasattr(past, "batch_select_indices") or past.get_seq_length() != 5:
+                self._caches = False
+            else:
+                last, _ = self(ids[:, -1:], ones, torch.tensor([[5]]), past=past, last_only=True)
+                self._caches = bool(torch.allclose(full, last, atol=1e-3, rtol=1e-3))
+        return self._caches
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  past: Any = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
@@ -168,6 +186,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         logprob = [0.0] * n
         done = [False] * n
         logits, past = fwd(ids, mask, positions, last_only=True)
+        cached = fwd.caches
         for _step in range(max_new_tokens):
             logp = torch.log_softmax(logits[:, -1], dim=-1)
             token = logp.argmax(-1)
@@ -185,7 +204,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
             step = torch.tensor([[t[-1] if not d else pad] for t, d in zip(new, done, strict=True)])
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
-            logits, past = fwd(step, mask, positions, past=past, last_only=True)
+            if cached:
+                logits, past = fwd(step, mask, positions, past=past, last_only=True)
+            else:  # no usable cache: run the whole sequence again
+                ids = torch.cat([ids, step], dim=1)
+                logits, _ = fwd(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), last_only=True)
         for r, i in enumerate(batch):
             text = tokenizer.decode([t for t in new[r] if t not in eos], skip_special_tokens=True)
             cuts = [text.find(s) for s in stop if s and s in text]
@@ -227,7 +250,6 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
         if rest_width > 0:
             # Continuations after their first token, right-padded, on the context cache repeated per choice.
             index = torch.tensor([b for b, _ in rows])
-            past.batch_select_indices(index)
             ids2 = torch.full((len(rows), rest_width), pad, dtype=torch.long)
             mask2 = torch.zeros((len(rows), rest_width), dtype=torch.long)
             for r, (_, cont) in enumerate(rows):
@@ -236,7 +258,14 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
                     mask2[r, : len(cont) - 1] = 1
             ctx_len = mask.sum(-1)[index]
             positions2 = ctx_len[:, None] + torch.arange(rest_width)[None, :]
-            logits2, _ = fwd(ids2, torch.cat([mask[index], mask2], dim=1), positions2, past=past)
+            mask_all = torch.cat([mask[index], mask2], dim=1)
+            if fwd.caches:
+                past.batch_select_indices(index)
+                logits2, _ = fwd(ids2, mask_all, positions2, past=past)
+            else:  # no usable cache: run context + continuation again
+                whole = torch.cat([ids[index], ids2], dim=1)
+                logits2, _ = fwd(whole, mask_all, torch.cat([positions[index], positions2], dim=1))
+                logits2 = logits2[:, -rest_width:]
             # Input cont[:-1]: logits2[:, j] predicts cont[j + 1].
             logp2 = torch.log_softmax(logits2, dim=-1)
             for r, (_, cont) in enumerate(rows):
