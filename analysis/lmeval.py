@@ -46,8 +46,14 @@ def evaluate(model: Any, tokenizer: Any, tasks: str | Sequence[str], *, batch_si
     from lm_eval.tasks import TaskManager
 
     lm = kwargs.pop("lm", None) or harness_model(model, tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=str(include_path)) if include_path is not None else TaskManager()
     names = [tasks] if isinstance(tasks, str) else list(tasks)
+    manager = None
+    if include_path is not None:  # indexing lm-eval's thousands of built-in YAMLs takes seconds: skip if we can
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not set(names) <= set(manager.all_tasks):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         raise GraftError(f"lm-eval does not know task(s) {', '.join(unknown)}",
