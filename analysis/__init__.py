@@ -13,3 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 __version__ = "0.1.0"
+
+# The API verbs. Imported eagerly: `analysis.transplant` and `analysis.check` must be the functions,
+# not the modules of the same name (import those as `from analysis.transplant import ...`).
+from analysis.check import check  # noqa: E402
+from analysis.errors import GraftError  # noqa: E402
+from analysis.models import load  # noqa: E402
+from analysis.plan import Plan  # noqa: E402
+from analysis.transplant import applied, apply_patch, transplant  # noqa: E402
+
+__all__ = ["GraftError", "Plan", "applied", "apply_patch", "check", "load", "transplant"]

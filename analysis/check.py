@@ -10,7 +10,7 @@ from typing import Any
 from analysis import units
 from analysis.checkpoint import Checkpoint
 from analysis.errors import GraftError
-from analysis.models import ModelRef, load_config, resolve
+from analysis.models import ModelRef, load_config
 
 # Config fields whose difference makes a component mean something else in the other model.
 CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -72,13 +72,13 @@ def tokenizer_fingerprint(ref: ModelRef) -> str | None:
     return "|".join(p.read_bytes().hex()[:4096] + str(p.stat().st_size) for p in vocab) or None
 
 
-def check(donor: str | Path, target: str | Path, *, allow_pickle: bool = False,
+def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, allow_pickle: bool = False,
           trust_remote_code: bool = False) -> CheckReport:
     """Compare donor and target: config fields, tokenizer, and every tensor by name and shape."""
-    dref, tref = resolve(donor), resolve(target)
+    dck, tck = (ck if isinstance(ck, Checkpoint) else Checkpoint.open(
+        ck, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for ck in (donor, target))
+    dref, tref = dck.ref, tck.ref
     dcfg, tcfg = (load_config(r, trust_remote_code=trust_remote_code) for r in (dref, tref))
-    dck = Checkpoint.open(dref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    tck = Checkpoint.open(tref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dconf, tconf = _config_dict(dcfg), _config_dict(tcfg)
     diffs = {k: (dconf.get(k), tconf.get(k)) for k in set(dconf) | set(tconf) if dconf.get(k) != tconf.get(k)}
     # model_type first: "different architecture" is the news, the fields that follow from it are not.

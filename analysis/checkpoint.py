@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,23 +148,40 @@ class Checkpoint:
             files += [p for p in (self.ref.path.iterdir() if self.ref.path else []) if p.suffix in (".bin", ".pt")]
         else:
             files = sorted({i.file for i in self.infos.values()})
+        if len(files) > 1:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                return dict(zip((f.name for f in files), pool.map(file_sha256, files), strict=True))
         return {f.name: file_sha256(f) for f in files}
 
 
 def file_sha256(file: Path) -> str:
+    """sha256 of a file, remembered by path, size, inode and mtime (hashing gigabytes takes seconds)."""
     stat = file.stat()
-    key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    cache: dict[str, str] = {}
-    if HASH_CACHE.is_file():
-        try:
-            cache = json.loads(HASH_CACHE.read_text())
-        except (OSError, json.JSONDecodeError):
-            cache = {}
-    if key in cache:
-        return cache[key]
+    key = f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}"
+    with _CACHE_LOCK:
+        cached = _read_hash_cache().get(key)
+    if cached:
+        return cached
     with open(file, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    cache[key] = digest
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()  # releases the GIL: files hash in parallel
+    with _CACHE_LOCK:
+        cache = _read_hash_cache()
+        cache[key] = digest
+        _write_hash_cache(cache)
+    return digest
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def _read_hash_cache() -> dict[str, str]:
+    try:
+        return json.loads(HASH_CACHE.read_text()) if HASH_CACHE.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_hash_cache(cache: dict[str, str]) -> None:
     try:
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
         tmp = HASH_CACHE.with_suffix(f".{os.getpid()}.tmp")
@@ -170,4 +189,3 @@ def file_sha256(file: Path) -> str:
         tmp.replace(HASH_CACHE)
     except OSError:
         pass  # a read-only home only costs a rehash next time
-    return digest

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -280,20 +281,47 @@ def load(
     return LoadedModel(ref=mref, model=model, tokenizer=tokenizer, storage_dtypes=storage)
 
 
-def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bool = False) -> Any:
-    """The model's ``PretrainedConfig`` without loading weights."""
-    from transformers import AutoConfig
+# GPT-2-style config keys → the names the other architectures use.
+CONFIG_ALIASES = {"n_head": "num_attention_heads", "n_embd": "hidden_size", "n_layer": "num_hidden_layers",
+                  "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+
+
+class ModelConfig(SimpleNamespace):
+    """A model's config.json as attributes, read without importing transformers (it takes seconds)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bool = False) -> ModelConfig:
+    """The model's configuration without loading weights; GPT-2 style keys get their common names too."""
+    import json
 
     mref = resolve(ref)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if mref.kind == "gguf":
-        kwargs["gguf_file"] = mref.gguf_file
-    try:
-        with _hub(False):
-            return AutoConfig.from_pretrained(str(mref.path or mref.text), **kwargs)
-    except (OSError, ValueError) as err:
-        raise GraftError(f"could not read the config of {mref.text}: {str(err).splitlines()[0]}",
-                         "pass a Hugging Face model folder") from err
+    if mref.path is not None and mref.kind != "gguf":
+        try:
+            data = json.loads((mref.path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise GraftError(f"{mref.path / 'config.json'} is not valid JSON (line {err.lineno})",
+                             "repair or re-save the model") from err
+    else:
+        from transformers import AutoConfig
+
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if mref.kind == "gguf":
+            kwargs["gguf_file"] = mref.gguf_file
+        try:
+            with _hub(False):
+                data = AutoConfig.from_pretrained(str(mref.path or mref.text), **kwargs).to_dict()
+        except (OSError, ValueError) as err:
+            raise GraftError(f"could not read the config of {mref.text}: {str(err).splitlines()[0]}",
+                             "pass a Hugging Face model folder") from err
+    if isinstance(data.get("text_config"), dict):  # multimodal wrappers keep the LM's fields here
+        data = {**data["text_config"], **{k: v for k, v in data.items() if k != "text_config"}}
+    for alias, name in CONFIG_ALIASES.items():
+        if alias in data and data.get(name) is None:
+            data[name] = data[alias]
+    return ModelConfig(**data)
 
 
 def _check_architecture(mref: ModelRef, trust_remote_code: bool) -> None:

@@ -20,7 +20,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,13 @@ def expand(plan: Plan, lay: units.Layout) -> Plan:
     return plan.model_copy(update={"components": items})
 
 
-def _finite(name: str, tensor: torch.Tensor, who: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise GraftError(f"{who} tensor {name} holds NaN or Inf values", f"repair or re-export the {who} model")
+def _check_finite(name: str, blended: torch.Tensor, target: torch.Tensor, donor: torch.Tensor) -> None:
+    """NaN/Inf in a source reaches the blend: check the (float32-fast) result, then name the culprit."""
+    # A sum is a fast screen (NaN and Inf propagate); only a non-finite sum pays for the full check.
+    if not blended.is_floating_point() or torch.isfinite(blended.sum()) or torch.isfinite(blended).all():
+        return
+    who = "target" if not torch.isfinite(target.float()).all() else "donor"
+    raise GraftError(f"{who} tensor {name} holds NaN or Inf values", f"repair or re-export the {who} model")
 
 
 def compute_changes(
@@ -105,12 +110,12 @@ def compute_changes(
     changed: dict[str, torch.Tensor] = {}
     for name, group in by_param.items():
         t, d = targets[name].detach(), donors[name].detach()
-        _finite(name, t, "target")
-        _finite(name, d, "donor")
-        new = t.to(out_dtypes[name]).clone()
+        new = t.to(out_dtypes[name], copy=True)
         for e in group:
             idx = e.slice.index(t.ndim)
-            new[idx] = blend(t[idx], d[idx], e.alpha, out_dtypes[name])
+            blended = blend(t[idx], d[idx], e.alpha, torch.float32)
+            _check_finite(name, blended, t[idx], d[idx])
+            new[idx] = blended.to(out_dtypes[name])
         changed[name] = new
     return changed
 
@@ -195,6 +200,23 @@ def _resolve_plan(plan: Plan | str | Path | None, components: list[str] | None, 
     return the_plan
 
 
+@dataclass
+class Prepared:
+    """A validated transplant, computed but not written: the plan, the sources, the changed tensors."""
+
+    plan: Plan
+    donor: Checkpoint
+    target: Checkpoint
+    changed: dict[str, torch.Tensor]
+    hashes: Callable[[], tuple[dict[str, str], dict[str, str]]]  # (donor, target) sha256, may still run
+
+    def final_plan(self) -> Plan:
+        """The plan with its provenance complete (waits for the source hashes)."""
+        donor_sha, target_sha = self.hashes()
+        provenance = self.plan.provenance.model_copy(update={"donor_sha256": donor_sha, "target_sha256": target_sha})
+        return self.plan.model_copy(update={"provenance": provenance})
+
+
 def prepare(
     donor: str | Path,
     target: str | Path,
@@ -205,23 +227,31 @@ def prepare(
     allow_extrapolation: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-) -> tuple[Plan, Checkpoint, dict[str, torch.Tensor]]:
-    """Validate the pair and the plan, and compute the changed tensors (nothing written yet)."""
+    pool: ThreadPoolExecutor | None = None,
+) -> Prepared:
+    """Validate the pair and the plan and compute the changed tensors; nothing is written.
+
+    With a thread ``pool`` the sources' sha256 are computed in the background meanwhile: hashing
+    gigabytes is the slowest step, and it overlaps with the checks, the arithmetic and the copy.
+    """
     the_plan = _resolve_plan(plan, components, strength)
-    report = check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     tck = Checkpoint.open(target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dck = Checkpoint.open(donor, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if pool is not None:
+        futures = (pool.submit(dck.sha256), pool.submit(tck.sha256))
+        hashes = lambda: (futures[0].result(), futures[1].result())  # noqa: E731
+    else:
+        hashes = lambda: (dck.sha256(), tck.sha256())  # noqa: E731
+    report = check(dck, tck, trust_remote_code=trust_remote_code)
     lay = units.layout(load_config(target, trust_remote_code=trust_remote_code), tck.shapes())
     the_plan = expand(the_plan, lay)
     edits = edits_for(the_plan, lay, allow_extrapolation=allow_extrapolation)
-    touched = {e.slice.param for e in edits}
-    require_compatible(report, touched)
+    require_compatible(report, {e.slice.param for e in edits})
     changed = compute_changes(edits, tck, dck, tck.dtypes())
     provenance = the_plan.provenance.model_copy(update={
-        "donor": str(donor), "target": str(target), "donor_sha256": dck.sha256(),
-        "target_sha256": tck.sha256(), "created": the_plan.provenance.created or now(), "graftlm": __version__,
-    })
-    return the_plan.model_copy(update={"provenance": provenance}), tck, changed
+        "donor": str(donor), "target": str(target), "created": the_plan.provenance.created or now(),
+        "graftlm": __version__})
+    return Prepared(the_plan.model_copy(update={"provenance": provenance}), dck, tck, changed, hashes)
 
 
 def transplant(
@@ -239,13 +269,16 @@ def transplant(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write the transplanted target to ``out``: an HF folder, or a graft patch with ``patch=True``."""
-    the_plan, tck, changed = prepare(
-        donor, target, plan, components=components, strength=strength, allow_extrapolation=allow_extrapolation,
-        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     out = Path(out)
-    if patch:
-        return _write_patch(the_plan, tck, changed, out, force)
-    return _write_folder(the_plan, tck, changed, out, force)
+    if out.exists() and not force:  # before any work: the answer does not depend on it
+        raise GraftError(f"{out} already exists", "choose another --out, or pass --force to replace it")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        prepared = prepare(donor, target, plan, components=components, strength=strength,
+                           allow_extrapolation=allow_extrapolation, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, pool=pool)
+        if patch:
+            return _write_patch(prepared.final_plan(), prepared.target, prepared.changed, out, force)
+        return _write_folder(prepared.final_plan, prepared.target, prepared.changed, out, force)
 
 
 def _write_patch(plan: Plan, tck: Checkpoint, changed: dict[str, torch.Tensor], out: Path, force: bool) -> Path:
@@ -283,36 +316,38 @@ def apply_patch(target: str | Path, patch: str | Path, *, out: str | Path, force
     """Rebuild the transplanted folder from its target and a graft patch, checking the target's hashes."""
     plan, changed = read_patch(patch)
     tck = Checkpoint.open(target, allow_pickle=allow_pickle)
-    expected, actual = plan.provenance.target_sha256, tck.sha256()
-    if expected and expected != actual:
-        raise GraftError(f"the patch was made for another target (weight hashes differ from {target})",
-                         f"apply it to the target it was made from: {plan.provenance.target}")
     for name, tensor in changed.items():
         if name not in tck or tck.shape(name) != tuple(tensor.shape):
             raise GraftError(f"patch tensor {name} does not fit the target", "apply the patch to its own target")
-    return _write_folder(plan, tck, changed, Path(out), force)
+
+    def verified() -> Plan:  # runs after the copy, before the folder is moved into place
+        expected = plan.provenance.target_sha256
+        if expected and expected != tck.sha256():
+            raise GraftError(f"the patch was made for another target (weight hashes differ from {target})",
+                             f"apply it to the target it was made from: {plan.provenance.target}")
+        return plan
+
+    return _write_folder(verified, tck, changed, Path(out), force)
 
 
-def _write_folder(plan: Plan, tck: Checkpoint, changed: dict[str, torch.Tensor], out: Path, force: bool) -> Path:
+def _write_folder(final_plan: Callable[[], Plan], tck: Checkpoint, changed: dict[str, torch.Tensor], out: Path,
+                  force: bool) -> Path:
+    """Copy the target's files, overwrite the changed tensors, add plan and model card, then rename."""
     src = tck.ref.path
+    assert src is not None
     with _staged(out, force) as tmp:
-        if tck.streamable:
-            weight_names = {i.file.name for i in tck.infos.values()}  # type: ignore[union-attr]
-        else:
-            weight_names = set()
-        assert src is not None
+        weight_names = {i.file.name for i in tck.infos.values()} if tck.infos is not None else set()
         for item in sorted(src.iterdir()):
-            if item.name in ("README.md",) or item.name.startswith("."):
+            if item.is_dir() or item.name == "README.md" or item.name.startswith("."):
                 continue
-            if item.is_file() and item.suffix in WEIGHT_SUFFIXES and item.name not in weight_names:
+            if item.suffix in WEIGHT_SUFFIXES and item.name not in weight_names:
                 continue  # GGUF / pickle sources are re-written as safetensors below
-            if item.is_dir():
-                continue
             shutil.copyfile(item, tmp / item.name)
         if tck.streamable:
             _overwrite_in_place(tck, changed, tmp)
         else:
             _save_materialized(tck, changed, tmp)
+        plan = final_plan()
         (tmp / PLAN_FILE).write_text(plan.to_yaml())
         (tmp / "README.md").write_text(model_card(plan, changed))
     return out
@@ -320,24 +355,23 @@ def _write_folder(plan: Plan, tck: Checkpoint, changed: dict[str, torch.Tensor],
 
 def _overwrite_in_place(tck: Checkpoint, changed: dict[str, torch.Tensor], folder: Path) -> None:
     """Overwrite the changed tensors' bytes inside the copied shard files (same dtype and shape)."""
+    assert tck.infos is not None
     by_file: dict[str, list[str]] = {}
     for name in changed:
-        by_file.setdefault(tck.infos[name].file.name, []).append(name)  # type: ignore[index]
+        by_file.setdefault(tck.infos[name].file.name, []).append(name)
     for file_name, names in by_file.items():
         with open(folder / file_name, "r+b") as fh:
             for name in sorted(names, key=lambda n: tck.infos[n].offset):  # type: ignore[index]
-                info = tck.infos[name]  # type: ignore[index]
-                data = changed[name].to(info.dtype).contiguous().view(torch.uint8).numpy().tobytes()
-                if len(data) != info.nbytes:
+                info = tck.infos[name]
+                data = changed[name].to(info.dtype).contiguous().view(torch.uint8).numpy()
+                if data.nbytes != info.nbytes:
                     raise GraftError(f"tensor {name} changed size", "this is a bug in graftlm: please report it")
                 fh.seek(info.offset)
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+                fh.write(memoryview(data))
 
 
 def _save_materialized(tck: Checkpoint, changed: dict[str, torch.Tensor], folder: Path) -> None:
-    """GGUF or pickle targets: load once, apply, and save as safetensors with the tokenizer."""
+    """GGUF or pickle targets: apply to the model loaded once, and save as safetensors with the tokenizer."""
     loaded = tck.loaded
     assert loaded is not None
     params = loaded.parameters()
@@ -384,5 +418,5 @@ def model_card(plan: Plan, changed: Mapping[str, torch.Tensor]) -> str:
     return "\n".join(line for line in lines if line is not None)
 
 
-__all__ = ["applied", "apply_patch", "blend", "compute_changes", "edits_for", "expand", "prepare", "read_patch",
-           "transplant"]
+__all__ = ["Prepared", "applied", "apply_patch", "blend", "compute_changes", "edits_for", "expand", "prepare",
+           "read_patch", "transplant"]

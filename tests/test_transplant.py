@@ -173,7 +173,9 @@ def test_killed_mid_write_leaves_nothing_at_out(tiny_pairs, tmp_path: Path) -> N
     donor, target = tiny_pairs("llama")
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import time, analysis.transplant as tr
+        import sys, time
+        import analysis
+        tr = sys.modules["analysis.transplant"]
         real = tr._overwrite_in_place
         def slow(*a, **k):
             real(*a, **k)
