@@ -145,9 +145,12 @@ def test_bad_yaml(tmp_path: Path, yaml_text: str, words: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_unknown_refs(tmp_path: Path) -> None:
+def test_unknown_refs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(GraftError, match="not found"):
         tasks.load("no_such_task")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GraftError, match="hub datasets need the network"):
+        tasks.load("hf:allenai/ai2_arc:ARC-Easy")
     with pytest.raises(GraftError, match="no demo task 'nope'"):
         tasks.load("demo:nope")
 

@@ -296,6 +296,28 @@ def read_datasets_folder(path: Path) -> list[tuple[str, dict[str, Any], str | No
     return rows
 
 
+def read_hub_dataset(spec: str) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Rows of a hub dataset ``owner/name[:config]`` (needs network) as ``(where, record, split)``."""
+    import os
+
+    import datasets
+
+    name, _, config = spec.partition(":")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise GraftError(f"hf:{spec}: hub datasets need the network, and HF_HUB_OFFLINE is set",
+                         "save it once with datasets' save_to_disk where online, and pass the folder")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as err:  # network and not-found errors come in many types
+        raise GraftError(f"hf:{spec}: cannot load from the hub ({type(err).__name__})",
+                         "check the name, or pass a save_to_disk folder") from None
+    rows: list[tuple[str, dict[str, Any], str | None]] = []
+    for split, ds in loaded.items():
+        name_ = {"validation": "dev"}.get(split, split)
+        rows += [(f"hf:{spec} [{split} {i}]", dict(r), name_) for i, r in enumerate(ds)]
+    return rows
+
+
 def infer_kind(record: Mapping[str, Any]) -> str:
     """``choices`` → choice; ``text`` without ``prompt`` → perplexity; else generate."""
     if "choices" in record:

@@ -19,6 +19,7 @@ from analysis.tasks.core import (
     infer_kind,
     make_item,
     read_datasets_folder,
+    read_hub_dataset,
     read_jsonl,
 )
 
@@ -56,6 +57,8 @@ def _load_ref(ref: str, base: Path) -> Task:
             have = sorted(p.stem for p in DEMO_DIR.glob("*.yaml")) if DEMO_DIR.is_dir() else []
             raise GraftError(f"no demo task {name!r}", f"use one of: {', '.join(have) or '(none installed)'}")
         return _load_yaml(path)
+    if ref.startswith("hf:"):
+        return _from_records(read_hub_dataset(ref[3:]), TaskConfig(), source=ref, name=ref[3:].replace("/", "_"))
     path = Path(ref) if Path(ref).is_absolute() else base / ref
     if path.is_dir():
         return _from_records(_folder_records(path), TaskConfig(), source=str(path), name=path.name)
@@ -89,17 +92,21 @@ def _folder_records(path: Path) -> list[RawRecord]:
 def _records(data: str | dict[str, str], base: Path) -> list[RawRecord]:
     if isinstance(data, dict):
         out: list[RawRecord] = []
-        for split, rel in data.items():
-            out += _records_one(base / rel, split)
+        for split, ref in data.items():
+            out += _records_one(ref, base, split)
         return out
-    return _records_one(base / data, None)
+    return _records_one(data, base, None)
 
 
-def _records_one(path: Path, split: str | None) -> list[RawRecord]:
-    if path.is_dir():
-        rows = _folder_records(path)
-        return [(w, r, split or s) for w, r, s in rows]
-    return _jsonl_records(path, split)
+def _records_one(ref: str, base: Path, split: str | None) -> list[RawRecord]:
+    """Records of one data reference: ``hf:owner/name[:config]``, a datasets folder or a JSONL file."""
+    if ref.startswith("hf:"):
+        rows = read_hub_dataset(ref[3:])
+    elif (base / ref).is_dir():
+        rows = _folder_records(base / ref)
+    else:
+        return _jsonl_records(base / ref, split)
+    return [(w, r, split or s) for w, r, s in rows]
 
 
 def _from_records(records: list[RawRecord], config: TaskConfig, *, source: str, name: str,
