@@ -110,6 +110,11 @@ def compute_changes(
     changed: dict[str, torch.Tensor] = {}
     for name, group in by_param.items():
         t, d = targets[name].detach(), donors[name].detach()
+        if len(group) == 1 and group[0].slice.dim is None:  # a whole tensor: no copy of the target needed
+            blended = blend(t, d, group[0].alpha, torch.float32)
+            _check_finite(name, blended, t, d)
+            changed[name] = blended.to(out_dtypes[name])
+            continue
         new = t.to(out_dtypes[name], copy=True)
         for e in group:
             idx = e.slice.index(t.ndim)
@@ -218,8 +223,8 @@ class Prepared:
 
 
 def prepare(
-    donor: str | Path,
-    target: str | Path,
+    donor: str | Path | Checkpoint,
+    target: str | Path | Checkpoint,
     plan: Plan | str | Path | None = None,
     *,
     components: list[str] | None = None,
@@ -235,21 +240,21 @@ def prepare(
     gigabytes is the slowest step, and it overlaps with the checks, the arithmetic and the copy.
     """
     the_plan = _resolve_plan(plan, components, strength)
-    tck = Checkpoint.open(target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    dck = Checkpoint.open(donor, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tck, dck = (x if isinstance(x, Checkpoint) else Checkpoint.open(
+        x, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for x in (target, donor))
     if pool is not None:
         futures = (pool.submit(dck.sha256), pool.submit(tck.sha256))
         hashes = lambda: (futures[0].result(), futures[1].result())  # noqa: E731
     else:
         hashes = lambda: (dck.sha256(), tck.sha256())  # noqa: E731
     report = check(dck, tck, trust_remote_code=trust_remote_code)
-    lay = units.layout(load_config(target, trust_remote_code=trust_remote_code), tck.shapes())
+    lay = units.layout(load_config(tck.ref, trust_remote_code=trust_remote_code), tck.shapes())
     the_plan = expand(the_plan, lay)
     edits = edits_for(the_plan, lay, allow_extrapolation=allow_extrapolation)
     require_compatible(report, {e.slice.param for e in edits})
     changed = compute_changes(edits, tck, dck, tck.dtypes())
     provenance = the_plan.provenance.model_copy(update={
-        "donor": str(donor), "target": str(target), "created": the_plan.provenance.created or now(),
+        "donor": dck.ref.text, "target": tck.ref.text, "created": the_plan.provenance.created or now(),
         "graftlm": __version__})
     return Prepared(the_plan.model_copy(update={"provenance": provenance}), dck, tck, changed, hashes)
 
@@ -272,27 +277,32 @@ def transplant(
     out = Path(out)
     if out.exists() and not force:  # before any work: the answer does not depend on it
         raise GraftError(f"{out} already exists", "choose another --out, or pass --force to replace it")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        prepared = prepare(donor, target, plan, components=components, strength=strength,
-                           allow_extrapolation=allow_extrapolation, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, pool=pool)
+    _resolve_plan(plan, components, strength)  # cheap argument errors first
+    tck, dck = (Checkpoint.open(x, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                for x in (target, donor))
+    # Copying the target's files, hashing both sources and computing the blend run side by side.
+    with ThreadPoolExecutor(max_workers=3) as pool, _staged(out, force) as tmp:
+        copied = None if patch else pool.submit(_copy_target_files, tck, tmp)
+        prepared = prepare(dck, tck, plan, components=components, strength=strength,
+                           allow_extrapolation=allow_extrapolation, trust_remote_code=trust_remote_code, pool=pool)
         if patch:
-            return _write_patch(prepared.final_plan(), prepared.target, prepared.changed, out, force)
-        return _write_folder(prepared.final_plan, prepared.target, prepared.changed, out, force)
-
-
-def _write_patch(plan: Plan, tck: Checkpoint, changed: dict[str, torch.Tensor], out: Path, force: bool) -> Path:
-    with _staged(out, force) as tmp:
-        tensors = {n: t.contiguous() for n, t in changed.items()}
-        save_file(tensors, str(tmp / PATCH_FILE), metadata={
-            "format": "pt", "graftlm": __version__, "plan": plan.to_yaml()})
-        (tmp / PLAN_FILE).write_text(plan.to_yaml())
-        (tmp / "README.md").write_text(
-            f"# graft patch\n\nChanged tensors: {len(changed)}. Apply with\n\n"
-            f"    graftlm apply-patch --target {plan.provenance.target} --patch {out} --out DIR\n\n"
-            f"The target's weight files must have these sha256:\n\n"
-            + "".join(f"- `{k}`: `{v}`\n" for k, v in plan.provenance.target_sha256.items()))
+            _fill_patch(tmp, prepared.final_plan(), prepared.changed, out)
+        else:
+            assert copied is not None
+            copied.result()
+            _fill_folder(tmp, prepared.final_plan, tck, prepared.changed)
     return out
+
+
+def _fill_patch(tmp: Path, plan: Plan, changed: dict[str, torch.Tensor], out: Path) -> None:
+    tensors = {n: t.contiguous() for n, t in changed.items()}
+    save_file(tensors, str(tmp / PATCH_FILE), metadata={"format": "pt", "graftlm": __version__, "plan": plan.to_yaml()})
+    (tmp / PLAN_FILE).write_text(plan.to_yaml())
+    (tmp / "README.md").write_text(
+        f"# graft patch\n\nChanged tensors: {len(changed)}. Apply with\n\n"
+        f"    graftlm apply-patch --target {plan.provenance.target} --patch {out} --out DIR\n\n"
+        f"The target's weight files must have these sha256:\n\n"
+        + "".join(f"- `{k}`: `{v}`\n" for k, v in plan.provenance.target_sha256.items()))
 
 
 def read_patch(patch: str | Path) -> tuple[Plan, dict[str, torch.Tensor]]:
@@ -322,35 +332,41 @@ def apply_patch(target: str | Path, patch: str | Path, *, out: str | Path, force
 
     def verified() -> Plan:  # runs after the copy, before the folder is moved into place
         expected = plan.provenance.target_sha256
-        if expected and expected != tck.sha256():
+        if expected and expected != hashes.result():
             raise GraftError(f"the patch was made for another target (weight hashes differ from {target})",
                              f"apply it to the target it was made from: {plan.provenance.target}")
         return plan
 
-    return _write_folder(verified, tck, changed, Path(out), force)
+    out = Path(out)
+    with ThreadPoolExecutor(max_workers=2) as pool, _staged(out, force) as tmp:
+        hashes = pool.submit(tck.sha256)
+        _copy_target_files(tck, tmp)
+        _fill_folder(tmp, verified, tck, changed)
+    return out
 
 
-def _write_folder(final_plan: Callable[[], Plan], tck: Checkpoint, changed: dict[str, torch.Tensor], out: Path,
-                  force: bool) -> Path:
-    """Copy the target's files, overwrite the changed tensors, add plan and model card, then rename."""
+def _copy_target_files(tck: Checkpoint, tmp: Path) -> None:
+    """Copy the target folder's files (weights as they are; GGUF and pickle files are re-written later)."""
     src = tck.ref.path
     assert src is not None
-    with _staged(out, force) as tmp:
-        weight_names = {i.file.name for i in tck.infos.values()} if tck.infos is not None else set()
-        for item in sorted(src.iterdir()):
-            if item.is_dir() or item.name == "README.md" or item.name.startswith("."):
-                continue
-            if item.suffix in WEIGHT_SUFFIXES and item.name not in weight_names:
-                continue  # GGUF / pickle sources are re-written as safetensors below
-            shutil.copyfile(item, tmp / item.name)
-        if tck.streamable:
-            _overwrite_in_place(tck, changed, tmp)
-        else:
-            _save_materialized(tck, changed, tmp)
-        plan = final_plan()
-        (tmp / PLAN_FILE).write_text(plan.to_yaml())
-        (tmp / "README.md").write_text(model_card(plan, changed))
-    return out
+    weight_names = {i.file.name for i in tck.infos.values()} if tck.infos is not None else set()
+    for item in sorted(src.iterdir()):
+        if item.is_dir() or item.name == "README.md" or item.name.startswith("."):
+            continue
+        if item.suffix in WEIGHT_SUFFIXES and item.name not in weight_names:
+            continue
+        shutil.copyfile(item, tmp / item.name)
+
+
+def _fill_folder(tmp: Path, final_plan: Callable[[], Plan], tck: Checkpoint, changed: dict[str, torch.Tensor]) -> None:
+    """Put the changed tensors into the copied folder, then the plan and the model card."""
+    if tck.streamable:
+        _overwrite_in_place(tck, changed, tmp)
+    else:
+        _save_materialized(tck, changed, tmp)
+    plan = final_plan()
+    (tmp / PLAN_FILE).write_text(plan.to_yaml())
+    (tmp / "README.md").write_text(model_card(plan, changed))
 
 
 def _overwrite_in_place(tck: Checkpoint, changed: dict[str, torch.Tensor], folder: Path) -> None:
