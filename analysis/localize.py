@@ -1,0 +1,365 @@
+"""``localize``: which heads and MLPs carry the task difference between a donor and a target.
+
+Ties :mod:`analysis.shifts`, :mod:`analysis.patching` and :mod:`analysis.select` together on the task's
+probe split (never dev or test), and writes::
+
+    OUT/scores.csv  scores.json      every statistic per component (and per model where there is one)
+    OUT/plan-top{K}.yaml            the top K at strength α, one file per K
+    OUT/heads.png  blocks.png       heatmaps: layer × head, layer × {attn, mlp} (linears.png for linears)
+    OUT/top.png                     the top components by the method's score
+    OUT/positions.png               with per_position: patching per layer block and position
+
+Besides the asked-for kinds, the attention and MLP blocks are measured too (for the layer × {attn,
+mlp} view); only the asked-for kinds are ranked into plans. The dataless ``weight`` score is computed
+for every component whatever the method, as a reference column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from analysis import select, shifts, units
+from analysis.errors import GraftError
+from analysis.plan import Plan, now
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from analysis.models import LoadedModel
+    from analysis.tasks import Task
+
+KIND_ALIASES = {"heads": "head", "mlps": "mlp", "neurons": "neuron", "linears": "linear", "groups": "group",
+                "layers": "layer"}
+
+
+@dataclass
+class Localization:
+    """The outcome: a scores table (one row per component), the ranking, and a plan per K."""
+
+    method: str
+    scores: pd.DataFrame
+    ranking: list[str]
+    plans: dict[int, Plan]
+    meta: dict[str, Any]
+    positions: pd.DataFrame | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def top(self, k: int) -> list[str]:
+        return self.ranking[:k]
+
+
+def parse_kinds(components: str | Sequence[str] | None, method: str) -> list[str]:
+    """``head,mlp`` (or a list) → kinds; the default is the method's natural unit."""
+    if components is None:
+        return ["linear"] if method == "lae" else ["head", "mlp"]
+    raw = components.split(",") if isinstance(components, str) else [p for c in components for p in c.split(",")]
+    kinds = [KIND_ALIASES.get(k.strip(), k.strip()) for k in raw if k.strip()]
+    for k in kinds:
+        if k not in shifts.MEASURABLE:
+            raise GraftError(f"unknown component kind {k!r}", f"use a comma list of {', '.join(shifts.MEASURABLE)}")
+    return list(dict.fromkeys(kinds))
+
+
+def _load(ref: str | os.PathLike[str] | LoadedModel, dtype: str, allow_pickle: bool,
+          trust_remote_code: bool) -> LoadedModel:
+    from analysis.models import LoadedModel, load
+
+    if isinstance(ref, LoadedModel):
+        return ref
+    return load(ref, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
+
+
+def localize(
+    donor: str | os.PathLike[str] | LoadedModel,
+    target: str | os.PathLike[str] | LoadedModel,
+    task: str | os.PathLike[str] | Task | None,
+    *,
+    method: str = "attribution",
+    components: str | Sequence[str] | None = None,
+    mode: str | None = None,
+    positions: str = "answer",
+    metric: str = "logprob",
+    top: int | Sequence[int] = 8,
+    alpha: float = 1.0,
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    converse: bool = False,
+    per_position: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    figures: bool = True,
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Localization:
+    """Score every component of the asked kinds by ``method`` on the task's probe split, rank them,
+    and make a plan of the top K (for each K in ``top``) at strength ``alpha``.
+
+    ``mode`` (shifts and lae only): ``teacher`` (both models read prompt + reference answer; default
+    for shifts) or ``generate`` (each decodes greedily; default for lae). ``positions`` (teacher mode):
+    ``answer``, ``all`` or ``last``. ``metric`` (attribution, patching): ``logprob`` of the reference
+    answer or ``logit_diff``. ``converse`` adds the target → donor study (necessity) beside donor →
+    target; ``per_position`` adds block patching per position. Models may be passed already loaded.
+    """
+    from analysis import patching
+
+    method = select.check_method(method)
+    kinds = parse_kinds(components, method)
+    tops = [top] if isinstance(top, int) else list(top)
+    if not tops or any(k < 1 for k in tops):
+        raise GraftError(f"--top must be at least 1, got {tops}", "pass --top 8 (repeatable)")
+    if mode is None:
+        mode = "generate" if method == "lae" else "teacher"
+    if mode not in ("teacher", "generate"):
+        raise GraftError(f"unknown mode {mode!r}", "use teacher or generate")
+    if mode == "generate" and method in ("attribution", "patching"):
+        raise GraftError(f"{method} needs both models on the same tokens", "use --mode teacher")
+    if positions not in ("answer", "all", "last"):
+        raise GraftError(f"unknown positions {positions!r}", "use answer, all or last")
+    if metric not in patching.METRICS:
+        raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(patching.METRICS)}")
+    dataless = method in ("weight", "random")
+    start = time.perf_counter()
+
+    loaded_task = None
+    if not dataless:
+        from analysis import tasks as tasks_mod
+        from analysis.tasks import Task
+
+        if task is None:
+            raise GraftError(f"method {method} needs a task", "pass --task")
+        loaded_task = task if isinstance(task, Task) else tasks_mod.load(task)
+        shifts.probe_items(loaded_task, limit)  # fails early on a task without probe items
+
+    # Measured kinds: the asked ones, plus attn/mlp blocks for the layer × {attn, mlp} view.
+    context = [k for k in ("attn", "mlp") if k not in kinds and ({"head", "group", "mlp", "attn"} & set(kinds))]
+    measured = kinds + context
+    if not dataless or not isinstance(donor, str | os.PathLike):
+        d_model = _load(donor, dtype, allow_pickle, trust_remote_code)
+        t_model = _load(target, dtype, allow_pickle, trust_remote_code)
+        _require_same_shapes(d_model, t_model)
+        lay = shifts.layout_of(t_model)
+        get_d, get_t = select.getter(d_model), select.getter(t_model)
+        names = (d_model.name, t_model.name)
+    else:  # weight / random from files: no model is loaded
+        from analysis.check import check, require_compatible
+        from analysis.checkpoint import Checkpoint
+        from analysis.models import load_config
+
+        require_compatible(check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+        tck = Checkpoint.open(target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        dck = Checkpoint.open(donor, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        lay = units.layout(load_config(target, trust_remote_code=trust_remote_code), tck.shapes())
+        get_d, get_t = select.getter(dck), select.getter(tck)
+        names = (str(donor), str(target))
+    site_list = shifts.sites(lay, measured)
+    table = _frame(shifts.describe_ids(site_list))
+    meta: dict[str, Any] = {"method": method, "donor": names[0], "target": names[1], "components": kinds,
+                            "created": now()}
+    position_table = None
+
+    if method in ("shifts", "lae"):
+        df = shifts.measure(d_model, t_model, loaded_task, kinds=measured, mode=mode,  # type: ignore[arg-type]
+                            positions=positions, batch_size=batch_size, limit=limit,  # type: ignore[arg-type]
+                            max_new_tokens=max_new_tokens, progress=progress)
+        table = table.join(df.drop(columns=["kind", "layer", "index"]))
+        meta.update(mode=mode, positions=positions if mode == "teacher" else "last generated",
+                    n_prompts=int(df["n_prompts"].iloc[0]))
+    elif method in ("attribution", "patching"):
+        batches = shifts.probe_batches(loaded_task, t_model, batch_size, limit)  # type: ignore[arg-type]
+        run = patching.attribute if method == "attribution" else patching.patch
+        df = run(t_model, d_model, batches, site_list, metric=metric, column=method, progress=progress)  # type: ignore[arg-type]
+        table = table.join(df[[method, f"{method}_sd"]])
+        meta.update(mode="teacher", metric=metric, n_prompts=sum(len(b) for b in batches))
+        if method == "attribution":
+            meta.update(target_metric=df.attrs["receiver_metric"], donor_metric=df.attrs["source_metric"])
+        if converse:
+            col = f"converse_{method}"
+            cdf = run(d_model, t_model, batches, site_list, metric=metric, column=col, progress=progress)  # type: ignore[arg-type]
+            table = table.join(cdf[[col, f"{col}_sd"]])
+        if per_position:
+            blocks = shifts.sites(lay, ("attn", "mlp"))
+            position_table = patching.patch_positions(t_model, d_model, batches, blocks, metric=metric,  # type: ignore[arg-type]
+                                                      progress=progress)
+    elif method == "random":
+        meta.update(seed=seed)
+
+    ids = list(table.index)
+    table["weight"] = select.weight_scores(get_d, get_t, lay, ids)
+    ranked_kinds = set(kinds)
+    table["ranked"] = [k in ranked_kinds for k in table["kind"]]
+    candidates = table[table["ranked"]]
+    if method == "random":
+        table["random"] = math.nan
+        table.loc[candidates.index, "random"] = select.random_scores(list(candidates.index), seed)
+        candidates = table[table["ranked"]]
+    score = select.score_of(candidates, method, mode)
+    ranking = select.rank(score)
+    table["score"] = select.score_of(table, method, mode)
+    table["rank"] = math.nan
+    table.loc[ranking, "rank"] = range(1, len(ranking) + 1)
+    task_name = None if loaded_task is None else loaded_task.name
+    if task_name is None and task is not None:
+        task_name = str(task)
+    meta["task"] = task_name
+    plans = {k: select.plan(ranking, k, alpha=alpha, method=method, task=task_name, scores=score,
+                            donor=names[0], target=names[1]) for k in tops}
+    meta["wall_s"] = round(time.perf_counter() - start, 3)
+    result = Localization(method, table, ranking, plans, meta, position_table)
+    if out is not None:
+        write(result, Path(out), figures=figures)
+    return result
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    df = pd.DataFrame(rows).set_index("id")
+    df["index"] = df["index"].astype("Int64")
+    return df
+
+
+def _require_same_shapes(donor: LoadedModel, target: LoadedModel) -> None:
+    dp, tp = donor.parameters(), target.parameters()
+    for name, p in tp.items():
+        if name not in dp or tuple(dp[name].shape) != tuple(p.shape):
+            other = tuple(dp[name].shape) if name in dp else "missing"
+            raise GraftError(f"tensor {name}: donor {other}, target {tuple(p.shape)}",
+                             "donor and target must share architecture and shapes (run `graftlm check`)")
+
+
+def write(result: Localization, out: Path, *, figures: bool = True) -> dict[str, str]:
+    """scores.csv/json, plan-top{K}.yaml and (unless ``figures=False``) the figures, into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    table = result.scores
+    table.to_csv(out / "scores.csv")
+    paths["scores.csv"] = str(out / "scores.csv")
+    rows = json.loads(table.reset_index().to_json(orient="records"))
+    (out / "scores.json").write_text(json.dumps({"meta": result.meta, "ranking": result.ranking, "components": rows},
+                                                indent=1, allow_nan=False) + "\n")
+    paths["scores.json"] = str(out / "scores.json")
+    for k, plan in result.plans.items():
+        paths[f"plan-top{k}"] = str(plan.save(out / f"plan-top{k}.yaml"))
+    if result.positions is not None:
+        result.positions.to_csv(out / "positions.csv")
+        paths["positions.csv"] = str(out / "positions.csv")
+    if figures:
+        paths.update(plot_all(result, out))
+    result.paths = paths
+    return paths
+
+
+# --- figures (localize's own; they may move to analysis/figures.py) ---------------------------------
+
+def _label(result: Localization) -> str:
+    col = {"shifts": "rel. distance" if result.meta.get("mode") == "teacher" else "|effect size|",
+           "lae": "|Δ mean |a|| (last generated token)", "weight": "‖W_d − W_t‖/‖W_t‖", "random": "random score"}
+    metric = result.meta.get("metric", "logprob")
+    return col.get(result.method, f"Δ {metric} (donor → target)")
+
+
+def _diverging(result: Localization) -> bool:
+    return result.method in ("attribution", "patching")
+
+
+def plot_heads(result: Localization, ax: Any = None) -> Any:
+    """Heatmap layer × head of the method's score."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    heads = result.scores[result.scores["kind"] == "head"]
+    if heads.empty:
+        return None
+    grid = heads.pivot_table(index="layer", columns="index", values="score", aggfunc="first")
+    ax = ax or plt.subplots(figsize=(1.0 + 0.5 * grid.shape[1], 1.0 + 0.4 * grid.shape[0]))[1]
+    kw: dict[str, Any] = {"center": 0, "cmap": "RdBu_r"} if _diverging(result) else {"cmap": "viridis"}
+    sns.heatmap(grid, ax=ax, annot=grid.size <= 64, fmt=".2g", cbar_kws={"label": _label(result)}, **kw)
+    ax.set(xlabel="head", ylabel="layer", title=f"{result.method}: heads")
+    return ax
+
+
+def plot_blocks(result: Localization, ax: Any = None) -> Any:
+    """Heatmap layer × {attn, mlp} (or layer × projection for linears)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    s = result.scores
+    blocks = s[s["kind"].isin(["attn", "mlp"])]
+    if blocks.empty:
+        blocks = s[s["kind"] == "linear"]
+        if blocks.empty:
+            return None
+        blocks = blocks.assign(part=[i.split(".", 1)[1] for i in blocks.index])
+    else:
+        blocks = blocks.assign(part=blocks["kind"])
+    grid = blocks.pivot_table(index="layer", columns="part", values="score", aggfunc="first")
+    grid = grid[[c for c in ("attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+                 if c in grid.columns]]
+    ax = ax or plt.subplots(figsize=(1.5 + 0.8 * grid.shape[1], 1.0 + 0.4 * grid.shape[0]))[1]
+    kw: dict[str, Any] = {"center": 0, "cmap": "RdBu_r"} if _diverging(result) else {"cmap": "viridis"}
+    sns.heatmap(grid, ax=ax, annot=grid.size <= 64, fmt=".2g", cbar_kws={"label": _label(result)}, **kw)
+    ax.set(xlabel="", ylabel="layer", title=f"{result.method}: blocks")
+    return ax
+
+
+def plot_top(result: Localization, n: int = 20, ax: Any = None) -> Any:
+    """Bar chart of the top ``n`` ranked components by the method's score."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ids = result.ranking[:n]
+    data = result.scores.loc[ids].reset_index()
+    ax = ax or plt.subplots(figsize=(6, 0.8 + 0.25 * len(ids)))[1]
+    sns.barplot(data=data, y="id", x="score", hue="kind", dodge=False, ax=ax)
+    ax.set(xlabel=_label(result), ylabel="", title=f"top {len(ids)} by {result.method}")
+    return ax
+
+
+def plot_positions(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Heatmap component × position (from the end) of per-position patching."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ax = ax or plt.subplots(figsize=(1.5 + 0.4 * table.shape[1], 1.0 + 0.35 * table.shape[0]))[1]
+    sns.heatmap(table, ax=ax, center=0, cmap="RdBu_r", cbar_kws={"label": "Δ metric"})
+    ax.set(xlabel="position (from the end)", ylabel="", title="patching per position")
+    return ax
+
+
+def plot_all(result: Localization, out: Path) -> dict[str, str]:
+    """Every figure of ``result`` as a PNG in ``out``. Figures are built without pyplot, so a
+    notebook's backend is left alone and nothing stays open."""
+    from matplotlib.figure import Figure
+
+    s = result.scores
+    n_layers = int(s["layer"].max()) + 1
+    n_heads = int(s.loc[s["kind"] == "head", "index"].max() + 1) if (s["kind"] == "head").any() else 0
+    n_parts = 2 if s["kind"].isin(["attn", "mlp"]).any() else 7
+    sizes = {"heads": (min(2.5 + 0.5 * n_heads, 24), min(1.5 + 0.4 * n_layers, 18)),
+             "blocks": (2.5 + 0.8 * n_parts, min(1.5 + 0.4 * n_layers, 18)),
+             "top": (7, 1.2 + 0.25 * min(20, len(result.ranking)))}
+    jobs: list[tuple[str, Any, tuple[float, float]]] = [
+        ("heads", plot_heads, sizes["heads"]), ("blocks", plot_blocks, sizes["blocks"]), ("top", plot_top, sizes["top"])]
+    if result.positions is not None:
+        t = result.positions
+        jobs.append(("positions", lambda r, ax: plot_positions(t, ax=ax),
+                     (min(2.5 + 0.4 * t.shape[1], 24), 1.5 + 0.35 * t.shape[0])))
+    paths: dict[str, str] = {}
+    for name, fn, size in jobs:
+        fig = Figure(figsize=size)
+        if fn(result, ax=fig.add_subplot()) is None:
+            continue
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        paths[name] = str(out / f"{name}.png")
+    return paths

@@ -1,0 +1,250 @@
+"""Causal evidence: the donor's activations patched into the target's run on the same tokens.
+
+The metric is the *receiver's* log-probability of the reference answer (summed over its tokens), or a
+logit difference: the reference token's logit minus that of the receiver's own best other token (fixed
+from the unpatched run, so the metric is a fixed linear read-out). Per prompt, per component:
+
+- :func:`attribute` — attribution patching, (a_source − a_receiver) · ∂metric/∂a summed over positions
+  and the component's features: every head, MLP and neuron at once from one forward + backward of the
+  receiver and one forward of the source per batch. A first-order estimate of :func:`patch`.
+- :func:`patch` — activation patching: rerun the receiver with one component's activation taken from
+  the source (all positions, or one position counted from the end); the metric change is the
+  component's causal effect. Several components run side by side as copies of the batch.
+
+Donor → target (``receiver=target``) asks which donor components are *sufficient* to move the target
+towards the answer; the converse (``receiver=donor, source=target``) asks which are *necessary* for
+the donor: a negative effect there means the target's version breaks the donor.
+
+We write the patching loop with bridge hooks instead of calling ``transformer_lens.patching``: its
+functions run the model without an attention mask, so padded batches would be wrong; on unpadded
+input both agree (tests/test_patching.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from analysis.errors import GraftError
+from analysis.shifts import Batch, Running, Site, by_hook, forward, hooked
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from analysis.models import LoadedModel
+
+Metric = Literal["logprob", "logit_diff"]
+METRICS: tuple[str, ...] = ("logprob", "logit_diff")
+
+
+def alternatives(logits: Float[Tensor, "b p v"], batch: Batch) -> Tensor:
+    """Per position, the receiver's best token other than the reference (for ``logit_diff``)."""
+    masked = logits.detach().clone()
+    masked.scatter_(-1, batch.target.to(logits.device)[..., None], float("-inf"))
+    return masked.argmax(-1)
+
+
+def metric_values(logits: Float[Tensor, "b p v"], batch: Batch, metric: Metric = "logprob",
+                  alt: Tensor | None = None) -> Float[Tensor, " b"]:
+    """The metric per prompt, summed over the answer positions."""
+    ans = batch.answer.to(logits.device)
+    tgt = batch.target.to(logits.device)[..., None]
+    if metric == "logprob":
+        per = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt)[..., 0]
+    elif metric == "logit_diff":
+        if alt is None:
+            raise ValueError("logit_diff needs the alternative tokens of the unpatched run")
+        per = (logits.gather(-1, tgt) - logits.gather(-1, alt.to(logits.device)[..., None]))[..., 0].float()
+    else:
+        raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(METRICS)}")
+    return (per * ans).sum(-1)
+
+
+def _capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+    """The activations at ``hooks`` (detached, whole batch) and the logits of one forward."""
+    cache: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def fn(act: Tensor, hook: Any = None) -> None:
+            cache[name] = act.detach()
+        return fn
+
+    with torch.no_grad(), hooked(loaded, [(h, keep(h)) for h in hooks]):
+        logits = forward(loaded, batch)
+    return cache, logits
+
+
+def _rows(site_list: Sequence[Site], run: Running, column: str) -> list[dict[str, Any]]:
+    rows = []
+    for s in site_list:
+        mean, sd = run.mean_sd(s.key, column)
+        for g, cid in enumerate(s.ids):
+            rows.append({"id": cid, "kind": s.kind, "layer": s.layer, "index": g if len(s.ids) > 1 else None,
+                         column: float(mean[g]), f"{column}_sd": float(sd[g])})
+    return rows
+
+
+def _keeper(acts: dict[str, Tensor], name: str) -> Callable[..., Tensor]:
+    def fn(act: Tensor, hook: Any = None) -> Tensor:
+        # Returned, not just read: some hook points (hook_z) see a reshaped copy of the tensor the
+        # model goes on with; returning it puts this tensor on the path to the metric.
+        acts[name] = act = act.view_as(act)
+        return act
+    return fn
+
+
+def _leaf(act: Tensor, hook: Any = None) -> Tensor:
+    """The embeddings as a leaf that needs a gradient: a graph to differentiate even when the
+    parameters are frozen."""
+    return act.detach().requires_grad_(True)
+
+
+def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], site_list: Sequence[Site], *,
+              metric: Metric = "logprob", column: str = "attribution", progress: bool = True) -> pd.DataFrame:
+    """Attribution patching of ``source`` into ``receiver`` for every component of ``site_list``.
+
+    Columns ``{column}`` (mean over prompts of the estimated metric change) and ``{column}_sd``.
+    ``df.attrs`` holds the receiver's and the source's mean metric (the gap patching could close).
+    """
+    import pandas as pd
+
+    groups = by_hook(site_list)
+    run, gap = Running(), Running()
+    bar = tqdm(total=sum(len(b) for b in batches), desc=column, disable=not progress, leave=False)
+    for batch in batches:
+        src, src_logits = _capture(source, batch, list(groups))
+        acts: dict[str, Tensor] = {}
+        with torch.enable_grad(), hooked(receiver, [("hook_embed", _leaf)] + [(h, _keeper(acts, h)) for h in groups]):
+            logits = forward(receiver, batch)
+            alt = alternatives(logits, batch) if metric == "logit_diff" else None
+            values = metric_values(logits, batch, metric, alt)
+            names = list(acts)
+            grads = torch.autograd.grad(values.sum(), [acts[n] for n in names], allow_unused=True)
+        mask = batch.mask.to(logits.device).float()
+        for name, grad in zip(names, grads, strict=True):
+            if grad is None:  # the hook point does not reach the metric (e.g. after the last answer)
+                grad = torch.zeros_like(acts[name])
+            for s in groups[name]:
+                delta = s.view(src[name]).float() - s.view(acts[name].detach()).float()
+                contrib = (delta * s.view(grad).float()).sum(-1)  # [b, p, g]
+                run.add(s.key, **{column: torch.einsum("bpg,bp->bg", contrib, mask)})
+        src_values = metric_values(src_logits, batch, metric, alt)
+        gap.add("metric", receiver=values.detach()[:, None], source=src_values[:, None])
+        run.n += len(batch)
+        gap.n += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    df = pd.DataFrame(_rows(site_list, run, column)).set_index("id")
+    df.attrs = {"receiver_metric": float(gap.mean_sd("metric", "receiver")[0][0]),
+                "source_metric": float(gap.mean_sd("metric", "source")[0][0]), "metric": metric}
+    return df
+
+
+def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], site_list: Sequence[Site], *,
+          metric: Metric = "logprob", column: str = "patching", max_rows: int = 32,
+          progress: bool = True) -> pd.DataFrame:
+    """Activation patching of ``source`` into ``receiver``, one component at a time, all positions.
+
+    Components run side by side: copy c of the batch patches component c, up to ``max_rows`` rows per
+    forward. Columns ``{column}`` (mean over prompts of metric(patched) − metric(receiver)) and
+    ``{column}_sd``.
+    """
+    import pandas as pd
+
+    groups = by_hook(site_list)
+    units = [(s, g) for s in site_list for g in range(len(s.ids))]
+    run = Running()
+    bar = tqdm(total=len(batches) * len(units), desc=column, disable=not progress, leave=False)
+    for batch in batches:
+        src, _ = _capture(source, batch, list(groups))
+        with torch.no_grad():
+            clean = forward(receiver, batch)
+            alt = alternatives(clean, batch) if metric == "logit_diff" else None
+            base = metric_values(clean, batch, metric, alt)
+        effects = {s.key: torch.zeros(len(batch), len(s.ids)) for s in site_list}
+        per = max(1, max_rows // len(batch))
+        for start in range(0, len(units), per):
+            chunk = units[start:start + per]
+            delta = _patched_metric(receiver, batch, chunk, src, metric, alt) - base.repeat(len(chunk)).cpu()
+            for c, (s, g) in enumerate(chunk):
+                effects[s.key][:, g] = delta[c * len(batch):(c + 1) * len(batch)]
+            bar.update(len(chunk))
+        for s in site_list:
+            run.add(s.key, **{column: effects[s.key]})
+        run.n += len(batch)
+    bar.close()
+    return pd.DataFrame(_rows(site_list, run, column)).set_index("id")
+
+
+def _patched_metric(receiver: LoadedModel, batch: Batch, chunk: Sequence[tuple[Site, int]], src: dict[str, Tensor],
+                    metric: Metric, alt: Tensor | None, column: int | None = None) -> Tensor:
+    """Metric per row of the batch repeated once per unit of ``chunk``, copy c patching unit c (at
+    every position, or only at ``column``)."""
+    b = len(batch)
+    at: dict[str, list[tuple[int, Site, int]]] = {}
+    for c, (s, g) in enumerate(chunk):
+        at.setdefault(s.hook, []).append((c, s, g))
+
+    def setter(name: str) -> Callable[..., Tensor]:
+        def fn(act: Tensor, hook: Any = None) -> Tensor:
+            out = act.clone()
+            for c, s, g in at[name]:
+                view = s.view(out)  # a view of ``out`` (contiguous clone), so writes land in it
+                source = s.view(src[name])
+                rows = slice(c * b, (c + 1) * b)
+                if column is None:
+                    view[rows, :, g] = source[:, :, g].to(out.dtype)
+                else:
+                    view[rows, column, g] = source[:, column, g].to(out.dtype)
+            return out
+        return fn
+
+    big = batch.repeat(len(chunk))
+    with torch.no_grad(), hooked(receiver, [(h, setter(h)) for h in at]):
+        logits = forward(receiver, big)
+    return metric_values(logits, big, metric, None if alt is None else alt.repeat(len(chunk), 1)).cpu()
+
+
+def patch_positions(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], site_list: Sequence[Site],
+                    *, metric: Metric = "logprob", max_rows: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Activation patching per component and position, positions counted from the end (−1 = the last
+    token; left padding aligns them). Rows: component ids; columns: −n … −1; mean over the prompts
+    long enough to have that position."""
+    import pandas as pd
+
+    units = [(s, g) for s in site_list for g in range(len(s.ids))]
+    width = max(int(b.ids.shape[1]) for b in batches)
+    sums = torch.zeros(len(units), width, dtype=torch.float64)
+    counts = torch.zeros(width, dtype=torch.float64)
+    bar = tqdm(total=sum(int(b.ids.shape[1]) for b in batches) * len(units), desc="patching per position",
+               disable=not progress, leave=False)
+    for batch in batches:
+        groups = by_hook(site_list)
+        src, _ = _capture(source, batch, list(groups))
+        with torch.no_grad():
+            clean = forward(receiver, batch)
+            alt = alternatives(clean, batch) if metric == "logit_diff" else None
+            base = metric_values(clean, batch, metric, alt).cpu()
+        w = int(batch.ids.shape[1])
+        per = max(1, max_rows // len(batch))
+        real = batch.mask.bool()
+        for col in range(w):
+            k = width - w + col  # the same distance from the end in every batch
+            present = real[:, col]
+            counts[k] += float(present.sum())
+            for start in range(0, len(units), per):
+                chunk = units[start:start + per]
+                delta = _patched_metric(receiver, batch, chunk, src, metric, alt, column=col) - base.repeat(len(chunk))
+                for c in range(len(chunk)):
+                    sums[start + c, k] += float((delta[c * len(batch):(c + 1) * len(batch)] * present).sum())
+                bar.update(len(chunk))
+    bar.close()
+    mean = sums / counts.clamp(min=1)
+    mean[:, counts == 0] = float("nan")
+    cols = [f"{k - width}" for k in range(width)]
+    return pd.DataFrame(mean.numpy(), index=[s.ids[g] for s, g in units], columns=cols)

@@ -1,0 +1,142 @@
+"""Rank components by a localization method and turn the top K into a Plan.
+
+Methods (DESIGN.md) and the column each ranks by, best first:
+
+============  ==========================================================================================
+shifts        teacher mode: ``rel_dist`` (how far the donor's activation is from the target's, relative
+              to their size); generate mode: ``|effect|`` (paired effect size of the magnitude shift)
+lae           ``|shift|``: the paper's |donor − target| of the mean |activation| at the last generated
+              token (signed vs absolute is unknown in the paper; we rank by size)
+attribution   ``attribution``, signed: the donor's component raises the target's metric the most first
+patching      ``patching``, signed, as attribution
+weight        ``weight`` = ‖W_d − W_t‖ / ‖W_t‖ over the component's slices (dataless)
+random        ``random``: a seeded permutation — the control for every claim
+============  ==========================================================================================
+
+Ties (and NaN, placed last) are broken by the components' natural order (layer, then kind and index
+as ``units.component_ids`` lists them), so a ranking is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from analysis import units
+from analysis.errors import GraftError
+from analysis.plan import Plan, PlanItem, Provenance, now
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from analysis.checkpoint import Checkpoint
+    from analysis.models import LoadedModel
+
+Getter = Callable[[str], torch.Tensor]
+Method = Literal["shifts", "lae", "attribution", "patching", "weight", "random"]
+METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "weight", "random")
+DATA_METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching")
+
+
+def check_method(method: str) -> Method:
+    if method not in METHODS:
+        raise GraftError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    return method  # type: ignore[return-value]
+
+
+def score_of(scores: pd.DataFrame, method: str, mode: str = "teacher") -> pd.Series:
+    """The series a method ranks by (larger is better), from a scores table (see the module doc)."""
+    check_method(method)
+    if method == "shifts":
+        col = scores["rel_dist"] if mode == "teacher" else scores["effect"].abs()
+    elif method == "lae":
+        col = scores["shift"].abs()
+    else:
+        col = scores[method]
+    return col.rename(method)
+
+
+def rank(score: pd.Series) -> list[str]:
+    """Component ids, best first; ties and NaN (last) in the table's order."""
+    values = score.to_numpy(dtype=float)
+    order = sorted(range(len(values)), key=lambda i: (math.inf if math.isnan(values[i]) else -values[i], i))
+    return [str(score.index[i]) for i in order]
+
+
+def random_scores(ids: Sequence[str], seed: int = 0) -> np.ndarray:
+    """A seeded random score per component: the same seed and components give the same ranking."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(len(ids)).astype(float)
+
+
+def weight_scores(donor: Getter, target: Getter, lay: units.Layout, ids: Sequence[str]) -> np.ndarray:
+    """‖W_d − W_t‖ / ‖W_t‖ over each component's slices; ``donor``/``target`` give a tensor by HF name.
+
+    Per tensor we keep only the squared norms of its rows (or columns) along each sliced axis, so a
+    head or neuron costs a sum over a few of those, and memory stays at one tensor pair.
+    """
+    comps = [units.component(lay, cid) for cid in ids]
+    axes: dict[str, set[int | None]] = {}
+    for c in comps:
+        for s in c.slices:
+            axes.setdefault(s.param, set()).add(s.dim)
+    diff: dict[tuple[str, int | None], torch.Tensor] = {}
+    base: dict[tuple[str, int | None], torch.Tensor] = {}
+    for name, dims in axes.items():
+        t, d = target(name).detach().double(), donor(name).detach().double()
+        if d.shape != t.shape:
+            raise GraftError(f"{name}: donor {tuple(d.shape)} vs target {tuple(t.shape)}", "run `graftlm check`")
+        sq_d, sq_t = (d - t).pow(2), t.pow(2)
+        for dim in dims:
+            if dim is None:
+                diff[name, dim], base[name, dim] = sq_d.sum()[None], sq_t.sum()[None]
+            else:
+                other = [a for a in range(t.ndim) if a != dim]
+                diff[name, dim] = sq_d.sum(other) if other else sq_d
+                base[name, dim] = sq_t.sum(other) if other else sq_t
+    out = np.empty(len(comps))
+    for i, c in enumerate(comps):
+        num = den = 0.0
+        for s in c.slices:
+            part = slice(None) if s.dim is None else slice(s.start, s.stop)
+            num += float(diff[s.param, s.dim][part].sum())
+            den += float(base[s.param, s.dim][part].sum())
+        out[i] = math.sqrt(num) / math.sqrt(den) if den > 0 else (0.0 if num == 0 else math.inf)
+    return out
+
+
+def getter(source: LoadedModel | Checkpoint) -> Getter:
+    """Tensor by HF name from a loaded model (its live parameters) or a lazy checkpoint."""
+    from analysis.checkpoint import Checkpoint
+
+    if isinstance(source, Checkpoint):
+        ck = source
+
+        def get(name: str) -> torch.Tensor:
+            if name not in ck:
+                raise GraftError(f"{ck.ref.text} has no tensor {name}", "run `graftlm check` on the pair")
+            return ck.get(name)
+        return get
+    params = source.parameters()
+
+    def get_param(name: str) -> torch.Tensor:
+        if name not in params:
+            raise GraftError(f"{source.name} has no tensor {name}", "run `graftlm check` on the pair")
+        return params[name]
+    return get_param
+
+
+def plan(ranking: Sequence[str], k: int, *, alpha: float = 1.0, method: str | None = None, task: str | None = None,
+         scores: pd.Series | None = None, donor: str | None = None, target: str | None = None) -> Plan:
+    """A plan of the top ``k`` components at strength ``alpha``, each with its score."""
+    if k < 1:
+        raise GraftError(f"top K must be at least 1, got {k}", "pass --top 1 or more")
+    chosen = list(ranking[:k])
+    items = [PlanItem(id=cid, score=None if scores is None or math.isnan(float(scores[cid])) else float(scores[cid]))
+             for cid in chosen]
+    return Plan(alpha=alpha, components=items,
+                provenance=Provenance(method=method, task=task, donor=donor, target=target, created=now()))

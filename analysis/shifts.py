@@ -1,0 +1,433 @@
+"""Activation shifts between donor and target on a task's probe items, streamed through scoped hooks.
+
+Every component is seen at a TransformerLens hook point of the bridge (``units.Component.hooks``); a
+:class:`Site` views one hook point as G equal components (the heads of ``hook_z``, the neurons of
+``mlp.hook_post``, or the whole output of ``hook_mlp_out`` / a projection). Hooks reduce each batch to
+per-prompt numbers on the spot and add them to running sums, so memory is O(components) across
+prompts — never a cache of every prompt's activations.
+
+Two modes:
+
+- ``teacher``: both models read the same text (the rendered prompt + the reference answer). Statistics
+  over ``positions``: ``answer`` (the positions that predict the answer's tokens: the last prompt token
+  and every answer token but the last), ``all`` (every real token) or ``last`` (the last prompt token).
+  Because the tokens are the same, the two runs pair position by position, which gives ``rel_dist``:
+  how far the donor's activation is from the target's, relative to their size.
+- ``generate``: each model decodes greedily from the prompt; the statistic is taken at the newest token
+  of every decoding step and averaged over steps (the paper's last-generated-token statistic, ``lae``).
+
+Per component and prompt the magnitude is the mean absolute value over the component's features
+(the paper's choice). Across prompts: the donor's and the target's mean, the shift (donor − target)
+with its spread and the paired effect size (mean / sd of the per-prompt shifts: consistent, not just
+large), and in teacher mode the relative distance with its spread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from analysis import units
+from analysis.errors import GraftError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from analysis.models import LoadedModel
+    from analysis.tasks import Item, Task
+
+Mode = Literal["teacher", "generate"]
+Positions = Literal["answer", "all", "last"]
+DEFAULT_KINDS: tuple[units.Kind, ...] = ("head", "mlp")
+# Kinds that have a hook point of their own (tensor-level components have none).
+MEASURABLE: tuple[units.Kind, ...] = ("layer", "attn", "mlp", "head", "group", "neuron", "linear")
+
+
+# --- sites: hook points seen as rows of components ------------------------------------------------
+
+@dataclass(frozen=True)
+class Site:
+    """One hook point seen as ``len(ids)`` equal components, in index order along its component axis."""
+
+    hook: str
+    kind: units.Kind
+    layer: int
+    ids: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.hook}:{self.kind}"
+
+    def view(self, act: Tensor) -> Float[Tensor, "batch pos comp feat"]:
+        """The activation as [batch, pos, component, feature] (heads, KV groups, neurons or one block)."""
+        b, p = act.shape[:2]
+        if self.kind == "neuron":
+            return act.reshape(b, p, -1, 1)
+        return act.reshape(b, p, len(self.ids), -1)
+
+
+def sites(lay: units.Layout, kinds: Sequence[str] = DEFAULT_KINDS) -> list[Site]:
+    """The sites covering every component of ``kinds``, layer by layer (ids as ``units.component_ids``)."""
+    unknown = [k for k in kinds if k not in MEASURABLE]
+    if unknown:
+        raise GraftError(f"cannot measure components of kind {unknown[0]!r}",
+                         f"use {', '.join(MEASURABLE)}")
+    out: list[Site] = []
+    for L in range(lay.n_layers):
+        b = f"blocks.{L}"
+        for kind in kinds:
+            if kind == "head":
+                out.append(Site(f"{b}.attn.hook_z", "head", L, tuple(f"L{L}.H{h}" for h in range(lay.n_heads))))
+            elif kind == "group" and lay.gqa:
+                out.append(Site(f"{b}.attn.hook_z", "group", L, tuple(f"L{L}.G{g}" for g in range(lay.n_kv))))
+            elif kind == "neuron":
+                out.append(Site(f"{b}.mlp.hook_post", "neuron", L, tuple(f"L{L}.N{n}" for n in range(lay.d_mlp))))
+            elif kind == "linear":
+                for lin in lay.linears():
+                    block = "attn" if lin in units.ATTN_LINEARS else "mlp"
+                    out.append(Site(f"{b}.{units.HOOK_LINEAR[lin]}.hook_out", "linear", L, (f"L{L}.{block}.{lin}",)))
+            elif kind in ("attn", "mlp", "layer"):
+                cid = f"L{L}" if kind == "layer" else f"L{L}.{kind}"
+                out.append(Site(units.component(lay, cid).hooks[0], kind, L, (cid,)))  # type: ignore[arg-type]
+    return out
+
+
+def layout_of(loaded: LoadedModel) -> units.Layout:
+    return units.layout(loaded.model.config, {n: tuple(p.shape) for n, p in loaded.parameters().items()})
+
+
+def describe_ids(site_list: Sequence[Site]) -> list[dict[str, Any]]:
+    """id, kind, layer, index of every component of the sites, in site order."""
+    rows = []
+    for s in site_list:
+        for i, cid in enumerate(s.ids):
+            rows.append({"id": cid, "kind": s.kind, "layer": s.layer, "index": i if len(s.ids) > 1 else None})
+    return rows
+
+
+def by_hook(site_list: Sequence[Site]) -> dict[str, list[Site]]:
+    grouped: dict[str, list[Site]] = {}
+    for s in site_list:
+        grouped.setdefault(s.hook, []).append(s)
+    return grouped
+
+
+@contextlib.contextmanager
+def hooked(loaded: LoadedModel, fwd: list[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+    """Bridge hooks for the duration of the block; removed on exit, also when the block raises."""
+    bridge = loaded.bridge  # boots the bridge: its hook points wrap the HF model's modules
+    with bridge.hooks(fwd_hooks=fwd):
+        yield
+
+
+# --- probe sequences and batches ------------------------------------------------------------------
+
+def reference(task: Task, item: Item) -> str:
+    """The text that follows the prompt when the model answers correctly."""
+    if task.kind == "choice":
+        return task.continuations(item)[int(item.answer)]
+    return task.config.target.format(**item.fields)
+
+
+def encode_items(task: Task, tokenizer: Any, items: Sequence[Item]) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + reference, number of prompt tokens) per item, as the evaluator encodes them."""
+    from analysis.evaluate import encode, encode_pair
+
+    seqs = []
+    for it in items:
+        if task.kind == "perplexity":
+            ids = encode(tokenizer, it.text)
+            seqs.append((ids, 1))  # every token after the first is "answer"
+            continue
+        ctx, cont = encode_pair(tokenizer, task.render(it, tokenizer), reference(task, it))
+        if not cont:
+            raise GraftError(f"{it.where}: the reference answer encodes to no tokens", "check the item's answer")
+        seqs.append((ctx + cont, len(ctx)))
+    return seqs
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids with the position masks the statistics and metrics need."""
+
+    ids: Int[Tensor, "b p"]
+    mask: Int[Tensor, "b p"]
+    pos: Int[Tensor, "b p"]
+    answer: Bool[Tensor, "b p"]  # positions that predict an answer token
+    target: Int[Tensor, "b p"]  # the answer token each answer position predicts (0 elsewhere)
+    last: Bool[Tensor, "b p"]  # the last prompt token
+    index: list[int] = field(default_factory=list)  # which probe items, in order
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def weights(self, positions: Positions) -> Float[Tensor, "b p"]:
+        sel = {"answer": self.answer, "all": self.mask.bool(), "last": self.last}[positions]
+        return sel.float()
+
+    def repeat(self, n: int) -> Batch:
+        """The batch stacked ``n`` times (copy c in rows c·b … c·b + b − 1)."""
+        r = lambda t: t.repeat(n, 1)  # noqa: E731
+        return Batch(r(self.ids), r(self.mask), r(self.pos), r(self.answer), r(self.target), r(self.last),
+                     self.index * n)
+
+
+def make_batches(seqs: Sequence[tuple[list[int], int]], pad: int, batch_size: int) -> list[Batch]:
+    """Left-padded batches, longest first (less padding), each row knowing its answer positions."""
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
+    out = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(seqs[i][0]) for i in chunk)
+        n = len(chunk)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        answer = torch.zeros((n, width), dtype=torch.bool)
+        target = torch.zeros((n, width), dtype=torch.long)
+        last = torch.zeros((n, width), dtype=torch.bool)
+        for r, i in enumerate(chunk):
+            toks, n_prompt = seqs[i]
+            off = width - len(toks)
+            ids[r, off:] = torch.tensor(toks)
+            mask[r, off:] = 1
+            # position j predicts token j + 1: the answer tokens n_prompt.. are predicted from n_prompt − 1..
+            answer[r, off + n_prompt - 1: width - 1] = True
+            target[r, off + n_prompt - 1: width - 1] = torch.tensor(toks[n_prompt:])
+            last[r, off + n_prompt - 1] = True
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out.append(Batch(ids, mask, pos, answer, target, last, list(chunk)))
+    return out
+
+
+def probe_batches(task: Task, loaded: LoadedModel, batch_size: int, limit: int | None = None,
+                  split: str = "probe") -> list[Batch]:
+    """The task's probe items as teacher-forced batches (prompt + reference answer)."""
+    from analysis.evaluate import _pad_id
+
+    items = probe_items(task, limit, split)
+    return make_batches(encode_items(task, loaded.tokenizer, items), _pad_id(loaded.tokenizer), batch_size)
+
+
+def probe_items(task: Task, limit: int | None = None, split: str = "probe") -> list[Item]:
+    if task.has_splits and split not in task.splits:
+        raise GraftError(f"{task.source}: no {split!r} split (splits: {', '.join(task.splits) or 'none'})",
+                         "localize uses only the probe split: give the task items with \"split\": \"probe\"")
+    items = task.items(split if task.has_splits else None, limit)
+    if not items:
+        raise GraftError(f"{task.source}: the {split} split is empty", "add probe items")
+    return items
+
+
+def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], **kwargs: Any) -> Tensor:
+    """Logits of the HF model (its modules wrapped by the bridge, so bridge hooks fire)."""
+    ids, mask, pos = (batch.ids, batch.mask, batch.pos) if isinstance(batch, Batch) else batch
+    dev = loaded.model.device
+    out = loaded.model(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False, **kwargs)
+    return out.logits
+
+
+# --- per-batch recording --------------------------------------------------------------------------
+
+class _Recorder:
+    """Hooks that reduce each forward to per-prompt numbers: Σ_pos w · mean|a| per component, and (teacher
+    mode, against a kept reference run) Σ_pos w · rms(a − a_ref) and Σ_pos w · (rms a + rms a_ref)/2."""
+
+    def __init__(self, site_list: Sequence[Site], keep: bool = False, ref: dict[str, Tensor] | None = None):
+        self.sites = by_hook(site_list)
+        self.keep, self.ref = keep, ref
+        self.weights: Tensor | None = None  # [b, p], set before each forward
+        self.mag: dict[str, Tensor] = {}
+        self.dist: dict[str, Tensor] = {}
+        self.norm: dict[str, Tensor] = {}
+        self.kept: dict[str, Tensor] = {}
+
+    def hooks(self) -> list[tuple[str, Callable[..., Any]]]:
+        return [(hook, self._fn(hook, group)) for hook, group in self.sites.items()]
+
+    def _add(self, store: dict[str, Tensor], key: str, value: Tensor) -> None:
+        store[key] = store[key] + value if key in store else value
+
+    def _fn(self, hook: str, group: list[Site]) -> Callable[..., None]:
+        def fn(act: Tensor, hook: Any = None) -> None:
+            w = self.weights
+            assert w is not None
+            w = w.to(act.device, torch.float32)
+            sel = w > 0
+            if self.keep:
+                self.kept[group[0].hook] = act.detach()[sel].float()
+            for s in group:
+                v = s.view(act.detach()).float()
+                self._add(self.mag, s.key, torch.einsum("bpgf,bp->bg", v.abs(), w) / v.shape[-1])
+                if self.ref is not None:
+                    r = s.view(self.ref[s.hook][None])[0]  # [n_sel, g, f]
+                    here = v[sel]
+                    rms = lambda t: t.pow(2).mean(-1).sqrt()  # noqa: E731
+                    rows = sel.nonzero()[:, 0]
+                    ws = w[sel][:, None]
+                    b = v.shape[0]
+                    dist = torch.zeros(b, len(s.ids), device=v.device).index_add_(0, rows, ws * rms(here - r))
+                    norm = torch.zeros_like(dist).index_add_(0, rows, ws * (rms(here) + rms(r)) / 2)
+                    self._add(self.dist, s.key, dist)
+                    self._add(self.norm, s.key, norm)
+        return fn
+
+
+class Running:
+    """Sums over prompts (float64) of per-prompt statistics, per site: O(components) memory."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: dict[str, dict[str, Tensor]] = {}
+
+    def add(self, key: str, **stats: Tensor) -> None:
+        slot = self.sums.setdefault(key, {})
+        for name, value in stats.items():
+            v = value.double().cpu()
+            for suffix, part in (("", v.sum(0)), ("2", v.pow(2).sum(0))):
+                slot[name + suffix] = slot[name + suffix] + part if name + suffix in slot else part
+
+    def mean_sd(self, key: str, name: str) -> tuple[Tensor, Tensor]:
+        s, s2, n = self.sums[key][name], self.sums[key][name + "2"], self.n
+        mean = s / max(n, 1)
+        var = (s2 - n * mean.pow(2)) / (n - 1) if n > 1 else torch.full_like(mean, math.nan)
+        return mean, var.clamp(min=0).sqrt()
+
+
+def effect_size(mean: Tensor, sd: Tensor) -> Tensor:
+    """Paired effect size mean / sd: 0 where there is no shift at all, about ±1e9 where every prompt
+    shifts by the same amount, NaN with a single prompt."""
+    out = mean / (sd + 1e-9 * mean.abs() + 1e-30)
+    return torch.where(mean == 0, torch.zeros_like(out), out)
+
+
+# --- the measurement ------------------------------------------------------------------------------
+
+def measure(
+    donor: LoadedModel,
+    target: LoadedModel,
+    task: Task,
+    *,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    mode: Mode = "teacher",
+    positions: Positions = "answer",
+    batch_size: int = 8,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per-component activation statistics of donor and target on the probe items (see the module doc).
+
+    Columns: ``donor``, ``target`` (mean |activation|), ``shift`` = donor − target with ``shift_sd`` and
+    ``effect``; teacher mode adds ``rel_dist`` and ``rel_dist_sd``; ``n_prompts``. One row per component.
+    """
+    import pandas as pd
+
+    lay = layout_of(target)
+    site_list = sites(lay, kinds)
+    items = probe_items(task, limit)
+    run = Running()
+    if mode == "teacher":
+        from analysis.evaluate import _pad_id
+
+        batches = make_batches(encode_items(task, target.tokenizer, items), _pad_id(target.tokenizer), batch_size)
+        total = len(items)
+        bar = tqdm(total=total, desc="shifts (teacher)", disable=not progress, leave=False)
+        with torch.no_grad():
+            for batch in batches:
+                w = batch.weights(positions)
+                rec_d = _Recorder(site_list, keep=True)
+                rec_d.weights = w
+                with hooked(donor, rec_d.hooks()):
+                    forward(donor, batch, logits_to_keep=1)
+                rec_t = _Recorder(site_list, ref=rec_d.kept)
+                rec_t.weights = w
+                with hooked(target, rec_t.hooks()):
+                    forward(target, batch, logits_to_keep=1)
+                count = w.sum(1, keepdim=True).clamp(min=1)
+                for s in site_list:
+                    md, mt = rec_d.mag[s.key] / count, rec_t.mag[s.key] / count
+                    rel = rec_t.dist[s.key] / rec_t.norm[s.key].clamp(min=1e-30)
+                    run.add(s.key, donor=md, target=mt, shift=md - mt, rel_dist=rel)
+                run.n += len(batch)
+                bar.update(len(batch))
+        bar.close()
+    elif mode == "generate":
+        prompts = [task.render(it, target.tokenizer) for it in items]
+        new = max_new_tokens or task.max_new_tokens
+        bar = tqdm(total=len(items), desc="shifts (generate)", disable=not progress, leave=False)
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                mags = []
+                for loaded in (donor, target):
+                    rec = _Recorder(site_list)
+                    with hooked(loaded, rec.hooks()):
+                        steps = decode(loaded, chunk, task.stop, new, rec)
+                    mags.append({k: v / steps[:, None].clamp(min=1) for k, v in rec.mag.items()})
+                for s in site_list:
+                    md, mt = mags[0][s.key], mags[1][s.key]
+                    run.add(s.key, donor=md, target=mt, shift=md - mt)
+                run.n += len(chunk)
+                bar.update(len(chunk))
+        bar.close()
+    else:
+        raise GraftError(f"unknown mode {mode!r}", "use teacher or generate")
+    rows = []
+    for s in site_list:
+        d, _ = run.mean_sd(s.key, "donor")
+        t, _ = run.mean_sd(s.key, "target")
+        sh, sh_sd = run.mean_sd(s.key, "shift")
+        eff = effect_size(sh, sh_sd)
+        rel = run.mean_sd(s.key, "rel_dist") if mode == "teacher" else None
+        for g, cid in enumerate(s.ids):
+            row = {"id": cid, "kind": s.kind, "layer": s.layer, "index": g if len(s.ids) > 1 else None,
+                   "donor": float(d[g]), "target": float(t[g]), "shift": float(sh[g]),
+                   "shift_sd": float(sh_sd[g]), "effect": float(eff[g])}
+            if rel is not None:
+                row["rel_dist"], row["rel_dist_sd"] = float(rel[0][g]), float(rel[1][g])
+            row["n_prompts"] = run.n
+            rows.append(row)
+    return pd.DataFrame(rows).set_index("id")
+
+
+def decode(loaded: LoadedModel, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int,
+           rec: _Recorder) -> Tensor:
+    """Greedy decoding without a KV cache (a booted bridge leaves it empty); before each step the
+    recorder's weights select the newest token of every row still decoding. Returns steps per row."""
+    from analysis.evaluate import _eos_ids, _left_pad, _pad_id, encode
+
+    tok = loaded.tokenizer
+    pad, eos = _pad_id(tok), _eos_ids(loaded.model, tok)
+    ids, mask, pos = _left_pad([encode(tok, p) for p in prompts], pad)
+    n = len(prompts)
+    new: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool)
+    steps = torch.zeros(n)
+    for _ in range(max_new_tokens):
+        w = torch.zeros(ids.shape, dtype=torch.float32)
+        w[:, -1] = (~done).float()
+        rec.weights = w
+        steps += (~done).float()
+        logits = forward(loaded, (ids, mask, pos), logits_to_keep=1)[:, -1]
+        token = logits.argmax(-1).cpu()
+        for r in range(n):
+            if done[r]:
+                continue
+            new[r].append(int(token[r]))
+            if int(token[r]) in eos or any(s and s in tok.decode(new[r], skip_special_tokens=True) for s in stop):
+                done[r] = True
+        if bool(done.all()):
+            break
+        step = torch.where(done, torch.full_like(token, pad), token)
+        ids = torch.cat([ids, step[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return steps
