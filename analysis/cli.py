@@ -136,6 +136,47 @@ def eval_cmd(
         out_console.print(f"records: {result.paths['records']}")
 
 
+@app.command("localize")
+def localize_cmd(
+    donor: Donor,
+    target: Target,
+    task: Annotated[str, typer.Option("--task", help="Task YAML, JSONL file, built-in or demo:NAME (probe split only).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores.csv/json, figures and plan-top{K}.yaml.")],
+    method: Annotated[str, typer.Option(
+        "--method", "-m", help="shifts | lae | attribution | patching | weight | random.")] = "attribution",
+    components: Annotated[str | None, typer.Option(
+        "--components", "-c", help="Kinds to rank: head,mlp (default; lae: linear), attn, group, neuron, linear, layer.")] = None,
+    mode: Annotated[str | None, typer.Option(
+        "--mode", help="teacher (same text, default) | generate (each decodes; default for lae).")] = None,
+    positions: Annotated[str, typer.Option("--positions", help="Teacher mode: answer | all | last.")] = "answer",
+    metric: Annotated[str, typer.Option("--metric", help="Attribution/patching: logprob | logit_diff.")] = "logprob",
+    top: Annotated[list[int] | None, typer.Option("--top", "-k", help="Plan size K (repeat for several).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", "-a", help="Strength α written into the plans.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random method.")] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use the first N probe items.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per forward.")] = 8,
+    converse: Annotated[bool, typer.Option("--converse", help="Also patch target → donor (necessity).")] = False,
+    per_position: Annotated[bool, typer.Option("--per-position", help="Also patch attn/mlp blocks per position.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 | bfloat16 | float16 | auto.")] = "float32",
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustCode = False,
+) -> None:
+    """Rank the components that carry the task difference (probe split only); write scores, figures, plans."""
+    from analysis.localize import localize
+
+    result = localize(donor, target, task, method=method, components=components, mode=mode, positions=positions,
+                      metric=metric, top=top or [8], alpha=alpha, seed=seed, limit=limit, batch_size=batch_size,
+                      converse=converse, per_position=per_position, out=out, dtype=dtype,
+                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    table = Table(title=f"top {min(10, len(result.ranking))} by {result.method}")
+    for col in ("rank", "component", "score"):
+        table.add_column(col, justify="right" if col != "component" else "left")
+    for i, cid in enumerate(result.ranking[:10], start=1):
+        table.add_row(str(i), cid, f"{result.scores.loc[cid, 'score']:.4g}")
+    out_console.print(table)
+    out_console.print(f"wrote {out}: scores.csv, scores.json, " + ", ".join(f"plan-top{k}.yaml" for k in result.plans))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning GraftError into one line and exit code 2."""
     from transformers.utils import logging as hf_logging
