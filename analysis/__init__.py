@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 # not the modules of the same name (import those as `from analysis.transplant import ...`).
 from analysis.check import check  # noqa: E402
 from analysis.errors import GraftError  # noqa: E402
+from analysis.localize import localize  # noqa: E402
 from analysis.models import load  # noqa: E402
 from analysis.plan import Plan  # noqa: E402
 from analysis.transplant import applied, apply_patch, transplant  # noqa: E402
 
-__all__ = ["GraftError", "Plan", "applied", "apply_patch", "check", "load", "transplant"]
+__all__ = ["GraftError", "Plan", "applied", "apply_patch", "check", "load", "localize", "transplant"]
