@@ -203,7 +203,7 @@ def localize(
         table.loc[candidates.index, "random"] = select.random_scores(list(candidates.index), seed)
         candidates = table[table["ranked"]]
     score = select.score_of(candidates, method, mode)
-    ranking = select.rank(score)
+    ranking = select.order(score)
     table["score"] = select.score_of(table, method, mode)
     table["rank"] = math.nan
     table.loc[ranking, "rank"] = range(1, len(ranking) + 1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -60,11 +60,25 @@ def score_of(scores: pd.DataFrame, method: str, mode: str = "teacher") -> pd.Ser
     return col.rename(method)
 
 
-def rank(score: pd.Series) -> list[str]:
+def order(score: pd.Series) -> list[str]:
     """Component ids, best first; ties and NaN (last) in the table's order."""
     values = score.to_numpy(dtype=float)
     order = sorted(range(len(values)), key=lambda i: (math.inf if math.isnan(values[i]) else -values[i], i))
     return [str(score.index[i]) for i in order]
+
+
+def rank(method: str, *, donor: Any, target: Any, task: Any = None, kinds: Sequence[str] | None = None,
+         seed: int = 0, limit: int | None = None, **options: Any) -> list[tuple[str, float]]:
+    """(component id, score) of every component of ``kinds``, best first, by ``method`` on the task's
+    probe split — :func:`analysis.localize.localize` without files. ``donor``/``target`` are refs or
+    loaded models; ``options`` go to localize (mode, positions, metric, batch_size, ...)."""
+    from analysis.localize import localize
+
+    options.setdefault("progress", False)
+    result = localize(donor, target, task, method=method, components=kinds, seed=seed, limit=limit, top=1,
+                      out=None, **options)
+    score = result.scores["score"]
+    return [(cid, float(score[cid])) for cid in result.ranking]
 
 
 def random_scores(ids: Sequence[str], seed: int = 0) -> np.ndarray:
