@@ -61,6 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tok = load_smollm2()
+    flops_before = matmul_flops()  # measured before and after: other processes share this CPU
     params = sum(p.numel() for p in model.parameters())
     task = tasks.load("arc_easy", split="test", limit=args.n)
     items = task.items()
@@ -86,7 +87,8 @@ def main() -> None:
 
     acc_t, norm_t = lmeval.accuracy(theirs, name, "acc"), lmeval.accuracy(theirs, name, "acc_norm")
     s = ours.summary
-    flops = matmul_flops()
+    flops_after = matmul_flops()
+    flops = max(flops_before, flops_after)
     limit_tps = flops / (2 * params)
     print(f"model SmolLM2-135M-Instruct ({params / 1e6:.1f}M params, float32), ARC-Easy test, n={len(items)}, "
           f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
@@ -95,12 +97,13 @@ def main() -> None:
           f"(forwarded {forwarded:,} of {logical:,} tokens: {forwarded / t_ours:,.0f} tok/s)")
     print(f"lm-eval HFLM  acc {acc_t.k}/{acc_t.n} = {acc_t.accuracy:.4f}  acc_norm {norm_t.k}/{norm_t.n}  "
           f"95% CI {acc_t.ci_low:.3f}–{acc_t.ci_high:.3f}  wall {t_theirs:.1f} s  {logical / t_theirs:,.0f} tok/s")
-    print(f"matmul limit  {flops / 1e9:.1f} GFLOP/s measured → {limit_tps:,.0f} tok/s at 2·params FLOPs/token")
+    print(f"matmul limit  {flops / 1e9:.1f} GFLOP/s (best of {flops_before / 1e9:.1f} before, {flops_after / 1e9:.1f} after)"
+          f" → {limit_tps:,.0f} tok/s at 2·params FLOPs/token")
     same = (s["k"], s["acc_norm"]["k"], s["n"]) == (acc_t.k, norm_t.k, acc_t.n)
     print(f"identical accuracy (acc and acc_norm): {'yes' if same else 'NO'}")
     print(f"ratio wall graftlm / lm-eval = {t_ours / t_theirs:.3f} (target <= 0.66)")
-    print(f"ratio tokens/s graftlm / matmul limit = {logical / t_ours / limit_tps:.3f}; "
-          f"lm-eval / matmul limit = {logical / t_theirs / limit_tps:.3f}")
+    print(f"ratio tokens/s / matmul limit: graftlm {logical / t_ours / limit_tps:.3f} "
+          f"(forwarded tokens {forwarded / t_ours / limit_tps:.3f}), lm-eval {logical / t_theirs / limit_tps:.3f}")
 
 
 if __name__ == "__main__":

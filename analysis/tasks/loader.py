@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def load(
 ) -> Task:
     """Load a task. ``split``/``limit`` set what ``task.items()`` gives by default; the other keywords
     override the task's YAML keys of the same name."""
-    task = ref if isinstance(ref, Task) else _load_ref(str(ref), base=Path.cwd())
+    task = replace(ref) if isinstance(ref, Task) else _load_ref(str(ref), base=Path.cwd())  # never mutate the caller's
     task = task.with_options(fewshot=fewshot, chat_template=chat_template, max_new_tokens=max_new_tokens)
     if split is not None:
         task.items(split, limit=0)  # fail now, naming the file, if the split does not exist
