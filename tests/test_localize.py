@@ -1,0 +1,162 @@
+"""localize end to end: a known head is found by every method, files are written, no hook is left."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_model
+from safetensors.torch import load_file, save_file
+
+import analysis
+from analysis import units
+from analysis.cli import main
+from analysis.errors import GraftError
+from analysis.evaluate import generate
+from analysis.localize import localize
+from analysis.models import DEMO_DIR, load
+
+KNOWN = "L1.H2"
+
+
+@pytest.fixture(scope="module")
+def constructed(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A target and a donor that differs from it only in head L1.H2 (q/k rows perturbed, v rows ×1.5);
+    the task's reference answers are the donor's own greedy continuations (the donor is 'right')."""
+    root = tmp_path_factory.mktemp("constructed")
+    target = build_model(root / "target", "llama", seed=2, num_key_value_heads=4)  # no GQA: the head owns k/v
+    donor = root / "donor"
+    shutil.copytree(target, donor)
+    tl = load(target)
+    lay = units.layout(tl.model.config, {n: tuple(p.shape) for n, p in tl.parameters().items()})
+    sd = load_file(donor / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for s in units.component(lay, KNOWN).slices:
+        if "o_proj" in s.param:
+            continue
+        w = sd[s.param]
+        idx = s.index(w.ndim)
+        part = w[idx]
+        w[idx] = part * 1.5 if "v_proj" in s.param else part + 0.5 * part.std() * torch.randn(part.shape, generator=g)
+    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+    dl = load(donor)
+    prompts = [f"{a}{b}+{c}=" for a, b, c in zip("abcdefghijkl", "mnopqrstuvwx", "0123456789ab", strict=True)]
+    outs = generate(dl.model, dl.tokenizer, prompts, stop=[], max_new_tokens=2)
+    with (root / "task.jsonl").open("w") as fh:
+        for i, (p, (o, _, _)) in enumerate(zip(prompts, outs, strict=True)):
+            fh.write(json.dumps({"id": f"c{i}", "prompt": p, "answer": o, "split": "probe"}) + "\n")
+        fh.write(json.dumps({"id": "t0", "prompt": "zz+9=", "answer": "??", "split": "test"}) + "\n")
+    (root / "task.yaml").write_text('data: task.jsonl\ntarget: "{answer}"\nmax_new_tokens: 2\nstop: []\n')
+    return donor, target, root / "task.yaml"
+
+
+@pytest.fixture(scope="module")
+def models(constructed):
+    donor, target, _ = constructed
+    return load(donor), load(target)
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("shifts", {}), ("shifts", {"mode": "generate"}), ("lae", {"components": "head"}), ("attribution", {}),
+    ("attribution", {"metric": "logit_diff"}), ("patching", {}), ("weight", {})])
+def test_every_method_ranks_the_known_head_first(constructed, models, method: str, options: dict) -> None:
+    _, _, task = constructed
+    donor, target = models
+    result = localize(donor, target, task, method=method, progress=False, **options)
+    assert result.ranking[0] == KNOWN
+    assert result.plans[8].components[0].id == KNOWN
+
+
+def test_cli_writes_scores_figures_and_plans(constructed, tmp_path, capsys) -> None:
+    donor, target, task = constructed
+    out = tmp_path / "loc"
+    with pytest.raises(SystemExit) as done:
+        main(["localize", "--donor", str(donor), "--target", str(target), "--task", str(task), "--method",
+              "attribution", "--top", "1", "--top", "3", "--alpha", "0.5", "--converse", "--out", str(out)])
+    assert done.value.code == 0
+    assert KNOWN in capsys.readouterr().out
+    for name in ("scores.csv", "scores.json", "plan-top1.yaml", "plan-top3.yaml", "heads.png", "blocks.png",
+                 "top.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "scores.json").read_text())
+    assert data["meta"]["n_prompts"] == 12  # the probe split only: the test item is never read
+    row = next(r for r in data["components"] if r["id"] == KNOWN)
+    assert {"attribution", "attribution_sd", "converse_attribution", "weight", "score", "rank"} <= set(row)
+    plan = yaml.safe_load((out / "plan-top3.yaml").read_text())
+    assert plan["alpha"] == 0.5 and plan["components"][0]["id"] == KNOWN
+    assert analysis.Plan.load(out / "plan-top1.yaml").provenance.method == "attribution"
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(constructed, tmp_path, capsys) -> None:
+    donor, target, task = constructed
+    for extra in (["--method", "magic"], ["--method", "patching", "--mode", "generate"], ["--components", "wings"]):
+        with pytest.raises(SystemExit) as err:
+            main(["localize", "--donor", str(donor), "--target", str(target), "--task", str(task),
+                  "--out", str(tmp_path / "x"), *extra])
+        assert err.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_random_is_seeded_and_dataless(constructed) -> None:
+    donor, target, _ = constructed
+    a = localize(donor, target, None, method="random", seed=1, progress=False).ranking
+    b = localize(donor, target, None, method="random", seed=1, progress=False).ranking
+    c = localize(donor, target, None, method="random", seed=2, progress=False).ranking
+    assert a == b and a != c
+    assert sorted(a) == sorted(analysis.localize(donor, target, None, method="weight").ranking)
+
+
+def test_a_task_without_probe_items_is_refused(constructed, tmp_path) -> None:
+    donor, target, _ = constructed
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "1+1=", "answer": "2", "split": "test"}) + "\n")
+    with pytest.raises(GraftError, match="probe"):
+        localize(donor, target, bare, method="shifts", progress=False)
+
+
+def test_logits_equal_fresh_ones_after_localize_and_after_an_error(constructed, models, monkeypatch) -> None:
+    donor_ref, target_ref, task = constructed
+    donor, target = models
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        fresh = load(target_ref).model(ids).logits
+    for method in ("shifts", "attribution", "patching"):
+        localize(donor, target, task, method=method, progress=False)
+    from analysis import patching
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("metric failed")
+
+    monkeypatch.setattr(patching, "metric_values", broken)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        localize(donor, target, task, method="attribution", progress=False)
+    monkeypatch.undo()
+    for loaded in (donor, target):
+        assert not any(hp.fwd_hooks or hp.bwd_hooks for hp in loaded.bridge.hook_dict.values())
+        assert all(p.grad is None for p in loaded.parameters().values())
+    with torch.no_grad():
+        assert torch.equal(target.model(ids).logits, fresh)
+        assert torch.equal(target.bridge(ids), fresh)
+
+
+def test_select_rank_for_the_sweep(constructed, models) -> None:
+    _, _, task = constructed
+    donor, target = models
+    ranked = analysis.select.rank("attribution", donor=donor, target=target, task=task, kinds=["head"])
+    assert ranked[0][0] == KNOWN and all(isinstance(s, float) for _, s in ranked)
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "gen1" / "config.json").is_file(), reason="demo models not built yet")
+def test_demo_pair_attribution_agrees_in_sign_with_patching() -> None:
+    donor, target = load("demo:gen1", dtype="float32"), load("demo:gen2", dtype="float32")
+    attr = localize(donor, target, "demo:arith", method="attribution", limit=16, progress=False)
+    act = localize(donor, target, "demo:arith", method="patching", limit=16, progress=False)
+    top = attr.ranking[:5]
+    signs_a = torch.sign(torch.tensor(attr.scores.loc[top, "attribution"].to_numpy()))
+    signs_p = torch.sign(torch.tensor(act.scores.loc[top, "patching"].to_numpy()))
+    assert (signs_a == signs_p).all()

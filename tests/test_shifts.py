@@ -1,0 +1,120 @@
+"""Streaming shifts: the numbers a full cache would give, padding ignored, hooks always removed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis import shifts, tasks
+from analysis.models import load
+
+
+def arith_task(folder: Path, n: int = 10) -> Path:
+    """A generate task of n probe items (and a few dev/test items localize must not read)."""
+    path = folder / "arith.jsonl"
+    with path.open("w") as fh:
+        for i in range(n + 4):
+            a, b = (7 * i) % 23, (5 * i + 3) % 17
+            split = "probe" if i < n else ("dev" if i % 2 else "test")
+            fh.write(json.dumps({"id": f"a{i}", "prompt": f"{a}+{b}=" + "x" * (i % 4), "answer": str(a + b),
+                                 "split": split}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pairs):
+    donor, target = tiny_pairs("llama")
+    return load(donor, dtype="float32"), load(target, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return tasks.load(arith_task(tmp_path_factory.mktemp("task")))
+
+
+def by_hand(donor, target, task, positions: str = "answer") -> dict[str, tuple[float, float, float]]:
+    """(donor mean|z|, target mean|z|, rel_dist) per head of layer 1 and L1.mlp, one unpadded prompt at a
+    time through TransformerLens run_with_cache — the reference the streaming hooks must equal."""
+    items = task.items("probe")
+    seqs = shifts.encode_items(task, target.tokenizer, items)
+    per: dict[str, list[tuple[float, float, float]]] = {}
+    for toks, n_prompt in seqs:
+        ids = torch.tensor([toks])
+        _, cd = donor.bridge.run_with_cache(ids)
+        _, ct = target.bridge.run_with_cache(ids)
+        sel = slice(n_prompt - 1, len(toks) - 1) if positions == "answer" else slice(None)
+        for hook, heads in (("blocks.1.attn.hook_z", True), ("blocks.1.hook_mlp_out", False)):
+            ad, at = cd[hook][0, sel], ct[hook][0, sel]
+            if not heads:
+                ad, at = ad[:, None], at[:, None]
+            for g in range(ad.shape[1]):
+                cid = f"L1.H{g}" if heads else "L1.mlp"
+                rms = lambda t: t.pow(2).mean(-1).sqrt()  # noqa: E731
+                rel = rms(ad[:, g] - at[:, g]).sum() / ((rms(ad[:, g]) + rms(at[:, g])) / 2).sum()
+                per.setdefault(cid, []).append((float(ad[:, g].abs().mean()), float(at[:, g].abs().mean()), float(rel)))
+    return {cid: tuple(sum(v[i] for v in vals) / len(vals) for i in range(3)) for cid, vals in per.items()}
+
+
+@pytest.mark.parametrize("positions", ["answer", "all"])
+def test_streaming_statistics_equal_a_full_cache(pair, task, positions: str) -> None:
+    donor, target = pair
+    df = shifts.measure(donor, target, task, kinds=("head", "mlp"), positions=positions, batch_size=4,
+                        progress=False)
+    expected = by_hand(donor, target, task, positions)
+    for cid, (d, t, rel) in expected.items():
+        assert df.loc[cid, "donor"] == pytest.approx(d, rel=1e-4)
+        assert df.loc[cid, "target"] == pytest.approx(t, rel=1e-4)
+        assert df.loc[cid, "shift"] == pytest.approx(d - t, rel=1e-3, abs=1e-6)
+        assert df.loc[cid, "rel_dist"] == pytest.approx(rel, rel=1e-4)
+    assert (df["n_prompts"] == len(task.items("probe"))).all()  # the probe split only
+
+
+def test_batch_size_and_padding_do_not_change_the_numbers(pair, task) -> None:
+    donor, target = pair
+    one = shifts.measure(donor, target, task, kinds=("head", "neuron"), batch_size=1, progress=False)
+    many = shifts.measure(donor, target, task, kinds=("head", "neuron"), batch_size=6, progress=False)
+    cols = ["donor", "target", "shift", "shift_sd", "rel_dist", "rel_dist_sd"]
+    torch.testing.assert_close(torch.tensor(one[cols].to_numpy()), torch.tensor(many[cols].to_numpy()),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_first_generated_token_is_the_last_prompt_token(pair, task) -> None:
+    """generate mode, one step: the statistic sits at the last prompt token, as teacher mode 'last'."""
+    donor, target = pair
+    gen = shifts.measure(donor, target, task, kinds=("linear",), mode="generate", max_new_tokens=1, progress=False)
+    last = shifts.measure(donor, target, task, kinds=("linear",), positions="last", progress=False)
+    torch.testing.assert_close(torch.tensor(gen["shift"].to_numpy()), torch.tensor(last["shift"].to_numpy()),
+                               rtol=1e-4, atol=1e-7)
+    assert "rel_dist" not in gen.columns  # different tokens: no position-by-position pairing
+
+
+def test_hooks_are_removed_also_on_error(pair, task, monkeypatch) -> None:
+    donor, target = pair
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        fresh = target.model(ids).logits.clone()
+
+    def boom(self, act):
+        raise RuntimeError("inside a hook")
+
+    monkeypatch.setattr(shifts.Site, "view", boom)
+    with pytest.raises(RuntimeError, match="inside a hook"):
+        shifts.measure(donor, target, task, progress=False)
+    monkeypatch.undo()
+    for loaded in (donor, target):
+        assert not any(hp.fwd_hooks for hp in loaded.bridge.hook_dict.values())
+    with torch.no_grad():
+        assert torch.equal(target.model(ids).logits, fresh)
+
+
+def test_sites_cover_component_ids(pair) -> None:
+    _, target = pair
+    lay = shifts.layout_of(target)
+    from analysis import units
+
+    for kinds in (("head",), ("mlp", "attn"), ("neuron",), ("linear",), ("group",), ("layer",)):
+        got = [r["id"] for r in shifts.describe_ids(shifts.sites(lay, kinds))]
+        assert sorted(got) == sorted(units.component_ids(lay, kinds))  # type: ignore[arg-type]
