@@ -12,7 +12,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models
 
-from analysis import evaluate
+from analysis import evaluate, tasks
 from analysis.cli import main
 from analysis.errors import GraftError
 
@@ -217,3 +217,20 @@ def test_cli_eval_json_and_bad_task_exit_2(random_llama, tmp_path: Path, capsys:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert f"{bad}:2: malformed JSON" in err.replace("\n", "") and "Traceback" not in err
+
+
+@pytest.mark.real
+def test_real_smollm2_generation_batch_invariant() -> None:
+    """SmolLM2-135M-Instruct, real basic_arithmetic items: batch 1 and batch 4 give the same records."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_evaluate", Path(__file__).resolve().parents[1] / "bench" / "evaluate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, tok = bench.load_smollm2()
+    task = tasks.load("basic_arithmetic", split="test", limit=6, fewshot=3)
+    one = evaluate.run(model, tok, task, batch_size=1, progress=False).records
+    four = evaluate.run(model, tok, task, batch_size=4, progress=False).records
+    assert [r["output"] for r in one] == [r["output"] for r in four]
+    assert [r["correct"] for r in one] == [r["correct"] for r in four]
+    assert [r["logprob"] for r in one] == pytest.approx([r["logprob"] for r in four], abs=1e-4)
