@@ -175,7 +175,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
     encoded = [encode(tokenizer, p) for p in prompts]
     limit = _max_length(model) - max_new_tokens
-    encoded = [e[-limit:] if len(e) > limit else e for e in encoded]
+    if limit < 1:
+        raise GraftError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{_max_length(model)}-token context", "lower --max-new-tokens")
+    encoded = [e[-limit:] if len(e) > limit else e for e in encoded]  # keep the end: the question
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[tuple[str, float, int]] = [("", 0.0, 0)] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)

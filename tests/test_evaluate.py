@@ -179,6 +179,8 @@ def test_records_written_and_splits(random_llama, tmp_path: Path) -> None:
     assert result.summary["max_new_tokens"] == 3
     with pytest.raises(GraftError, match="batch size"):
         evaluate.run(model, tok, path, batch_size=0, progress=False)
+    with pytest.raises(GraftError, match="no room for a prompt"):
+        evaluate.run(model, tok, path, max_new_tokens=10_000, progress=False)
 
 
 def test_bridge_wrapped_model_gives_the_same_records(random_llama, tmp_path: Path) -> None:
