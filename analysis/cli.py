@@ -136,6 +136,47 @@ def eval_cmd(
         out_console.print(f"records: {result.paths['records']}")
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Annotated[Path, typer.Argument(help="Sweep config YAML (see examples/demo.yaml).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: results.jsonl, plans, figures, report.")],
+) -> None:
+    """Baselines, localization on probe, a K × α grid on dev, chosen points and controls on test, report.
+
+    Rerunning with the same --out resumes: finished points are skipped.
+    """
+    from analysis.sweep import sweep
+
+    run = sweep(config, out)
+    _finish_run(run)
+
+
+@app.command("figures")
+def figures_cmd(
+    run: Annotated[Path, typer.Argument(help="A run folder written by `graftlm sweep`.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the figures (default RUN/figures).")] = None,
+) -> None:
+    """Regenerate every figure of a run (PNG and SVG) and its report.md / report.html."""
+    from analysis import figures, report
+
+    made = figures.make_all(run, out)
+    report.write(run)
+    out_console.print(f"{len(made)} figure files, report {run / 'report.md'}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
+) -> None:
+    """The whole study on the embedded demo pair (offline, a few minutes on 2 cores)."""
+    from analysis.sweep import DEMO_CONFIG, sweep
+
+    out_console.print(f"graftlm demo: {DEMO_CONFIG} → {out}")
+    run = sweep(DEMO_CONFIG, out)
+    _finish_run(run)
+
+
+
 @app.command("localize")
 def localize_cmd(
     donor: Donor,
@@ -175,6 +216,24 @@ def localize_cmd(
         table.add_row(str(i), cid, f"{result.scores.loc[cid, 'score']:.4g}")
     out_console.print(table)
     out_console.print(f"wrote {out}: scores.csv, scores.json, " + ", ".join(f"plan-top{k}.yaml" for k in result.plans))
+
+
+def _finish_run(run: Path) -> None:
+    """Write the report and print its headline table."""
+    from analysis import report
+
+    path = report.write(run)
+    for summary in report.summarize(run):
+        table = Table(title=f"{summary.task}: {summary.donor_ref} → {summary.target_ref}"
+                      + (f" (max_new_tokens {summary.max_new_tokens})" if summary.max_new_tokens else ""))
+        for col in report.HEADER:
+            table.add_column(col)
+        for row in report.headline(summary):
+            table.add_row(*row)
+        out_console.print(table)
+        for line in summary.verdict:
+            out_console.print(f"[bold]{line}[/bold]")
+    out_console.print(f"report: {path}  (and report.html, figures/)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,291 @@
+"""What a sweep found, in numbers: the run folder read back into tables and a verdict.
+
+``summarize(run)`` turns RUN/results.jsonl into per-method findings (test accuracy with k/n and a 95%
+interval, TIR, gap recovery, McNemar against the target) beside every control; ``write(run)`` writes
+RUN/report.md and a self-contained RUN/report.html with the figures. The verdict comes first: when no
+method beats the random control beyond its interval, or the donor is not better, the report says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analysis import metrics
+from analysis.errors import GraftError
+
+
+@dataclass
+class Finding:
+    """One evaluated transplant on test, with its comparisons."""
+
+    label: str
+    method: str
+    k: int
+    alpha: float
+    acc: metrics.Accuracy
+    tir: float
+    recovery: metrics.Recovery
+    vs_target: metrics.McNemar
+    retention: float | None = None  # perplexity on the retention set, when measured
+    plan: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """Everything the report shows for one decoding length."""
+
+    max_new_tokens: int | None
+    donor_ref: str
+    target_ref: str
+    task: str
+    donor: dict[str, metrics.Accuracy]  # split → accuracy
+    target: dict[str, metrics.Accuracy]
+    donor_vs_target: metrics.McNemar
+    retention: dict[str, float | None]  # donor / target perplexity
+    methods: list[Finding]
+    controls: list[Finding]
+    random_pooled: dict[tuple[int, float], metrics.Accuracy]
+    verdict: list[str]
+
+
+def read_rows(run: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    run = Path(run)
+    path = run / "results.jsonl"
+    if not path.is_file():
+        raise GraftError(f"{run} holds no results.jsonl", "pass a folder written by `graftlm sweep`")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    return config, rows
+
+
+def _acc(row: dict[str, Any]) -> metrics.Accuracy:
+    return metrics.accuracy(int(row["k"]), int(row["n"]))
+
+
+def _items(row: dict[str, Any]) -> dict[str, bool]:
+    return {str(i["id"]): bool(i["correct"]) for i in row.get("items") or []}
+
+
+def _paired(a: dict[str, Any], b: dict[str, Any]) -> metrics.McNemar:
+    ia, ib = _items(a), _items(b)
+    ids = sorted(ia.keys() & ib.keys())
+    return metrics.mcnemar([ia[i] for i in ids], [ib[i] for i in ids])
+
+
+def summarize(run: str | Path) -> list[Summary]:
+    """One Summary per decoding length found in the run."""
+    config, rows = read_rows(run)
+    orders = [r for r in rows if r.get("phase") == "order"]
+    if not orders:
+        raise GraftError(f"{run}: the sweep has not finished its baselines yet", "run or resume `graftlm sweep`")
+    summaries = [_summary(order, rows, config.get("task", "?")) for order in orders]
+    return [s for s in summaries if s is not None]
+
+
+def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Summary | None:
+    mnt = order["max_new_tokens"]
+    by_key = {r["key"]: r for r in rows}
+
+    def get(phase: str, split: str, model: str, method: str | None = None, top_k: Any = None, alpha: Any = None,
+            seed: Any = None) -> dict[str, Any] | None:
+        return by_key.get("|".join([phase, split, model, method or "-", str(top_k), str(alpha), str(mnt), str(seed)]))
+
+    d, t = order["donor"], order["target"]
+    donor = {s: _acc(r) for s in ("dev", "test") if (r := get("baseline", s, d))}
+    target = {s: _acc(r) for s in ("dev", "test") if (r := get("baseline", s, t))}
+    target_test, donor_test = get("baseline", "test", t), get("baseline", "test", d)
+    if target_test is None or donor_test is None:
+        return None
+    d_vs_t = _paired(donor_test, target_test)
+    retention = {role: (r.get("perplexity") if (r := get("baseline", "retention", name)) else None)
+                 for role, name in (("donor", d), ("target", t))}
+
+    def finding(row: dict[str, Any], label: str) -> Finding:
+        acc = _acc(row)
+        ret = get(row["phase"], "retention", "transplant", row["method"], row["top_k"], row["alpha"], row["seed"])
+        return Finding(label, row["method"], row["top_k"], row["alpha"], acc,
+                       metrics.tir(acc.accuracy, target["test"].accuracy),
+                       metrics.gap_recovery(acc, target["test"], donor["test"], d_vs_t.p_value),
+                       _paired(row, target_test), ret.get("perplexity") if ret else None, row.get("plan") or [])
+
+    same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
+    methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in same if r["phase"] == "chosen"]
+    control_rows = [r for r in same if r["phase"] == "control"]
+    controls = [finding(r, _control_label(r)) for r in control_rows]
+    summary = Summary(mnt, order.get("donor_ref", d), order.get("target_ref", t), task, donor, target, d_vs_t,
+                      retention, methods, controls, _pool_random(control_rows), [])
+    summary.verdict = verdict(summary)
+    return summary
+
+
+def _control_label(row: dict[str, Any]) -> str:
+    if row["method"] == "random":
+        return f"random K={row['top_k']} α={row['alpha']} seed {row['seed']}"
+    if row["method"] == "copy-all":
+        return "copy-all (every component, α=1)"
+    return f"{row['method']}-ranked K={row['top_k']} α={row['alpha']}"
+
+
+def _pool_random(control_rows: list[dict[str, Any]]) -> dict[tuple[int, float], metrics.Accuracy]:
+    """All random-control items of one budget pooled (k and n summed over seeds)."""
+    sums: dict[tuple[int, float], list[int]] = {}
+    for r in control_rows:
+        if r["method"] == "random":
+            acc = _acc(r)
+            s = sums.setdefault((r["top_k"], r["alpha"]), [0, 0])
+            s[0] += acc.k
+            s[1] += acc.n
+    return {key: metrics.accuracy(k, n) for key, (k, n) in sums.items()}
+
+
+def beats_random(f: Finding, pooled: dict[tuple[int, float], metrics.Accuracy]) -> bool | None:
+    """True when the method's interval lies above the pooled random control's at the same budget."""
+    rnd = pooled.get((f.k, f.alpha))
+    if rnd is None:
+        return None
+    return f.acc.ci_low > rnd.ci_high
+
+
+def verdict(s: Summary) -> list[str]:
+    """The first lines of the report: what a reader must know before any table."""
+    lines = []
+    gap = s.donor["test"].accuracy - s.target["test"].accuracy
+    if gap <= 0:
+        lines.append(f"The donor is not better than the target on test ({s.donor['test']} vs {s.target['test']}): "
+                     "there is no gap to recover, and transplanting cannot be expected to help.")
+    elif s.donor_vs_target.p_value >= 0.05:
+        lines.append(f"The donor–target gap on test is within noise (McNemar p = {s.donor_vs_target.p_value:.3g}): "
+                     "recovery figures are unstable.")
+    winners = [f for f in s.methods if beats_random(f, s.random_pooled)]
+    if not s.methods:
+        lines.append("No method has a chosen point on test yet.")
+    elif not winners:
+        lines.append("No method beats the random control beyond its 95% interval: activation-based selection is "
+                     "not shown to be better than chance on this pair.")
+    else:
+        for f in winners:
+            rec = f"{f.recovery.value:.0%}" if f.recovery.value is not None else "undefined"
+            lines.append(f"{f.method} beats the random control beyond its interval: test {f.acc} vs target "
+                         f"{s.target['test']}, gap recovery {rec}, McNemar p = {f.vs_target.p_value:.3g}.")
+    return lines
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def _fmt_acc(a: metrics.Accuracy) -> str:
+    return f"{a.accuracy:.3f} ({a.k}/{a.n}; {a.ci_low:.3f}–{a.ci_high:.3f})"
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return f"{x:.0%}" if pct else f"{x:.3g}"
+
+
+def headline(s: Summary) -> list[list[str]]:
+    """The table printed at the end of a sweep: one row per model / method / control."""
+    rows = [["target", s.target_ref, _fmt_acc(s.target["test"]), "1", "0%", "—", _fmt(s.retention.get("target"))],
+            ["donor", s.donor_ref, _fmt_acc(s.donor["test"]), _fmt(metrics.tir(s.donor["test"].accuracy,
+                                                                                 s.target["test"].accuracy)),
+             "100%", _fmt(s.donor_vs_target.p_value), _fmt(s.retention.get("donor"))]]
+    for f in [*s.methods, *s.controls]:
+        kind = "method" if f in s.methods else "control"
+        rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), _fmt(f.recovery.value, pct=True),
+                     _fmt(f.vs_target.p_value), _fmt(f.retention)])
+    for (k, a), acc in s.random_pooled.items():
+        rows.append(["control", f"random K={k} α={a}, seeds pooled", _fmt_acc(acc), "", "", "", ""])
+    return rows
+
+
+HEADER = ["", "model / point", "test accuracy (k/n; 95% CI)", "TIR", "recovery", "McNemar p vs target",
+          "retention ppl"]
+
+
+def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
+    run = Path(run)
+    summaries = summarize(run)
+    env = json.loads((run / "environment.json").read_text()) if (run / "environment.json").is_file() else {}
+    parts = ["# graftlm sweep report", ""]
+    for s in summaries:
+        length = f" (max_new_tokens = {s.max_new_tokens})" if s.max_new_tokens else ""
+        parts += [f"**Task {s.task}{length}, donor {s.donor_ref} → target {s.target_ref}.**", ""]
+        parts += [f"> {line}" for line in s.verdict] + [""]
+        parts += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        parts += ["| " + " | ".join(r) + " |" for r in headline(s)]
+        parts += ["", f"Baselines on dev: donor {_fmt_acc(s.donor['dev'])}, target {_fmt_acc(s.target['dev'])}. "
+                  "K and α were chosen on dev; every figure above is on test, which selection never saw.", ""]
+        for f in s.methods:
+            parts.append(f"- {f.method}: components {', '.join(f.plan)}; recovery: {f.recovery.reason}.")
+        parts.append("")
+    for fig in figures or []:
+        parts += [f"![{fig.stem}]({fig.relative_to(run)})", ""]
+    if env:
+        parts += ["## Reproduce", "", f"`{env.get('command', '')}`", "",
+                  "Packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()), ""]
+    return "\n".join(parts)
+
+
+def write(run: str | Path) -> Path:
+    """Regenerate the figures and write RUN/report.md and a self-contained RUN/report.html."""
+    from analysis import figures as figs
+
+    run = Path(run)
+    made = figs.make_all(run)
+    md = markdown(run, [p for p in made if p.suffix == ".png"])
+    (run / "report.md").write_text(md)
+    (run / "report.html").write_text(_html(md, run))
+    return run / "report.md"
+
+
+def _html(md: str, run: Path) -> str:
+    """Markdown-ish to HTML with images inlined as base64, so the file travels alone."""
+    body = []
+    in_table = False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            src = line[line.index("(") + 1:-1]
+            data = base64.b64encode((run / src).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(src)}" src="data:image/png;base64,{data}" width="720"></p>')
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{html.escape(line[2:])}</blockquote>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}blockquote{border-left:4px solid #c33;"
+             "margin:0;padding:4px 12px;background:#fff4f4}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>graftlm report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>"

@@ -1,0 +1,415 @@
+"""The study: baselines, localization on probe, a K × α grid on dev, the chosen points and controls on test.
+
+``sweep(config, out)`` is resumable: every finished evaluation is one flushed, fsynced line of
+``RUN/results.jsonl`` (with its per-item results), and a rerun skips what is there. The config is
+stored in ``RUN/config.yaml`` with its hash; resuming with another config is refused.
+
+Both models are loaded once; each grid point is an in-memory transplant and restore, never a reload.
+Selection never sees test items: localization reads the probe split, K and α are chosen on dev, and
+only the chosen points and the controls are evaluated on test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from analysis.errors import GraftError
+from analysis.plan import Plan
+
+DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"  # examples/demo.yaml links here
+Method = Literal["shifts", "lae", "attribution", "patching", "weight", "random"]
+
+
+class Controls(BaseModel):
+    """Controls evaluated on test beside every chosen point."""
+
+    model_config = ConfigDict(extra="forbid")
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    copy_all: bool = True
+    weight: bool = True
+
+
+class SweepConfig(BaseModel):
+    """What to study. Round-trips through YAML (see examples/demo.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    donor: str = Field(description="donor model reference (the stronger one)")
+    target: str = Field(description="target model reference (the one to improve)")
+    auto_order: bool = Field(False, description="measure both on dev and make the stronger the donor, "
+                                                "per decoding length")
+    task: str
+    retention: str | None = Field(None, description="off-task set (perplexity); default: the task's own")
+    methods: list[Method] = Field(default_factory=lambda: ["attribution"])
+    components: list[Literal["head", "group", "mlp", "attn", "neuron", "linear", "layer"]] = Field(
+        default_factory=lambda: ["head", "mlp"])
+    k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    max_new_tokens: list[int | None] = Field(default_factory=lambda: [None])
+    controls: Controls = Field(default_factory=Controls)
+    probe_limit: int | None = None
+    dev_limit: int | None = None
+    test_limit: int | None = None
+    retention_limit: int | None = 100
+    batch_size: int = 32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _positive_k(cls, ks: list[int]) -> list[int]:
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError("k must be a non-empty list of positive integers")
+        return sorted(set(ks))
+
+    @field_validator("alpha")
+    @classmethod
+    def _unit_alpha(cls, alphas: list[float]) -> list[float]:
+        if not alphas or any(not 0 <= a <= 1 for a in alphas):
+            raise ValueError("alpha values must lie in [0, 1]")
+        return sorted(set(alphas))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise GraftError(f"no such sweep config: {path}", "pass a YAML file (see examples/demo.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise GraftError(f"{path}: not valid YAML ({err})".splitlines()[0], "fix the config") from err
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise GraftError(f"{path}: {where}: {first['msg']}", "fix the config") from err
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+class Results:
+    """RUN/results.jsonl: one line per finished evaluation, keyed; read back on resume."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / "results.jsonl"
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            lines = self.path.read_bytes().split(b"\n")
+            good = []
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is lost with it
+                self.rows[row["key"]] = row
+                good.append(line)
+            # rewrite without the torn tail so the next append starts on a clean line
+            if len(good) != len([ln for ln in lines if ln.strip()]):
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_bytes(b"".join(g + b"\n" for g in good))
+                os.replace(tmp, self.path)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self.rows[key]
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        with open(self.path, "ab") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows[row["key"]] = row
+        return row
+
+    def where(self, **match: Any) -> Iterator[dict[str, Any]]:
+        for row in self.rows.values():
+            if all(row.get(k) == v for k, v in match.items()):
+                yield row
+
+
+def open_run(config: SweepConfig, out: Path) -> Results:
+    """Create or resume RUN; refuse a different config."""
+    out.mkdir(parents=True, exist_ok=True)
+    stored = out / "config.yaml"
+    digest = config.digest()
+    if stored.is_file():
+        previous = SweepConfig.model_validate(yaml.safe_load(stored.read_text()))
+        if previous.digest() != digest:
+            raise GraftError(f"{out} holds a run of another config (hash {previous.digest()} ≠ {digest})",
+                             "use a new --out, or rerun with the config stored in it")
+    else:
+        tmp = stored.with_suffix(".tmp")
+        tmp.write_text(f"# config hash {digest}\n" + config.to_yaml())
+        os.replace(tmp, stored)
+    return Results(out)
+
+
+# --- evaluation of one point ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluation: who, with which plan, on which split."""
+
+    phase: Literal["baseline", "grid", "chosen", "control"]
+    split: str
+    who: Literal["a", "b", "transplant"]  # a: the config's donor, b: its target
+    method: str | None = None
+    top_k: int | None = None  # the number of components transplanted (K)
+    alpha: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+    @property
+    def key(self) -> str:
+        parts = [self.phase, self.split, self.who, self.method or "-", str(self.top_k), str(self.alpha),
+                 str(self.max_new_tokens), str(self.seed)]
+        return "|".join(parts)
+
+
+# --- the whole study ------------------------------------------------------------------------------
+
+RankFn = Callable[..., list[tuple[str, float]]]
+
+
+def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool = True,
+          on_point: Callable[[Point, dict[str, Any]], None] | None = None) -> Path:
+    """Run (or resume) the study of ``config`` into folder ``out``; returns ``out``."""
+    import torch
+
+    from analysis import tasks, units
+    from analysis.evaluate import run as evaluate
+    from analysis.models import load
+    from analysis.transplant import applied
+
+    cfg = config if isinstance(config, SweepConfig) else SweepConfig.load(config)
+    run_dir = Path(out)
+    results = open_run(cfg, run_dir)
+    torch.manual_seed(cfg.seed)
+    task = tasks.load(cfg.task)
+    splits = _check_splits(task, cfg)
+    retention_task = tasks.load(cfg.retention) if cfg.retention else (task if task.retention is not None else None)
+    retention_split = "retention" if cfg.retention is None else None
+    # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
+    models = {"a": load(cfg.donor, dtype=cfg.dtype), "b": load(cfg.target, dtype=cfg.dtype)}
+    lay = units.layout(models["a"].model.config,
+                       {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
+    lengths = cfg.max_new_tokens if task.kind == "generate" else [None]
+    plan_total = _count_points(cfg, lengths, retention_task is not None)
+    bar = _Bar(plan_total, progress)
+
+    def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
+                       limit: int | None = None, plan: Plan | None = None, donor: Any = None) -> dict[str, Any]:
+        if point.key in results:
+            bar.advance(point)
+            return results[point.key]
+        the_task = eval_task or task
+        context = applied(loaded, donor, plan) if plan is not None else _nullcontext()
+        with context:
+            res = evaluate(loaded.model, loaded.tokenizer, the_task, split=items_split, limit=limit,
+                           batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False)
+        headline = {k: res.summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity")
+                    if k in res.summary}
+        row = {"key": point.key, **point.__dict__, **headline, "result": res.summary,
+               "plan": [c.id for c in plan.components] if plan is not None else None,
+               "items": [{"id": r["id"], "correct": bool(r.get("correct", False))} for r in res.records]
+               if the_task.kind != "perplexity" else None}
+        results.add(row)
+        bar.advance(point)
+        if on_point is not None:
+            on_point(point, row)
+        return row
+
+    limits = {"dev": cfg.dev_limit, "test": cfg.test_limit}
+    for mnt in lengths:
+        # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
+        base = {}
+        for name in ("a", "b"):
+            for split in ("dev", "test"):
+                base[name, split] = evaluate_point(Point("baseline", split, name, max_new_tokens=mnt),
+                                                   models[name], splits[split], limit=limits[split])
+        donor_name, target_name = _order(cfg, base)
+        order_key = f"order|{mnt}"
+        if order_key not in results:
+            results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
+                         "target": target_name, "donor_ref": models[donor_name].name,
+                         "target_ref": models[target_name].name})
+        donor, target = models[donor_name], models[target_name]
+        if retention_task is not None:
+            for name in (donor_name, target_name):
+                evaluate_point(Point("baseline", "retention", name, max_new_tokens=mnt), models[name],
+                               retention_split, retention_task, cfg.retention_limit)
+        ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay) for m in cfg.methods}
+        # The grid on dev.
+        for method in cfg.methods:
+            for k in cfg.k:
+                for alpha in cfg.alpha:
+                    plan = _plan(ranking[method], k, alpha, method, cfg.task)
+                    evaluate_point(Point("grid", "dev", "transplant", method, k, alpha, mnt), target, splits["dev"],
+                                   limit=cfg.dev_limit, plan=plan, donor=donor)
+        # The chosen point per method on test, with retention.
+        chosen: dict[str, tuple[int, float]] = {}
+        for method in cfg.methods:
+            rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in cfg.k for a in cfg.alpha]
+            best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
+            chosen[method] = (best["top_k"], best["alpha"])
+            plan = _plan(ranking[method], best["top_k"], best["alpha"], method, cfg.task)
+            plan.save(run_dir / f"plan-{method}.yaml")
+            evaluate_point(Point("chosen", "test", "transplant", method, best["top_k"], best["alpha"], mnt), target,
+                           splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+            if retention_task is not None:
+                evaluate_point(Point("chosen", "retention", "transplant", method, best["top_k"], best["alpha"], mnt),
+                               target,
+                               retention_split, retention_task, cfg.retention_limit, plan=plan, donor=donor)
+        # Controls at the budget of each chosen point.
+        budgets = sorted(set(chosen.values()))
+        all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
+        for k, alpha in budgets:
+            for seed in cfg.controls.random_seeds:
+                ids = _random_ids(all_ids, k, seed)
+                plan = Plan.of(ids, alpha=alpha, method="random", task=cfg.task, seed=seed)
+                evaluate_point(Point("control", "test", "transplant", "random", k, alpha, mnt, seed), target,
+                               splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+            if cfg.controls.weight and "weight" not in cfg.methods:
+                weight_rank = _ranking(run_dir, "weight", donor, target, task, cfg, lay)
+                plan = _plan(weight_rank, k, alpha, "weight", cfg.task)
+                evaluate_point(Point("control", "test", "transplant", "weight", k, alpha, mnt), target,
+                               splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+        if cfg.controls.copy_all:
+            plan = Plan.of(all_ids, alpha=1.0, method="copy-all", task=cfg.task)
+            evaluate_point(Point("control", "test", "transplant", "copy-all", len(all_ids), 1.0, mnt), target,
+                           splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+    bar.close()
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return run_dir
+
+
+def _order(cfg: SweepConfig, base: dict[tuple[str, str], dict[str, Any]]) -> tuple[str, str]:
+    """(donor, target) model names; with auto_order the better of the two on dev is the donor."""
+    if not cfg.auto_order:
+        return "a", "b"
+    return ("a", "b") if base["a", "dev"]["accuracy"] >= base["b", "dev"]["accuracy"] else ("b", "a")
+
+
+def _check_splits(task: Any, cfg: SweepConfig) -> dict[str, str]:
+    """Probe, dev and test must exist and share no item (id or prompt): asserted, not assumed."""
+    missing = [s for s in ("probe", "dev", "test") if s not in task.splits]
+    if missing:
+        raise GraftError(f"task {task.name} has no {', '.join(missing)} split", "a sweep needs disjoint probe, dev "
+                         "and test splits (a 'split' field in the items, or one file per split)")
+    seen: dict[str, str] = {}
+    for split in ("probe", "dev", "test"):
+        for item in task.items(split):
+            for key in (f"id:{item.id}", f"prompt:{task.prompt_text(item)}"):
+                if key in seen and seen[key] != split:
+                    raise GraftError(f"task {task.name}: item {item.id} is in both {seen[key]} and {split}",
+                                     "make probe, dev and test disjoint")
+                seen[key] = split
+    return {"probe": "probe", "dev": "dev", "test": "test"}
+
+
+def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig,
+             lay: Any) -> list[tuple[str, float]]:
+    """Component ids with scores, best first; cached in RUN/rankings/ so a resumed run reuses them."""
+    from analysis import select
+
+    cache = run_dir / "rankings" / f"{method}.json"
+    if cache.is_file():
+        return [tuple(x) for x in json.loads(cache.read_text())]  # type: ignore[misc]
+    ranked = select.rank(method, donor=donor, target=target, task=task, kinds=cfg.components,
+                         seed=cfg.seed, limit=cfg.probe_limit)
+    cache.parent.mkdir(exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps([[cid, float(score)] for cid, score in ranked]))
+    os.replace(tmp, cache)
+    return ranked
+
+
+def _plan(ranking: list[tuple[str, float]], k: int, alpha: float, method: str, task: str) -> Plan:
+    top = ranking[:k]
+    plan = Plan.of([cid for cid, _ in top], alpha=alpha, method=method, task=task)
+    for item, (_, score) in zip(plan.components, top, strict=True):
+        item.score = None if math.isnan(score) else float(score)
+    return plan
+
+
+def _random_ids(all_ids: list[str], k: int, seed: int) -> list[str]:
+    import random
+
+    return random.Random(seed).sample(all_ids, min(k, len(all_ids)))
+
+
+def _count_points(cfg: SweepConfig, lengths: list[int | None], retention: bool) -> int:
+    per_length = 4 + (2 if retention else 0)
+    per_length += len(cfg.methods) * len(cfg.k) * len(cfg.alpha)
+    per_length += len(cfg.methods) * (1 + int(retention))
+    budgets = len(cfg.methods)  # at most one budget per method
+    per_length += budgets * (len(cfg.controls.random_seeds) + int(cfg.controls.weight and "weight" not in cfg.methods))
+    per_length += int(cfg.controls.copy_all)
+    return per_length * len(lengths)
+
+
+class _Bar:
+    """One progress bar with ETA over the whole grid (rich)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("sweep", total=total)
+
+    def advance(self, point: Point) -> None:
+        if self.progress is not None:
+            label = f"{point.phase} {point.method or point.who} K={point.top_k} α={point.alpha} {point.split}"
+            self.progress.update(self.task, advance=1, description=label[:48].ljust(48))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """The exact command and package versions, for the report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in ("graftlm", "torch", "transformers", "transformer-lens", "safetensors", "numpy"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"command": " ".join(["graftlm", *sys.argv[1:]]) if "graftlm" in sys.argv[0] else " ".join(sys.argv),
+            "python": platform.python_version(), "platform": platform.platform(), "packages": packages}

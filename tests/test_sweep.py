@@ -1,0 +1,120 @@
+"""The sweep: resumable after kills, refuses a changed config, keeps probe/dev/test apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import build_model
+
+from analysis.errors import GraftError
+from analysis.sweep import Results, SweepConfig, sweep
+
+
+def write_task(folder: Path, overlap: bool = False) -> Path:
+    rng = random.Random(0)
+    lines = []
+    for i, split in enumerate(["probe"] * 6 + ["dev"] * 12 + ["test"] * 16):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        lines.append({"id": f"q{i}", "prompt": f"{a}+{b}=", "answer": str(a + b), "split": split})
+    if overlap:
+        lines.append({**lines[0], "id": "dup", "split": "test"})  # a probe prompt again in test
+    (folder / "task.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (folder / "ret.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"the cat sat on mat {i}."}) + "\n"
+                                              for i in range(6)))
+    (folder / "task.yaml").write_text("kind: generate\ndata: task.jsonl\nfilter: numeric\nmax_new_tokens: 3\n"
+                                      "retention: ret.jsonl\n")
+    return folder / "task.yaml"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepConfig]:
+    root = tmp_path_factory.mktemp("study")
+    donor = build_model(root / "donor", "llama", seed=1)
+    target = build_model(root / "target", "llama", seed=2)
+    task = write_task(root)
+    cfg = SweepConfig(donor=str(donor), target=str(target), task=str(task), methods=["weight"], k=[1, 2],
+                      alpha=[0.5, 1.0], components=["head", "mlp"], controls={"random_seeds": [0, 1]}, batch_size=4)
+    return root, cfg
+
+
+def per_item(run: Path) -> dict[str, list]:
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate points"
+    return {r["key"]: r.get("items") or r.get("perplexity") for r in rows}
+
+
+def test_killed_three_times_then_resumed_equals_uninterrupted(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    _, cfg = study
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    whole = sweep(cfg, tmp_path / "whole", progress=False)
+    expected = per_item(whole)
+    run = tmp_path / "killed"
+    rng = random.Random(7)
+    script = ("import sys; from analysis.sweep import sweep; "
+              "sweep(sys.argv[1], sys.argv[2], progress=False)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):
+        have = len((run / "results.jsonl").read_text().splitlines()) if (run / "results.jsonl").exists() else 0
+        stop_at = have + rng.randint(1, 4)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.yaml"), str(run)], env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            lines = (run / "results.jsonl").read_text().splitlines() if (run / "results.jsonl").exists() else []
+            if len(lines) >= stop_at:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    sweep(tmp_path / "cfg.yaml", run, progress=False)
+    assert per_item(run) == expected
+
+
+def test_resume_with_another_config_is_refused(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    _, cfg = study
+    sweep(cfg, tmp_path / "run", progress=False)
+    again = sweep(cfg, tmp_path / "run", progress=False)  # same config: resumes, adds nothing
+    assert per_item(again) == per_item(tmp_path / "run")
+    changed = cfg.model_copy(update={"alpha": [0.25, 1.0]})
+    with pytest.raises(GraftError, match="another config"):
+        sweep(changed, tmp_path / "run", progress=False)
+
+
+def test_overlapping_splits_are_refused(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    _, cfg = study
+    task = write_task(tmp_path, overlap=True)
+    with pytest.raises(GraftError, match="both probe and test"):
+        sweep(cfg.model_copy(update={"task": str(task)}), tmp_path / "run", progress=False)
+
+
+def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "results.jsonl").write_text('{"key": "a", "x": 1}\n{"key": "b", "x"')
+    results = Results(tmp_path)
+    assert "a" in results and "b" not in results
+    results.add({"key": "b", "x": 2})
+    assert [json.loads(x)["key"] for x in (tmp_path / "results.jsonl").read_text().splitlines()] == ["a", "b"]
+
+
+def test_selection_never_sees_test(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    _, cfg = study
+    run = sweep(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows if r.get("phase") == "grid"} == {"dev"}
+    assert {r["phase"] for r in rows if r.get("split") == "test"} <= {"baseline", "chosen", "control"}
+
+
+def test_bad_config_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("donor: a\ntarget: b\ntask: t\nk: [0]\n")
+    with pytest.raises(GraftError, match="k"):
+        SweepConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("donor: a\ntarget: b\ntask: t\nalpha: [1.5]\n")
+    with pytest.raises(GraftError, match="alpha"):
+        SweepConfig.load(tmp_path / "d.yaml")
