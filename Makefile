@@ -32,7 +32,7 @@ test-real: $(STAMP)
 	$(PY) -m pytest -q -m real
 
 demo: $(STAMP)
-	@echo "The demo arrives with the sweep (issue: the study). For now: graftlm check / transplant on your own folders."
+	$(VENV)/bin/graftlm demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache
