@@ -8,6 +8,7 @@ Batches are sorted by length; the batch size changes speed, not results (tested)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -223,6 +224,27 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
 
 # -- log-likelihood ---------------------------------------------------------------------------------
 
+CALL_COST_TOKENS = 16  # a forward call's fixed cost, in token positions (measured on CPU, 30 layers)
+
+
+def _length_groups(rows: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
+    """Split rows, longest first, into runs minimising Σ (call cost + rows × longest length)."""
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows of `order`
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # group order[i:j]; its longest row is order[i]
+            cost = best[i] + CALL_COST_TOKENS + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append([rows[order[k]] for k in range(cut[j], j)])
+        j = cut[j]
+    return groups[::-1]
+
 @torch.inference_mode()
 def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], *,
                    batch_size: int = 8, progress: bool = False) -> list[list[float]]:
@@ -249,32 +271,34 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
         first = torch.log_softmax(logits[:, -1], dim=-1)  # predicts every continuation's first token
         rows = [(b, cont) for b, i in enumerate(batch) for cont in prepared[i][1]]
         scores = [float(first[b, cont[0]]) for b, cont in rows]
-        rest_width = max(len(cont) for _, cont in rows) - 1
-        if rest_width > 0:
-            # Continuations after their first token, right-padded, on the context cache repeated per choice.
-            index = torch.tensor([b for b, _ in rows])
-            ids2 = torch.full((len(rows), rest_width), pad, dtype=torch.long)
-            mask2 = torch.zeros((len(rows), rest_width), dtype=torch.long)
-            for r, (_, cont) in enumerate(rows):
-                if len(cont) > 1:
-                    ids2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-                    mask2[r, : len(cont) - 1] = 1
-            ctx_len = mask.sum(-1)[index]
-            positions2 = ctx_len[:, None] + torch.arange(rest_width)[None, :]
+        # Continuations after their first token, right-padded, on the context cache repeated per choice;
+        # rows of similar length go together (padding costs as much as real tokens).
+        multi = [r for r, (_, cont) in enumerate(rows) if len(cont) > 1]
+        groups = _length_groups(multi, [len(rows[r][1]) - 1 for r in multi])
+        for group in groups:
+            width = len(rows[group[0]][1]) - 1
+            index = torch.tensor([rows[r][0] for r in group])
+            ids2 = torch.full((len(group), width), pad, dtype=torch.long)
+            mask2 = torch.zeros((len(group), width), dtype=torch.long)
+            for g, r in enumerate(group):
+                cont = rows[r][1]
+                ids2[g, : len(cont) - 1] = torch.tensor(cont[:-1])
+                mask2[g, : len(cont) - 1] = 1
+            positions2 = mask.sum(-1)[index][:, None] + torch.arange(width)[None, :]
             mask_all = torch.cat([mask[index], mask2], dim=1)
             if fwd.caches:
-                past.batch_select_indices(index)
-                logits2, _ = fwd(ids2, mask_all, positions2, past=past)
+                cache = copy.deepcopy(past) if len(groups) > 1 else past
+                cache.batch_select_indices(index)
+                logits2, _ = fwd(ids2, mask_all, positions2, past=cache)
             else:  # no usable cache: run context + continuation again
                 whole = torch.cat([ids[index], ids2], dim=1)
                 logits2, _ = fwd(whole, mask_all, torch.cat([positions[index], positions2], dim=1))
-                logits2 = logits2[:, -rest_width:]
+                logits2 = logits2[:, -width:]
             # Input cont[:-1]: logits2[:, j] predicts cont[j + 1].
             logp2 = torch.log_softmax(logits2, dim=-1)
-            for r, (_, cont) in enumerate(rows):
-                if len(cont) > 1:
-                    target = torch.tensor(cont[1:])
-                    scores[r] += float(logp2[r, torch.arange(len(cont) - 1), target].sum())
+            for g, r in enumerate(group):
+                cont = rows[r][1]
+                scores[r] += float(logp2[g, torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum())
         k = 0
         for i in batch:
             m = len(prepared[i][1])
@@ -356,7 +380,7 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
         if was_training:
             model.train()
     wall = time.perf_counter() - start
-    summary = _summarise(scored, records)
+    summary = summarise(scored, records)
     summary.update({
         "task": task.name, "source": task.source, "kind": scored.kind, "split": split_name or "all",
         "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
@@ -422,7 +446,8 @@ def _run_perplexity(model: Any, tokenizer: Any, items: list[Item], batch_size: i
              "perplexity": math.exp(nll / n) if n else math.nan} for it, (nll, n) in zip(items, nlls, strict=True)]
 
 
-def _summarise(task: Task, records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(task: Task, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of per-item records: k, n, accuracy, Wilson interval, both readings (or perplexity)."""
     if task.kind == "perplexity":
         total = sum(r["nll"] for r in records)
         tokens = sum(r["n_tokens"] for r in records)
