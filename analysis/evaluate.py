@@ -136,7 +136,9 @@ class _Forward:
                 self._caches = False
             else:
                 last, _ = self(ids[:, -1:], ones, torch.tensor([[5]]), past=past, last_only=True)
-                self._caches = bool(torch.allclose(full, last, atol=1e-3, rtol=1e-3))
+                # half precision: cached and full attention round differently
+                tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 1e-1
+                self._caches = bool(torch.allclose(full, last, atol=tol, rtol=tol))
         return self._caches
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
