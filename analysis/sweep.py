@@ -260,7 +260,13 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             for name in (donor_name, target_name):
                 evaluate_point(Point("baseline", "retention", name, max_new_tokens=mnt), models[name],
                                retention_split, retention_task, cfg.retention_limit)
-        ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay) for m in cfg.methods}
+        needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
+        ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay) for m in needed}
+        if donor._bridge is not None or target._bridge is not None:
+            # A booted TransformerLens bridge wraps the HF modules, and generation through it runs
+            # without a KV cache: evaluate the grid on fresh, unwrapped copies instead.
+            models = {name: load(m.ref, dtype=cfg.dtype) for name, m in models.items()}
+            donor, target = models[donor_name], models[target_name]
         # The grid on dev.
         for method in cfg.methods:
             for k in cfg.k:
@@ -292,8 +298,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                 evaluate_point(Point("control", "test", "transplant", "random", k, alpha, mnt, seed), target,
                                splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
             if cfg.controls.weight and "weight" not in cfg.methods:
-                weight_rank = _ranking(run_dir, "weight", donor, target, task, cfg, lay)
-                plan = _plan(weight_rank, k, alpha, "weight", cfg.task)
+                plan = _plan(ranking["weight"], k, alpha, "weight", cfg.task)
                 evaluate_point(Point("control", "test", "transplant", "weight", k, alpha, mnt), target,
                                splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
         if cfg.controls.copy_all:
