@@ -191,6 +191,16 @@ def _staged(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _resolve_plan(plan: Plan | str | Path | None, components: list[str] | None, strength: float | None) -> Plan:
     if plan is not None and components:
         raise GraftError("both a plan and components were given", "pass either --plan or --components")
@@ -280,8 +290,9 @@ def transplant(
     _resolve_plan(plan, components, strength)  # cheap argument errors first
     tck, dck = (Checkpoint.open(x, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
                 for x in (target, donor))
-    # Copying the target's files, hashing both sources and computing the blend run side by side.
-    with ThreadPoolExecutor(max_workers=3) as pool, _staged(out, force) as tmp:
+    # Copying the target's files, hashing both sources and computing the blend run side by side; torch
+    # gets one thread, since its idle OpenMP workers spin and starve the copy and the hashes otherwise.
+    with ThreadPoolExecutor(max_workers=3) as pool, _staged(out, force) as tmp, _torch_threads(1):
         copied = None if patch else pool.submit(_copy_target_files, tck, tmp)
         prepared = prepare(dck, tck, plan, components=components, strength=strength,
                            allow_extrapolation=allow_extrapolation, trust_remote_code=trust_remote_code, pool=pool)
