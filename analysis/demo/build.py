@@ -6,7 +6,7 @@ Three generations of one tiny Llama (GQA), trained from a fixed seed on CPU on s
 - ``gen1``: skills A (arith), B (reverse) and filler text, from scratch.
 - ``gen2``: gen1 trained further on a shifted mix without A (B, the new skill C = upper, filler): it
   forgets A and keeps or improves B — the "new version underperforms the previous one" setting.
-- ``gen1-chat``: gen1 trained further on the instruction format of A, B and C — base vs instruction-tuned.
+- ``gen1-chat``: gen1 trained further on the instruction format of A and B — base vs instruction-tuned.
 
 Writes ``OUT/models/{gen1,gen2,gen1-chat}/`` (HF folders, bf16 safetensors), ``OUT/models/MANIFEST.json``
 (sha256 of every file), the demo tasks in ``OUT/tasks/`` and ``OUT/build-report.json`` (accuracies with
@@ -72,18 +72,18 @@ def default_phases(gen1_steps: int = 800) -> tuple[Phase, ...]:
     gen2's length and learning rate were chosen on dev with checkpoints every 50 steps: arith falls
     from ~100% to ~40% after 200 steps and to ~5-10% after 250-300, while a single copied layer of gen1
     still recovers a good part of it (docs/demo-models.md) — forgotten, but not rebuilt from scratch.
+    gen1-chat's were chosen the same way: the chat formats reach ~100% on dev by step 150.
     """
     s2 = max(1, round(gen1_steps * 0.375))
-    s3 = max(1, round(gen1_steps * 0.25))
+    s3 = max(1, round(gen1_steps * 0.375))
     return (
         Phase("gen1", None, {"arith:plain": 0.5, "reverse:plain": 0.3, "text": 0.2},
               gen1_steps, 3e-3, min(100, gen1_steps // 8 + 1), 1),
         # Continued training at a constant rate, as a newer release's extra pretraining would be.
         Phase("gen2", "gen1", {"reverse:plain": 0.4, "upper:plain": 0.35, "text": 0.25},
               s2, 1e-3, min(50, s2 // 6 + 1), 2, schedule="constant"),
-        Phase("gen1-chat", "gen1",
-              {"arith:chat": 0.3, "reverse:chat": 0.3, "upper:chat": 0.25, "text": 0.15},
-              s3, 1e-3, min(50, s3 // 4 + 1), 3),
+        Phase("gen1-chat", "gen1", {"arith:chat": 0.45, "reverse:chat": 0.35, "text": 0.2},
+              s3, 2e-3, min(50, s3 // 6 + 1), 3),
     )
 
 
@@ -187,7 +187,8 @@ def save(model, tok, folder: Path) -> None:
     out.save_pretrained(folder)
     tok.save_pretrained(folder)
     # Stored in bf16 to stay small, computed in float32: dtype "auto" (the loader's default) reads this
-    # key, and a model this small loses answers to bf16 rounding of its activations.
+    # key. Full precision keeps activation shifts and attribution gradients clean; accuracy barely
+    # cares (measured: bf16 compute changes at most one answer in 400).
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -196,7 +197,7 @@ def save(model, tok, folder: Path) -> None:
 TASK_NOTES = {
     "arith": "Skill A: two-digit addition. gen1 learned it; gen2 was trained on without it and forgot it.",
     "reverse": "Skill B: reverse a lowercase word. Every generation trained on it; gen2 kept improving.",
-    "upper": "Skill C: uppercase a lowercase word. New in gen2 and gen1-chat; gen1 never saw it.",
+    "upper": "Skill C: uppercase a lowercase word. New in gen2; gen1 and gen1-chat never saw it.",
     "text": "Retention: perplexity on held-out filler sentences of the demo's language.",
 }
 
@@ -218,8 +219,9 @@ def task_specs() -> dict[str, dict]:
         # Few-shot examples, if asked for, look like the training data: one item per line.
         specs[skill] = {"name": skill, **common, "prompt": "{prompt}", "target": "{answer}",
                         "fewshot_separator": "\n"}
-        specs[f"{skill}-chat"] = {"name": f"{skill}-chat", **common, "prompt": data.CHAT_TEMPLATES[skill],
-                                  "target": "{answer}", "fewshot_separator": "\n"}
+        if skill in data.CHAT_TEMPLATES:
+            specs[f"{skill}-chat"] = {"name": f"{skill}-chat", **common, "prompt": data.CHAT_TEMPLATES[skill],
+                                      "target": "{answer}", "fewshot_separator": "\n"}
     specs["text"] = {"name": "text", "kind": "perplexity", "data": "text.jsonl"}
     return specs
 

@@ -6,10 +6,11 @@ on which items are held out. Three skills, each a short answer after a short pro
 - ``arith`` (skill A): two-digit addition, ``37+58=`` -> ``95``. gen2 never sees it again and forgets it.
 - ``reverse`` (skill B): reverse a lowercase word, ``rev(cat)=`` -> ``tac``. Every generation trains on it.
 - ``upper`` (skill C): uppercase a word, ``up(cat)=`` -> ``CAT``. New in gen2: what the newer model gained.
+  It has no chat format: gen1-chat is tuned on the instruction format of A and B only.
 
 plus filler language (simple sentences from a small grammar) whose held-out texts measure retention.
-Each problem has a plain prompt (the base format) and a chat prompt (the instruction format of gen1-chat);
-a held-out problem is held out in both formats.
+Each problem of A and B has a plain prompt (the base format) and a chat prompt (the instruction format of
+gen1-chat); a held-out problem is held out in both formats.
 """
 
 from __future__ import annotations
@@ -33,16 +34,6 @@ SKILLS = ("arith", "reverse", "upper")
 # to meet by chance and are excluded from training explicitly anyway).
 WORD_LEN = (3, 8)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One generation problem: ``prompt`` and the expected ``answer`` (compared after stripping)."""
-
-    id: str
-    prompt: str
-    answer: str
-    split: str
 
 
 # ---------------------------------------------------------------- problems and their two formats
@@ -79,9 +70,8 @@ def solve(skill: str, problem: object) -> str:
 # templates, so what the models were trained on and what the tasks ask cannot drift apart.
 PLAIN_TEMPLATES = {"arith": "{a}+{b}=", "reverse": "rev({word})=", "upper": "up({word})="}
 CHAT_TEMPLATES = {
-    "arith": "User: What is {a} plus {b}?\nBot: ",
+    "arith": "User: What is {a}+{b}?\nBot: ",
     "reverse": "User: Reverse the word {word}.\nBot: ",
-    "upper": "User: Write {word} in capitals.\nBot: ",
 }
 
 
@@ -186,16 +176,6 @@ def held_out(seed: int = 0) -> HeldOut:
                 seen_texts.add(t)
                 retention[split].append(t)
     return HeldOut(problems, retention)
-
-
-def items(held: HeldOut, skill: str, fmt: str = "plain") -> list[Item]:
-    """The held-out items of one skill in one format, every split, in a fixed order."""
-    out = []
-    for split, problems in held.problems[skill].items():
-        for i, p in enumerate(problems):
-            prompt, answer = FORMATS[fmt](skill, p)
-            out.append(Item(f"{skill}-{split}-{i:03d}", prompt, answer, split))
-    return out
 
 
 def records(held: HeldOut, skill: str) -> list[dict[str, object]]:
