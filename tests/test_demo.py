@@ -130,3 +130,18 @@ def test_build_runs_end_to_end(tmp_path: Path) -> None:
         assert sha256(tmp_path / "models" / name / "model.safetensors") == manifest[name]["model.safetensors"]
         assert lm.model.config.num_hidden_layers == report["recipe"]["layers"]
     assert (tmp_path / "tasks" / "arith.yaml").is_file()
+
+
+@pytest.mark.real
+def test_full_rebuild_reproduces_the_shipped_accuracies(tmp_path: Path) -> None:
+    # About 5 minutes on 2 CPU cores: the whole recipe, then every test-split accuracy must fall inside
+    # the shipped 95% interval (on the same torch and thread count the weights come out bit-identical).
+    cmd = [sys.executable, "-m", "analysis.demo.build", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=3600)
+    shipped = json.loads((HERE / "build-report.json").read_text())["results_test"]
+    rebuilt = json.loads((tmp_path / "build-report.json").read_text())["results_test"]
+    for name, tasks_ in shipped.items():
+        for task, ref in tasks_.items():
+            if isinstance(ref, dict):
+                lo, hi = ref["ci95"]
+                assert lo <= rebuilt[name][task]["acc"] <= hi, (name, task, ref, rebuilt[name][task])

@@ -252,26 +252,41 @@ def _summary(result) -> dict:
             "ci95": [round(s["ci_low"], 4), round(s["ci_high"], 4)]}
 
 
+def perplexity_ci(records: list[dict], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the pooled perplexity, resampling texts."""
+    nll = torch.tensor([r["nll"] for r in records], dtype=torch.float64)
+    n = torch.tensor([r["n_tokens"] for r in records], dtype=torch.float64)
+    idx = torch.randint(len(records), (resamples, len(records)), generator=torch.Generator().manual_seed(seed))
+    ppl = torch.exp(nll[idx].sum(1) / n[idx].sum(1))
+    return [round(torch.quantile(ppl, q).item(), 4) for q in (0.025, 0.975)]
+
+
 def measure(model, tok, tasks: Path, split: str = "test", limit: int | None = None) -> dict:
     """Accuracy on every demo task, and retention perplexity, through ``analysis.evaluate`` as users do."""
     from analysis import evaluate
 
-    res: dict[str, dict | float] = {}
+    res: dict[str, dict | float | list[float]] = {}
     for name, spec in task_specs().items():
         r = evaluate.run(model, tok, tasks / f"{name}.yaml", split=split, limit=limit, batch_size=128,
                          progress=False)
-        res[name] = round(r.summary["perplexity"], 4) if spec["kind"] == "perplexity" else _summary(r)
+        if spec["kind"] == "perplexity":
+            res[name] = round(r.summary["perplexity"], 4)
+            res[f"{name}_ci95"] = perplexity_ci(r.records)
+        else:
+            res[name] = _summary(r)
     return res
 
 
 def copy_probe(donor, target, tok, tasks: Path, split: str = "test", limit: int | None = None) -> dict:
-    """Arith accuracy of ``target`` with each whole layer, and each MLP, of ``donor`` copied in (α = 1)."""
+    """Arith accuracy of ``target`` with each whole layer, each MLP and each attention block of ``donor``
+    copied in (α = 1): where the localization work starts from."""
     from analysis import evaluate
 
     out: dict[str, dict] = {}
     dsd = donor.state_dict()
     for layer in range(len(target.model.layers)):
-        for unit, prefix in (("layer", f"model.layers.{layer}."), ("mlp", f"model.layers.{layer}.mlp.")):
+        for unit, prefix in (("layer", f"model.layers.{layer}."), ("mlp", f"model.layers.{layer}.mlp."),
+                             ("attn", f"model.layers.{layer}.self_attn.")):
             graft = copy.deepcopy(target)
             with torch.no_grad():
                 for name, tensor in graft.state_dict().items():
