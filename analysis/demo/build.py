@@ -10,9 +10,9 @@ Three generations of one tiny Llama (GQA), trained from a fixed seed on CPU on s
 
 Writes ``OUT/models/{gen1,gen2,gen1-chat}/`` (HF folders, bf16 safetensors), ``OUT/models/MANIFEST.json``
 (sha256 of every file), the demo tasks in ``OUT/tasks/`` and ``OUT/build-report.json`` (accuracies with
-95% intervals on every test split, and the layer / MLP copy probe). ``--steps N`` sets gen1's steps and
-scales the later phases with it; the default is the shipped recipe. Without ``--out`` it overwrites the
-shipped package files.
+95% intervals on every test split, and the layer / MLP / attention copy probe). ``--steps N`` sets
+gen1's steps and scales the later phases with it; the default is the shipped recipe. Without ``--out`` it
+overwrites the shipped package files.
 """
 
 from __future__ import annotations
