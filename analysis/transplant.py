@@ -292,7 +292,8 @@ def transplant(
                 for x in (target, donor))
     # Copying the target's files, hashing both sources and computing the blend run side by side; torch
     # gets one thread, since its idle OpenMP workers spin and starve the copy and the hashes otherwise.
-    with ThreadPoolExecutor(max_workers=3) as pool, _staged(out, force) as tmp, _torch_threads(1):
+    # The pool sits inside the staging folder's block: on an error, the copy finishes before the folder goes.
+    with _staged(out, force) as tmp, ThreadPoolExecutor(max_workers=3) as pool, _torch_threads(1):
         copied = None if patch else pool.submit(_copy_target_files, tck, tmp)
         prepared = prepare(dck, tck, plan, components=components, strength=strength,
                            allow_extrapolation=allow_extrapolation, trust_remote_code=trust_remote_code, pool=pool)
@@ -349,7 +350,7 @@ def apply_patch(target: str | Path, patch: str | Path, *, out: str | Path, force
         return plan
 
     out = Path(out)
-    with ThreadPoolExecutor(max_workers=2) as pool, _staged(out, force) as tmp:
+    with _staged(out, force) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
         hashes = pool.submit(tck.sha256)
         _copy_target_files(tck, tmp)
         _fill_folder(tmp, verified, tck, changed)
