@@ -180,6 +180,9 @@ def verdict(s: Summary) -> list[str]:
             rec = f"{f.recovery.value:.0%}" if f.recovery.value is not None else "undefined"
             lines.append(f"{f.method} beats the random control beyond its interval: test {f.acc} vs target "
                          f"{s.target['test']}, gap recovery {rec}, McNemar p = {f.vs_target.p_value:.3g}.")
+        losers = [f.method for f in s.methods if f not in winners]
+        if losers:
+            lines.append(f"{', '.join(losers)}: not better than the random control beyond its interval.")
     return lines
 
 
