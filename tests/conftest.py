@@ -83,3 +83,12 @@ def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tupl
 @pytest.fixture
 def llama_pair(tiny_pairs: Callable[[str], tuple[Path, Path]]) -> tuple[Path, Path]:
     return tiny_pairs("llama")
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pairs: Callable[[str], tuple[Path, Path]]) -> tuple[object, object]:
+    """The tiny Llama pair, loaded (donor, target) in float32."""
+    from analysis.models import load
+
+    donor, target = tiny_pairs("llama")
+    return load(donor, dtype="float32"), load(target, dtype="float32")

@@ -14,12 +14,6 @@ from analysis.models import load
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_pairs):
-    donor, target = tiny_pairs("llama")
-    return load(donor, dtype="float32"), load(target, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return tasks.load(arith_task(tmp_path_factory.mktemp("task"), n=8))
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from analysis import shifts, tasks
-from analysis.models import load
 
 
 def arith_task(folder: Path, n: int = 10) -> Path:
@@ -22,12 +21,6 @@ def arith_task(folder: Path, n: int = 10) -> Path:
             fh.write(json.dumps({"id": f"a{i}", "prompt": f"{a}+{b}=" + "x" * (i % 4), "answer": str(a + b),
                                  "split": split}) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_pairs):
-    donor, target = tiny_pairs("llama")
-    return load(donor, dtype="float32"), load(target, dtype="float32")
 
 
 @pytest.fixture(scope="module")
