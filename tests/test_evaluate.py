@@ -108,15 +108,20 @@ def test_perplexity_hand_checked(bigram, tmp_path: Path) -> None:
     assert result.summary["accuracy"] is None
 
 
-@pytest.fixture(scope="module")
-def random_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.LlamaForCausalLM, T.PreTrainedTokenizerBase, Path]:
-    folder = tmp_path_factory.mktemp("rand-llama")
+def random_char_llama(folder: Path, seed: int) -> tuple[T.LlamaForCausalLM, T.PreTrainedTokenizerBase]:
+    """A random 2-layer GQA Llama over the character tokenizer saved in ``folder``."""
     tok = fused_char_tokenizer(folder)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = T.LlamaForCausalLM(cfg).eval()
+    return T.LlamaForCausalLM(cfg).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.LlamaForCausalLM, T.PreTrainedTokenizerBase, Path]:
+    folder = tmp_path_factory.mktemp("rand-llama")
+    model, tok = random_char_llama(folder, seed=0)
     model.save_pretrained(folder)
     return model, tok, folder
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import transformers as T
 
 from analysis import evaluate, lmeval, tasks
@@ -17,15 +16,10 @@ pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.PreTrainedModel, T.PreTrainedTokenizerBase]:
-    from test_evaluate import fused_char_tokenizer
+    from test_evaluate import random_char_llama
 
     folder = tmp_path_factory.mktemp("lmeval-llama")
-    tok = fused_char_tokenizer(folder)
-    torch.manual_seed(3)
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = T.LlamaForCausalLM(cfg).eval()
+    model, tok = random_char_llama(folder, seed=3)
     model.config._name_or_path = str(folder)
     return model, tok
 
