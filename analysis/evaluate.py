@@ -8,12 +8,13 @@ Batches are sorted by length; the batch size changes speed, not results (tested)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from analysis import metrics
 from analysis.errors import GraftError
+from analysis.prefix import Prefix
 from analysis.tasks import Item, Task
 from analysis.tasks import load as load_task
 
@@ -110,8 +112,9 @@ class _Forward:
     """Calls the model; asks for logits only where needed when the model supports ``logits_to_keep``
     (the LM head is a large share of a small model's FLOPs)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, prefix: Prefix | None = None) -> None:
         self.model = model
+        self.prefix = prefix if prefix is not None and prefix.model is model else None
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -142,14 +145,20 @@ class _Forward:
         return self._caches
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 past: Any = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
+                 past: Any = None, last_only: bool = False, tag: Hashable = None) -> tuple[torch.Tensor, Any]:
+        """One forward. A ``tag`` names a call that repeats identically at every point of a sweep: with a
+        :class:`~analysis.prefix.Prefix`, the layers below the transplant are then replayed, not run."""
         kwargs: dict[str, Any] = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device),
                                   "use_cache": True}
         if past is not None:
             kwargs[self.cache_kw] = past
         if last_only and self.keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(ids.to(self.device), **kwargs)
+        if self.prefix is not None and tag is not None:
+            with self.prefix.call(tag, ids, mask, positions):
+                out = self.model(ids.to(self.device), **kwargs)
+        else:
+            out = self.model(ids.to(self.device), **kwargs)
         logits = out.logits[:, -1:] if last_only else out.logits
         cache = getattr(out, "cache", None)
         return logits.float(), cache if cache is not None else getattr(out, "past_key_values", None)
@@ -249,10 +258,11 @@ def _length_groups(rows: Sequence[int], lengths: Sequence[int]) -> list[list[int
 
 @torch.inference_mode()
 def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], *,
-                   batch_size: int = 8, progress: bool = False) -> list[list[float]]:
+                   batch_size: int = 8, progress: bool = False, prefix: Prefix | None = None) -> list[list[float]]:
     """Sum of logprobs of each continuation after its context: ``[(context, [cont, ...]), ...]`` →
-    ``[[logprob, ...], ...]``. Each context is run once; its KV cache is shared by all its continuations."""
-    fwd = _Forward(model)
+    ``[[logprob, ...], ...]``. Each context is run once; its KV cache is shared by all its continuations.
+    With a ``prefix``, the layers it knows unchanged are replayed from its records (same results)."""
+    fwd = _Forward(model, prefix)
     pad = _pad_id(tokenizer)
     max_len = _max_length(model)
     prepared: list[tuple[list[int], list[list[int]]]] = []
@@ -267,9 +277,18 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
     order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
     results: list[list[float]] = [[] for _ in prepared]
     bar = tqdm(total=len(prepared), desc="loglikelihood", disable=not progress, leave=False)
-    for batch in _batches(order, batch_size):
+    fingerprint = hash(("loglikelihood", batch_size, tuple((tuple(c), tuple(map(tuple, cs))) for c, cs in prepared)))
+    with fwd.prefix.session(fingerprint) if fwd.prefix is not None else contextlib.nullcontext():
+        _score_batches(fwd, prepared, order, batch_size, pad, results, bar)
+    bar.close()
+    return results
+
+
+def _score_batches(fwd: _Forward, prepared: list[tuple[list[int], list[list[int]]]], order: list[int],
+                   batch_size: int, pad: int, results: list[list[float]], bar: Any) -> None:
+    for b_no, batch in enumerate(_batches(order, batch_size)):
         ids, mask, positions = _left_pad([prepared[i][0] for i in batch], pad)
-        logits, past = fwd(ids, mask, positions, last_only=True)
+        logits, past = fwd(ids, mask, positions, last_only=True, tag=("context", b_no))
         first = torch.log_softmax(logits[:, -1], dim=-1)  # predicts every continuation's first token
         rows = [(b, cont) for b, i in enumerate(batch) for cont in prepared[i][1]]
         scores = [float(first[b, cont[0]]) for b, cont in rows]
@@ -277,7 +296,7 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
         # rows of similar length go together (padding costs as much as real tokens).
         multi = [r for r, (_, cont) in enumerate(rows) if len(cont) > 1]
         groups = _length_groups(multi, [len(rows[r][1]) - 1 for r in multi])
-        for group in groups:
+        for g_no, group in enumerate(groups):
             width = len(rows[group[0]][1]) - 1
             index = torch.tensor([rows[r][0] for r in group])
             ids2 = torch.full((len(group), width), pad, dtype=torch.long)
@@ -291,10 +310,11 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
             if fwd.caches:
                 cache = copy.deepcopy(past) if len(groups) > 1 else past
                 cache.batch_select_indices(index)
-                logits2, _ = fwd(ids2, mask_all, positions2, past=cache)
+                logits2, _ = fwd(ids2, mask_all, positions2, past=cache, tag=("continuation", b_no, g_no))
             else:  # no usable cache: run context + continuation again
                 whole = torch.cat([ids[index], ids2], dim=1)
-                logits2, _ = fwd(whole, mask_all, torch.cat([positions[index], positions2], dim=1))
+                logits2, _ = fwd(whole, mask_all, torch.cat([positions[index], positions2], dim=1),
+                                 tag=("whole", b_no, g_no))
                 logits2 = logits2[:, -width:]
             # Input cont[:-1]: logits2[:, j] predicts cont[j + 1].
             logp2 = torch.log_softmax(logits2, dim=-1)
@@ -307,16 +327,14 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
             results[i] = scores[k:k + m]
             k += m
         bar.update(len(batch))
-    bar.close()
-    return results
 
 
 @torch.inference_mode()
 def token_nlls(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8,
-               progress: bool = False) -> list[tuple[float, int]]:
+               progress: bool = False, prefix: Prefix | None = None) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, predicted tokens) per text; long texts in windows of the model's
     length overlapping by one token, so every token after the first is predicted exactly once."""
-    fwd = _Forward(model)
+    fwd = _Forward(model, prefix)
     pad = _pad_id(tokenizer)
     width = min(_max_length(model), 2048)
     windows: list[tuple[int, list[int]]] = []
@@ -328,37 +346,45 @@ def token_nlls(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
     nll = [0.0] * len(texts)
     count = [0] * len(texts)
     bar = tqdm(total=len(windows), desc="perplexity", disable=not progress, leave=False)
-    for batch in _batches(order, batch_size):
-        seqs = [windows[i][1] for i in batch]
-        w = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), w), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), w), dtype=torch.long)
-        for r, s in enumerate(seqs):  # right padding: real tokens keep positions 0..len-1
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        positions = torch.arange(w)[None, :].expand(len(seqs), w)
-        logits, _ = fwd(ids, mask, positions)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        for r, i in enumerate(batch):
-            s = seqs[r]
-            if len(s) < 2:
-                continue
-            target = torch.tensor(s[1:])
-            nll[windows[i][0]] -= float(logp[r, torch.arange(len(s) - 1), target].sum())
-            count[windows[i][0]] += len(s) - 1
-        bar.update(len(batch))
+    fingerprint = hash(("perplexity", batch_size, tuple(tuple(w) for _, w in windows)))
+    with fwd.prefix.session(fingerprint) if fwd.prefix is not None else contextlib.nullcontext():
+        for b_no, batch in enumerate(_batches(order, batch_size)):
+            _window_batch(fwd, [windows[i] for i in batch], pad, ("window", b_no), nll, count)
+            bar.update(len(batch))
     bar.close()
     return list(zip(nll, count, strict=True))
+
+
+def _window_batch(fwd: _Forward, batch: list[tuple[int, list[int]]], pad: int, tag: Hashable,
+                  nll: list[float], count: list[int]) -> None:
+    """Add each window's summed NLL and token count to its text's totals."""
+    seqs = [window for _, window in batch]
+    w = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), w), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for r, s in enumerate(seqs):  # right padding: real tokens keep positions 0..len-1
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    positions = torch.arange(w)[None, :].expand(len(seqs), w)
+    logits, _ = fwd(ids, mask, positions, tag=tag)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    for r, (text, s) in enumerate(batch):
+        if len(s) < 2:
+            continue
+        target = torch.tensor(s[1:])
+        nll[text] -= float(logp[r, torch.arange(len(s) - 1), target].sum())
+        count[text] += len(s) - 1
 
 
 # -- the task-level entry point ---------------------------------------------------------------------
 
 def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_new_tokens: int | None = None, out: str | Path | None = None,
-        progress: bool = True) -> EvalResult:
+        progress: bool = True, prefix: Prefix | None = None) -> EvalResult:
     """Evaluate ``model`` on ``task``'s ``split`` (None: ``test`` when the task has splits, else every
     item; ``"retention"``: the retention set, as perplexity). Writes records.jsonl + summary.json into
-    ``out`` when given."""
+    ``out`` when given. A ``prefix`` (:class:`~analysis.prefix.Prefix` over ``model``) lets scoring
+    tasks replay the layers it knows unchanged since an earlier evaluation of the same items."""
     if batch_size < 1:
         raise GraftError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
     task = task if isinstance(task, Task) else load_task(task)
@@ -375,9 +401,9 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
             if scored.kind == "generate":
                 records = _run_generate(model, tokenizer, scored, items, batch_size, max_new_tokens, progress)
             elif scored.kind == "choice":
-                records = _run_choice(model, tokenizer, scored, items, batch_size, progress)
+                records = _run_choice(model, tokenizer, scored, items, batch_size, progress, prefix)
             else:
-                records = _run_perplexity(model, tokenizer, items, batch_size, progress)
+                records = _run_perplexity(model, tokenizer, items, batch_size, progress, prefix)
     finally:
         if was_training:
             model.train()
@@ -421,9 +447,9 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def _run_choice(model: Any, tokenizer: Any, task: Task, items: list[Item], batch_size: int,
-                progress: bool) -> list[dict[str, Any]]:
+                progress: bool, prefix: Prefix | None) -> list[dict[str, Any]]:
     requests = [(task.render(it, tokenizer), task.continuations(it)) for it in items]
-    lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+    lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress, prefix=prefix)
     norm = task.metric == "acc_norm"
     records = []
     for it, ll in zip(items, lls, strict=True):
@@ -442,8 +468,9 @@ def _run_choice(model: Any, tokenizer: Any, task: Task, items: list[Item], batch
 
 
 def _run_perplexity(model: Any, tokenizer: Any, items: list[Item], batch_size: int,
-                    progress: bool) -> list[dict[str, Any]]:
-    nlls = token_nlls(model, tokenizer, [it.text for it in items], batch_size=batch_size, progress=progress)
+                    progress: bool, prefix: Prefix | None) -> list[dict[str, Any]]:
+    nlls = token_nlls(model, tokenizer, [it.text for it in items], batch_size=batch_size, progress=progress,
+                      prefix=prefix)
     return [{"id": it.id, "split": it.split, "nll": nll, "n_tokens": n,
              "perplexity": math.exp(nll / n) if n else math.nan} for it, (nll, n) in zip(items, nlls, strict=True)]
 

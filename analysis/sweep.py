@@ -5,12 +5,16 @@
 stored in ``RUN/config.yaml`` with its hash; resuming with another config is refused.
 
 Both models are loaded once; each grid point is an in-memory transplant and restore, never a reload.
+For scoring tasks (choice, perplexity — the retention set too) the activations below a point's lowest
+transplanted layer are recorded once per item set and replayed (:mod:`analysis.prefix`): they cannot
+change, and the results are bit-identical to full forwards.
 Selection never sees test items: localization reads the probe split, K and α are chosen on dev, and
 only the chosen points and the controls are evaluated on test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -63,6 +67,8 @@ class SweepConfig(BaseModel):
     test_limit: int | None = None
     retention_limit: int | None = 100
     batch_size: int = 32
+    reuse_memory_gb: float = Field(2.0, ge=0, description="memory for the activations below the transplant, "
+                                   "kept across points of scoring tasks (choice, perplexity); 0 turns reuse off")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
@@ -201,6 +207,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     from analysis import tasks, units
     from analysis.evaluate import run as evaluate
     from analysis.models import load
+    from analysis.prefix import Prefix, lowest_layer
     from analysis.transplant import applied
 
     cfg = config if isinstance(config, SweepConfig) else SweepConfig.load(config)
@@ -219,16 +226,26 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     plan_total = _count_points(cfg, lengths, retention_task is not None)
     bar = _Bar(plan_total, progress)
 
+    prefixes: dict[int, Prefix] = {}  # per target model: what lies below each transplant, computed once
+
     def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
                        limit: int | None = None, plan: Plan | None = None, donor: Any = None) -> dict[str, Any]:
         if point.key in results:
             bar.advance(point)
             return results[point.key]
         the_task = eval_task or task
-        context = applied(loaded, donor, plan) if plan is not None else _nullcontext()
-        with context:
+        prefix = None
+        with contextlib.ExitStack() as stack:
+            if plan is not None:
+                stack.enter_context(applied(loaded, donor, plan))
+                if cfg.reuse_memory_gb > 0:
+                    budget = int(cfg.reuse_memory_gb * 2**30)
+                    prefix = prefixes.setdefault(id(loaded.model), Prefix(loaded.model, budget_bytes=budget))
+                    lowest = lowest_layer([c.layer for c in units.select(lay, [c.id for c in plan.components])])
+                    stack.enter_context(prefix.unchanged_below(lowest))
             res = evaluate(loaded.model, loaded.tokenizer, the_task, split=items_split, limit=limit,
-                           batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False)
+                           batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
+                           prefix=prefix)
         headline = {k: res.summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity")
                     if k in res.summary}
         row = {"key": point.key, **point.__dict__, **headline, "result": res.summary,
@@ -306,7 +323,11 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             evaluate_point(Point("control", "test", "transplant", "copy-all", len(all_ids), 1.0, mnt), target,
                            splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
     bar.close()
-    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    env = environment()
+    env["reuse"] = {"forward_calls_replayed": sum(p.stats.replayed for p in prefixes.values()),
+                    "layer_forwards_skipped": sum(p.stats.skipped_layers for p in prefixes.values()),
+                    "forward_calls_full": sum(p.stats.full for p in prefixes.values())}
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
     return run_dir
 
 
@@ -396,14 +417,6 @@ class _Bar:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def environment() -> dict[str, Any]:

@@ -118,3 +118,29 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "d.yaml").write_text("donor: a\ntarget: b\ntask: t\nalpha: [1.5]\n")
     with pytest.raises(GraftError, match="alpha"):
         SweepConfig.load(tmp_path / "d.yaml")
+
+
+def test_reused_activations_give_the_same_study(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """A choice task: the grid replays the layers below each transplant, with results identical to full
+    forwards (per item, and the retention perplexities to the last bit)."""
+    root, cfg = study
+    rng = random.Random(1)
+    rows = []
+    for i, split in enumerate(["probe"] * 4 + ["dev"] * 10 + ["test"] * 12):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        choices = [str(a + b), str(a + b + 1), str(a * b)]
+        rows.append({"id": f"c{i}", "prompt": f"{a}+{b}=", "choices": choices, "answer": i % 3, "split": split})
+    (tmp_path / "choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "choice.yaml").write_text(f"kind: choice\ndata: choice.jsonl\nretention: {root / 'ret.jsonl'}\n")
+    with_reuse = cfg.model_copy(update={"task": str(tmp_path / "choice.yaml"), "k": [1, 2, 3], "alpha": [0.5, 1.0]})
+    without = with_reuse.model_copy(update={"reuse_memory_gb": 0.0})
+    ranking = [["L1.H1", 3.0], ["L1.mlp", 2.0], ["L0.H2", 1.0]]  # stored as a resumed run would find it
+    for name in ("reuse", "full"):
+        (tmp_path / name / "rankings").mkdir(parents=True)
+        (tmp_path / name / "rankings" / "weight.json").write_text(json.dumps(ranking))
+    fast = sweep(with_reuse, tmp_path / "reuse", progress=False)
+    slow = sweep(without, tmp_path / "full", progress=False)
+    assert per_item(fast) == per_item(slow)
+    reuse = json.loads((fast / "environment.json").read_text())["reuse"]
+    assert reuse["forward_calls_replayed"] > 0 and reuse["layer_forwards_skipped"] > 0
+    assert json.loads((slow / "environment.json").read_text())["reuse"]["forward_calls_replayed"] == 0

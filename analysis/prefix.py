@@ -1,0 +1,202 @@
+"""Reuse of the layers below a transplant: their activations cannot change, so compute them once.
+
+A transplant that touches only layers ≥ L leaves the residual stream entering layer L unchanged for
+every input. Scoring evaluations (choices, perplexity) make forward calls that do not depend on the
+model's outputs, so the same calls repeat at every point of a sweep. :class:`Prefix` records, per
+forward call, the hidden state entering layer L the first time and replays it afterwards: layers
+below L are skipped (each writes a one-element placeholder into the KV cache so that cache lengths
+and attention masks stay exactly as in a full forward), layer L onward runs as usual. The results
+are bit-identical to full forwards (tested on Llama, Qwen2, Gemma-3, Phi-3, GPT-2 and GPT-NeoX).
+
+Generation is not replayed: its decoding steps depend on the tokens the transplanted model chose.
+
+    prefix = Prefix(model)
+    with applied(target, donor, plan), prefix.unchanged_below(lowest_layer(plan, layout)):
+        evaluate.run(target.model, tokenizer, task, prefix=prefix)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+DEFAULT_BUDGET_BYTES = 2 * 2**30
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of decoder blocks (``model.layers``, ``transformer.h``, ``gpt_neox.layers``...):
+    the first ModuleList as long as ``config.num_hidden_layers``; None when there is no such list."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        return None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+@dataclass
+class PrefixStats:
+    replayed: int = 0  # forward calls that skipped the layers below a recorded one
+    recorded: int = 0  # forward calls whose hidden state was stored
+    full: int = 0  # forward calls that ran every layer
+    skipped_layers: int = 0  # layer forwards not run, summed over calls
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+Calls = dict[Hashable, tuple[tuple[torch.Tensor, ...], Float[torch.Tensor, "batch pos d_model"]]]
+
+
+class Prefix:
+    """Records and replays the inputs of decoder layers across evaluations of fixed item sets.
+
+    The caller states, with :meth:`unchanged_below`, from which layer on the model may differ from the
+    model that made the records; it is the caller's promise (a sweep knows its plan's lowest layer, and
+    :func:`analysis.transplant.applied` restores bit-exactly). An evaluator opens a :meth:`session` per
+    evaluation, named by a fingerprint of everything it will feed the model, and wraps each forward
+    call in :meth:`call`. A session replays from one layer for all its calls — the KV cache a later
+    call reuses then holds real entries exactly where it runs layers — and its own recording is kept
+    only when every call of the session was recorded within the memory budget.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.budget_bytes = budget_bytes
+        self.sets: dict[tuple[Hashable, int], Calls] = {}  # (fingerprint, layer) → every call's hidden state
+        self.bytes = 0
+        self.stats = PrefixStats()
+        self._start = 0  # layers below this one are unchanged since the records were made
+        self._replay: Calls | None = None
+        self._replay_at = 0
+        self._pending: Calls | None = None
+        self._pending_bytes = 0
+        self._record_at = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.layers is not None and self.budget_bytes > 0
+
+    @contextlib.contextmanager
+    def unchanged_below(self, layer: int) -> Iterator[Prefix]:
+        """For the block: layers ``0 .. layer-1`` (and the embeddings) hold the recorded weights."""
+        saved, self._start = self._start, max(int(layer), 0)
+        try:
+            yield self
+        finally:
+            self._start = saved
+
+    @contextlib.contextmanager
+    def session(self, fingerprint: Hashable) -> Iterator[None]:
+        """One evaluation of one item set (``fingerprint`` names it: inputs, batching)."""
+        start = self._start if self.enabled else 0
+        layers = [layer for (fp, layer) in self.sets if fp == fingerprint and layer <= start]
+        self._replay_at = max(layers, default=0)
+        self._replay = self.sets[fingerprint, self._replay_at] if self._replay_at else None
+        self._record_at = start if start > self._replay_at else 0
+        self._pending, self._pending_bytes = ({} if self._record_at else None), 0
+        try:
+            yield
+            if self._pending is not None and self.bytes + self._pending_bytes <= self.budget_bytes:
+                self.sets[fingerprint, self._record_at] = self._pending
+                self.bytes += self._pending_bytes
+        finally:
+            self._replay, self._replay_at, self._pending, self._record_at = None, 0, None, 0
+
+    @contextlib.contextmanager
+    def call(self, tag: Hashable, *inputs: torch.Tensor) -> Iterator[None]:
+        """Around one forward call inside a :meth:`session`; ``tag`` names the call (the same call at
+        every evaluation of the item set has the same tag), ``inputs`` are what it feeds the model."""
+        if self._replay is None and self._pending is None:
+            self.stats.full += 1
+            yield
+            return
+        assert self.layers is not None
+        with contextlib.ExitStack() as stack:
+            if self._pending is not None:
+                hook = self.layers[self._record_at - 1].register_forward_hook(self._recorder(tag, inputs))
+                stack.callback(hook.remove)
+            if self._replay is not None:
+                recorded_inputs, hidden = self._replay[tag]
+                if not _same(recorded_inputs, inputs):
+                    raise RuntimeError(f"prefix replay: call {tag!r} has other inputs than when recorded")
+                for i in range(self._replay_at):
+                    stack.enter_context(_skipped(self.layers[i], i, hidden if i == self._replay_at - 1 else None))
+                self.stats.replayed += 1
+                self.stats.skipped_layers += self._replay_at
+            else:
+                self.stats.full += 1
+            yield
+
+    def _recorder(self, tag: Hashable, inputs: tuple[torch.Tensor, ...]) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            if self._pending is None:
+                return
+            if not isinstance(output, torch.Tensor):  # a block returning a tuple: not replayable
+                self._pending = None
+                return
+            hidden = output.detach().clone()
+            self._pending_bytes += hidden.numel() * hidden.element_size()
+            if self.bytes + self._pending_bytes > self.budget_bytes:
+                self._pending = None  # over budget: this session keeps nothing
+                return
+            self._pending[tag] = (tuple(t.detach().clone() for t in inputs), hidden)
+            self.stats.recorded += 1
+
+        return hook
+
+    def clear(self) -> None:
+        self.sets.clear()
+        self.bytes = 0
+
+
+def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in zip(a, b,
+                                                                                                         strict=True))
+
+
+def _find_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from transformers.cache_utils import Cache
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def _skipped(block: torch.nn.Module, index: int, output: torch.Tensor | None) -> Iterator[None]:
+    """Replace ``block``'s forward for the block: it passes its input through (or returns ``output``),
+    and gives the KV cache a placeholder entry of the right length (batch × 1 × positions × 1)."""
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        cache = _find_cache(args, kwargs)
+        if cache is not None:
+            b, t = hidden_states.shape[:2]
+            placeholder = hidden_states.new_zeros((b, 1, t, 1))
+            cache.update(placeholder, placeholder, index)
+        return output if output is not None else hidden_states
+
+    block.forward = forward  # instance attribute: nn.Module.__call__ dispatches to it
+    try:
+        yield
+    finally:
+        del block.forward
+
+
+def lowest_layer(component_layers: list[int | None]) -> int:
+    """The layer from which a transplant of components in these layers can change activations
+    (a component outside the decoder stack, e.g. the embeddings, means layer 0)."""
+    if not component_layers or any(layer is None for layer in component_layers):
+        return 0
+    return min(layer for layer in component_layers if layer is not None)
+
+
+__all__ = ["Prefix", "PrefixStats", "decoder_layers", "lowest_layer"]

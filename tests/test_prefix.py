@@ -1,0 +1,103 @@
+"""Replaying the layers below a transplant gives exactly the results of full forwards, on six families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis import evaluate
+from analysis.models import load
+from analysis.plan import Plan
+from analysis.prefix import Prefix, decoder_layers, lowest_layer
+from analysis.transplant import applied
+from tests.conftest import FAMILIES, build_model
+
+REQUESTS = [
+    ("The cat sat on the", [" mat", " chair and slept", " x"]),
+    ("1 + 1 =", [" 2", " 11", " two"]),
+    ("abc", [" d", " def"]),
+    ("A longer context with many more characters in it,", [" yes", " no"]),
+    ("q", [" r", " rs", " rst", " rstu"]),
+]
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a", "zzzz yyyy xxxx wwww vvvv"]
+# (component, alpha): the lowest touched layer goes 3, 3, 1, 2, 0, 3 — record, replay, record deeper,
+# replay from a shallower record while recording, no reuse possible, replay after all that.
+POINTS = [("L3.mlp", 0.5), ("L3.H1", 1.0), ("L1.mlp", 0.5), ("L2.H0", 0.75), ("L0.mlp", 1.0), ("L3.mlp", 0.25)]
+
+
+@pytest.fixture(scope="module")
+def deep_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[object, object]]:
+    root = tmp_path_factory.mktemp("prefix")
+    pairs = {}
+    for family in FAMILIES:
+        layers = {"n_layer": 4} if family == "gpt2" else {"num_hidden_layers": 4}
+        donor = build_model(root / f"{family}-d", family, seed=1, **layers)
+        target = build_model(root / f"{family}-t", family, seed=2, **layers)
+        pairs[family] = (load(donor, dtype="float32"), load(target, dtype="float32"))
+    return pairs
+
+
+def _scores(target, prefix: Prefix | None, batch_size: int = 2) -> tuple[list[list[float]], list[tuple[float, int]]]:
+    lls = evaluate.loglikelihoods(target.model, target.tokenizer, REQUESTS, batch_size=batch_size, prefix=prefix)
+    nlls = evaluate.token_nlls(target.model, target.tokenizer, TEXTS, batch_size=batch_size, prefix=prefix)
+    return lls, nlls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replayed_prefix_is_bit_identical_to_full_forwards(deep_pairs, family: str) -> None:
+    donor, target = deep_pairs[family]
+    assert decoder_layers(target.model) is not None
+    prefix = Prefix(target.model)
+    for component, alpha in POINTS:
+        plan = Plan.of([component], alpha=alpha)
+        lowest = int(component[1])
+        with applied(target, donor, plan):
+            expected = _scores(target, None)
+            with prefix.unchanged_below(lowest):
+                got = _scores(target, prefix)
+        assert got == expected, f"{family} {component}: replayed scores differ"  # exact, not approximate
+    # records at layers 3, 1 and 2 for both item sets; layers were really skipped
+    assert prefix.stats.replayed > 0 and prefix.stats.skipped_layers >= prefix.stats.replayed
+    assert sorted({layer for _, layer in prefix.sets}) == [1, 2, 3]
+
+
+def test_other_batching_or_items_never_replay_the_wrong_records(deep_pairs) -> None:
+    donor, target = deep_pairs["llama"]
+    prefix = Prefix(target.model)
+    plan = Plan.of(["L2.mlp"], alpha=0.5)
+    with applied(target, donor, plan), prefix.unchanged_below(2):
+        _scores(target, prefix, batch_size=2)
+        for batch_size in (1, 3):  # another batching is another item set: recorded anew, same results
+            expected = _scores(target, None, batch_size)
+            assert _scores(target, prefix, batch_size) == expected
+        shorter = evaluate.loglikelihoods(target.model, target.tokenizer, REQUESTS[:3], batch_size=2, prefix=prefix)
+        assert shorter == evaluate.loglikelihoods(target.model, target.tokenizer, REQUESTS[:3], batch_size=2)
+
+
+def test_memory_budget_keeps_nothing_partial(deep_pairs) -> None:
+    donor, target = deep_pairs["llama"]
+    prefix = Prefix(target.model, budget_bytes=4096)  # smaller than one session's hidden states
+    with applied(target, donor, Plan.of(["L3.mlp"], alpha=0.5)), prefix.unchanged_below(3):
+        first = _scores(target, prefix)
+        second = _scores(target, prefix)
+    assert first == second
+    assert prefix.sets == {} and prefix.bytes == 0 and prefix.stats.replayed == 0
+
+
+def test_skipped_blocks_are_restored(deep_pairs) -> None:
+    donor, target = deep_pairs["qwen2"]
+    prefix = Prefix(target.model)
+    with prefix.unchanged_below(2):
+        _scores(target, prefix)
+        _scores(target, prefix)
+    assert prefix.stats.replayed > 0
+    for block in decoder_layers(target.model):
+        assert "forward" not in block.__dict__  # the class's forward again
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(target.model(ids).logits, target.model(ids).logits)
+
+
+def test_lowest_layer() -> None:
+    assert lowest_layer([3, 1, 2]) == 1
+    assert lowest_layer([3, None]) == 0  # embeddings or another tensor outside the stack
+    assert lowest_layer([]) == 0
