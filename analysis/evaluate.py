@@ -14,10 +14,10 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -145,21 +145,23 @@ class _Forward:
         return self._caches
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 past: Any = None, last_only: bool = False, tag: Hashable = None) -> tuple[torch.Tensor, Any]:
+                 past: Any = None, last_only: bool = False, tag: Hashable = None,
+                 keep: int | None = None) -> tuple[torch.Tensor, Any]:
         """One forward. A ``tag`` names a call that repeats identically at every point of a sweep: with a
         :class:`~analysis.prefix.Prefix`, the layers below the transplant are then replayed, not run."""
         kwargs: dict[str, Any] = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device),
                                   "use_cache": True}
         if past is not None:
             kwargs[self.cache_kw] = past
-        if last_only and self.keep:
-            kwargs["logits_to_keep"] = 1
+        keep = 1 if last_only else keep  # logits for the last ``keep`` positions only
+        if keep is not None and self.keep:
+            kwargs["logits_to_keep"] = keep
         if self.prefix is not None and tag is not None:
             with self.prefix.call(tag, ids, mask, positions):
                 out = self.model(ids.to(self.device), **kwargs)
         else:
             out = self.model(ids.to(self.device), **kwargs)
-        logits = out.logits[:, -1:] if last_only else out.logits
+        logits = out.logits[:, -keep:] if keep is not None else out.logits
         cache = getattr(out, "cache", None)
         return logits.float(), cache if cache is not None else getattr(out, "past_key_values", None)
 
@@ -178,11 +180,27 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
 
 # -- generation -------------------------------------------------------------------------------------
 
+class Generation(NamedTuple):
+    """One greedy continuation: ``text`` cut at the first stop string, the summed logprob and number of
+    the generated tokens, and their ids (the stopping token included)."""
+
+    text: str
+    logprob: float
+    n_tokens: int
+    tokens: list[int]
+
+
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequence[str], max_new_tokens: int,
-             batch_size: int = 8, progress: bool = False) -> list[tuple[str, float, int]]:
-    """Greedy continuations of ``prompts``: (text cut at the first stop string, sum of logprobs of the
-    generated tokens, number of generated tokens). Left padding, longest prompts first."""
+             batch_size: int = 8, progress: bool = False,
+             drafts: Sequence[Sequence[int] | None] | None = None) -> list[Generation]:
+    """Greedy continuations of ``prompts``. Left padding, longest prompts first.
+
+    ``drafts`` (token ids per prompt, e.g. what a neighbouring point of a sweep generated) are verified
+    in one forward per batch, as in speculative decoding: the greedy tokens agree with a draft up to
+    its first wrong token, which the same forward corrects; only the rows that go on after that decode
+    step by step. The tokens are the greedy ones either way; a draft only saves sequential steps.
+    """
     fwd = _Forward(model)
     pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
     encoded = [encode(tokenizer, p) for p in prompts]
@@ -191,46 +209,99 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         raise GraftError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"{_max_length(model)}-token context", "lower --max-new-tokens")
     encoded = [e[-limit:] if len(e) > limit else e for e in encoded]  # keep the end: the question
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
-    results: list[tuple[str, float, int]] = [("", 0.0, 0)] * len(encoded)
+    stops = [s for s in stop if s]
+
+    def finished(new: list[int]) -> bool:
+        return len(new) >= max_new_tokens or new[-1] in eos or (
+            bool(stops) and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stops))
+
+    rows: list[tuple[list[int], float]] = [([], 0.0)] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
+    todo = list(range(len(encoded)))
+    if drafts is not None:
+        todo = []
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]) - len(drafts[i] or ()), i))
+        for batch in _batches(order, batch_size):
+            for i, (new, logprob) in zip(batch, _verify(fwd, [encoded[i] for i in batch],
+                                                         [list(drafts[i] or ())[:max_new_tokens] for i in batch],
+                                                         pad, finished), strict=True):
+                rows[i] = (new, logprob)
+                if finished(new):
+                    bar.update(1)
+                else:
+                    todo.append(i)
+    order = sorted(todo, key=lambda i: (-len(encoded[i]) - len(rows[i][0]), i))
     for batch in _batches(order, batch_size):
-        ids, mask, positions = _left_pad([encoded[i] for i in batch], pad)
-        n = len(batch)
-        new: list[list[int]] = [[] for _ in range(n)]
-        logprob = [0.0] * n
-        done = [False] * n
-        logits, past = fwd(ids, mask, positions, last_only=True)
-        cached = fwd.caches
-        for _step in range(max_new_tokens):
-            logp = torch.log_softmax(logits[:, -1], dim=-1)
-            token = logp.argmax(-1)
-            for r in range(n):
-                if done[r]:
-                    continue
-                t = int(token[r])
-                new[r].append(t)
-                logprob[r] += float(logp[r, t])
-                if t in eos or any(s in tokenizer.decode(new[r], skip_special_tokens=True) for s in stop):
-                    done[r] = True
-            if all(done):
-                break
-            # Finished rows keep decoding padding; their outputs are already fixed.
-            step = torch.tensor([[t[-1] if not d else pad] for t, d in zip(new, done, strict=True)])
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            if cached:
-                logits, past = fwd(step, mask, positions, past=past, last_only=True)
-            else:  # no usable cache: run the whole sequence again
-                ids = torch.cat([ids, step], dim=1)
-                logits, _ = fwd(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), last_only=True)
-        for r, i in enumerate(batch):
-            text = tokenizer.decode([t for t in new[r] if t not in eos], skip_special_tokens=True)
-            cuts = [text.find(s) for s in stop if s and s in text]
-            results[i] = (text[: min(cuts)] if cuts else text, logprob[r], len(new[r]))
-        bar.update(n)
+        outs = _decode(fwd, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished)
+        for i, out in zip(batch, outs, strict=True):
+            rows[i] = out
+        bar.update(len(batch))
     bar.close()
+    results = []
+    for new, logprob in rows:
+        text = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
+        cuts = [text.find(s) for s in stops if s in text]
+        results.append(Generation(text[: min(cuts)] if cuts else text, logprob, len(new), new))
     return results
+
+
+def _verify(fwd: _Forward, prompts: list[list[int]], drafts: list[list[int]], pad: int,
+            finished: Callable[[list[int]], bool]) -> list[tuple[list[int], float]]:
+    """One forward over prompt + draft per row: the greedy tokens up to and including the first one that
+    differs from the draft (or follows its end), with their summed logprob."""
+    ids, mask, positions = _left_pad([p + d for p, d in zip(prompts, drafts, strict=True)], pad)
+    keep = max(len(d) for d in drafts) + 1
+    logits, _ = fwd(ids, mask, positions, keep=keep)
+    logp = torch.log_softmax(logits, dim=-1)
+    greedy = logp.argmax(-1)
+    out = []
+    for r, draft in enumerate(drafts):
+        new: list[int] = []
+        logprob = 0.0
+        first = keep - 1 - len(draft)  # the position that predicts the first new token
+        for j in range(len(draft) + 1):
+            t = int(greedy[r, first + j])
+            new.append(t)
+            logprob += float(logp[r, first + j, t])
+            if finished(new) or j == len(draft) or t != draft[j]:
+                break
+        out.append((new, logprob))
+    return out
+
+
+def _decode(fwd: _Forward, prompts: list[list[int]], starts: list[tuple[list[int], float]], pad: int,
+            finished: Callable[[list[int]], bool]) -> list[tuple[list[int], float]]:
+    """Greedy decoding of a batch, step by step on the KV cache; each row continues after its ``start``
+    tokens (already generated) until ``finished``."""
+    ids, mask, positions = _left_pad([p + s for p, (s, _) in zip(prompts, starts, strict=True)], pad)
+    n = len(prompts)
+    new = [list(s) for s, _ in starts]
+    logprob = [lp for _, lp in starts]
+    done = [False] * n
+    logits, past = fwd(ids, mask, positions, last_only=True)
+    cached = fwd.caches
+    while True:
+        logp = torch.log_softmax(logits[:, -1], dim=-1)
+        token = logp.argmax(-1)
+        for r in range(n):
+            if done[r]:
+                continue
+            t = int(token[r])
+            new[r].append(t)
+            logprob[r] += float(logp[r, t])
+            done[r] = finished(new[r])
+        if all(done):
+            break
+        # Finished rows keep decoding padding; their outputs are already fixed.
+        step = torch.tensor([[t[-1] if not d else pad] for t, d in zip(new, done, strict=True)])
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+        if cached:
+            logits, past = fwd(step, mask, positions, past=past, last_only=True)
+        else:  # no usable cache: run the whole sequence again
+            ids = torch.cat([ids, step], dim=1)
+            logits, _ = fwd(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), last_only=True)
+    return list(zip(new, logprob, strict=True))
 
 
 # -- log-likelihood ---------------------------------------------------------------------------------
@@ -380,11 +451,14 @@ def _window_batch(fwd: _Forward, batch: list[tuple[int, list[int]]], pad: int, t
 
 def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_new_tokens: int | None = None, out: str | Path | None = None,
-        progress: bool = True, prefix: Prefix | None = None) -> EvalResult:
+        progress: bool = True, prefix: Prefix | None = None,
+        drafts: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
     """Evaluate ``model`` on ``task``'s ``split`` (None: ``test`` when the task has splits, else every
     item; ``"retention"``: the retention set, as perplexity). Writes records.jsonl + summary.json into
     ``out`` when given. A ``prefix`` (:class:`~analysis.prefix.Prefix` over ``model``) lets scoring
-    tasks replay the layers it knows unchanged since an earlier evaluation of the same items."""
+    tasks replay the layers it knows unchanged since an earlier evaluation of the same items;
+    ``drafts`` (item id → token ids a similar model generated) save generation tasks sequential steps
+    (see :func:`generate`)."""
     if batch_size < 1:
         raise GraftError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
     task = task if isinstance(task, Task) else load_task(task)
@@ -399,7 +473,7 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
     try:
         with torch.inference_mode():
             if scored.kind == "generate":
-                records = _run_generate(model, tokenizer, scored, items, batch_size, max_new_tokens, progress)
+                records = _run_generate(model, tokenizer, scored, items, batch_size, max_new_tokens, progress, drafts)
             elif scored.kind == "choice":
                 records = _run_choice(model, tokenizer, scored, items, batch_size, progress, prefix)
             else:
@@ -423,13 +497,15 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
 
 
 def _run_generate(model: Any, tokenizer: Any, task: Task, items: list[Item], batch_size: int,
-                  max_new_tokens: int | None, progress: bool) -> list[dict[str, Any]]:
+                  max_new_tokens: int | None, progress: bool,
+                  drafts: Mapping[str, Sequence[int]] | None) -> list[dict[str, Any]]:
     prompts = [task.render(it, tokenizer) for it in items]
     outs = generate(model, tokenizer, prompts, stop=task.stop, max_new_tokens=max_new_tokens or task.max_new_tokens,
-                    batch_size=batch_size, progress=progress)
+                    batch_size=batch_size, progress=progress,
+                    drafts=None if drafts is None else [drafts.get(it.id) for it in items])
     strict = task.metric == "strict"
     records = []
-    for it, (text, logprob, n_tok) in zip(items, outs, strict=True):
+    for it, (text, logprob, n_tok, tokens) in zip(items, outs, strict=True):
         ex = task.score(it, text)
         records.append({
             "id": it.id, "split": it.split, "prompt": task.prompt_text(it), "output": text,
@@ -437,7 +513,7 @@ def _run_generate(model: Any, tokenizer: Any, task: Task, items: list[Item], bat
             "correct": ex.correct_strict if strict else ex.correct_flexible,
             "extracted_strict": ex.strict, "extracted_flexible": ex.flexible,
             "correct_strict": ex.correct_strict, "correct_flexible": ex.correct_flexible,
-            "logprob": logprob, "n_tokens": n_tok,
+            "logprob": logprob, "n_tokens": n_tok, "tokens": tokens,
         })
     return records
 

@@ -7,7 +7,9 @@ stored in ``RUN/config.yaml`` with its hash; resuming with another config is ref
 Both models are loaded once; each grid point is an in-memory transplant and restore, never a reload.
 For scoring tasks (choice, perplexity — the retention set too) the activations below a point's lowest
 transplanted layer are recorded once per item set and replayed (:mod:`analysis.prefix`): they cannot
-change, and the results are bit-identical to full forwards.
+change, and the results are bit-identical to full forwards. For generation tasks each dev point
+verifies the previous point's outputs as drafts in one forward (speculative decoding with a
+neighbour as the draft model) and decodes step by step only where they part.
 Selection never sees test items: localization reads the probe split, K and α are chosen on dev, and
 only the chosen points and the controls are evaluated on test.
 """
@@ -229,11 +231,15 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     prefixes: dict[int, Prefix] = {}  # per target model: what lies below each transplant, computed once
 
     def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
-                       limit: int | None = None, plan: Plan | None = None, donor: Any = None) -> dict[str, Any]:
+                       limit: int | None = None, plan: Plan | None = None, donor: Any = None,
+                       drafts_from: str | None = None) -> dict[str, Any]:
         if point.key in results:
             bar.advance(point)
             return results[point.key]
         the_task = eval_task or task
+        drafts = None  # what an earlier dev point generated: verified in one forward, not decoded again
+        if drafts_from is not None and the_task.kind == "generate":
+            drafts = {it["id"]: it["tokens"] for it in results[drafts_from]["items"] if "tokens" in it}
         prefix = None
         with contextlib.ExitStack() as stack:
             if plan is not None:
@@ -245,12 +251,12 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                     stack.enter_context(prefix.unchanged_below(lowest))
             res = evaluate(loaded.model, loaded.tokenizer, the_task, split=items_split, limit=limit,
                            batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
-                           prefix=prefix)
+                           prefix=prefix, drafts=drafts)
         headline = {k: res.summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity")
                     if k in res.summary}
         row = {"key": point.key, **point.__dict__, **headline, "result": res.summary,
                "plan": [c.id for c in plan.components] if plan is not None else None,
-               "items": [{"id": r["id"], "correct": bool(r.get("correct", False))} for r in res.records]
+               "items": [_item_row(r, keep_tokens=point.split == "dev") for r in res.records]
                if the_task.kind != "perplexity" else None}
         results.add(row)
         bar.advance(point)
@@ -284,13 +290,17 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             # without a KV cache: evaluate the grid on fresh, unwrapped copies instead.
             models = {name: load(m.ref, dtype=cfg.dtype) for name, m in models.items()}
             donor, target = models[donor_name], models[target_name]
-        # The grid on dev.
+        # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
+        # points mostly generate the same tokens), which spares most sequential decoding steps.
         for method in cfg.methods:
+            previous = Point("baseline", "dev", target_name, max_new_tokens=mnt).key
             for k in cfg.k:
                 for alpha in cfg.alpha:
                     plan = _plan(ranking[method], k, alpha, method, cfg.task)
-                    evaluate_point(Point("grid", "dev", "transplant", method, k, alpha, mnt), target, splits["dev"],
-                                   limit=cfg.dev_limit, plan=plan, donor=donor)
+                    point = Point("grid", "dev", "transplant", method, k, alpha, mnt)
+                    evaluate_point(point, target, splits["dev"], limit=cfg.dev_limit, plan=plan, donor=donor,
+                                   drafts_from=previous)
+                    previous = point.key
         # The chosen point per method on test, with retention.
         chosen: dict[str, tuple[int, float]] = {}
         for method in cfg.methods:
@@ -329,6 +339,15 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                     "forward_calls_full": sum(p.stats.full for p in prefixes.values())}
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
     return run_dir
+
+
+def _item_row(record: dict[str, Any], keep_tokens: bool) -> dict[str, Any]:
+    """One item of a results line: its id and correctness (and, on dev, the generated token ids, which
+    the next grid point uses as drafts)."""
+    row = {"id": record["id"], "correct": bool(record.get("correct", False))}
+    if keep_tokens and "tokens" in record:
+        row["tokens"] = record["tokens"]
+    return row
 
 
 def _order(cfg: SweepConfig, base: dict[tuple[str, str], dict[str, Any]]) -> tuple[str, str]:

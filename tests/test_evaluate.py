@@ -241,3 +241,22 @@ def test_real_smollm2_generation_batch_invariant() -> None:
     assert [r["output"] for r in one] == [r["output"] for r in four]
     assert [r["correct"] for r in one] == [r["correct"] for r in four]
     assert [r["logprob"] for r in one] == pytest.approx([r["logprob"] for r in four], abs=1e-4)
+
+
+@pytest.mark.parametrize("draft_kind", ["own", "other", "empty", "long"])
+def test_drafts_give_the_greedy_tokens(random_llama, draft_kind: str) -> None:
+    """A draft, right or wrong, changes how many sequential steps run, never the tokens."""
+    model, tok, _ = random_llama
+    prompts = [f"{a}+{b}=" for a, b in zip("0123456789", "9876543210", strict=True)] + ["hello there", "x"]
+    plain = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4)
+    rng = torch.Generator().manual_seed(0)
+    drafts = {
+        "own": [g.tokens for g in plain],
+        "other": [[int(x) for x in torch.randint(0, len(tok), (5,), generator=rng)] for _ in prompts],
+        "empty": [[] for _ in prompts],
+        "long": [g.tokens[:2] + [5] * 20 for g in plain],
+    }[draft_kind]
+    got = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4, drafts=drafts)
+    assert [g.tokens for g in got] == [g.tokens for g in plain]
+    assert [g.text for g in got] == [g.text for g in plain]
+    assert [g.logprob for g in got] == pytest.approx([g.logprob for g in plain], abs=1e-4)

@@ -47,7 +47,7 @@ def constructed(tmp_path_factory) -> tuple[Path, Path, Path]:
     prompts = [f"{a}{b}+{c}=" for a, b, c in zip("abcdefghijkl", "mnopqrstuvwx", "0123456789ab", strict=True)]
     outs = generate(dl.model, dl.tokenizer, prompts, stop=[], max_new_tokens=2)
     with (root / "task.jsonl").open("w") as fh:
-        for i, (p, (o, _, _)) in enumerate(zip(prompts, outs, strict=True)):
+        for i, (p, (o, *_)) in enumerate(zip(prompts, outs, strict=True)):
             fh.write(json.dumps({"id": f"c{i}", "prompt": p, "answer": o, "split": "probe"}) + "\n")
         fh.write(json.dumps({"id": "t0", "prompt": "zz+9=", "answer": "??", "split": "test"}) + "\n")
     (root / "task.yaml").write_text('data: task.jsonl\ntarget: "{answer}"\nmax_new_tokens: 2\nstop: []\n')

@@ -144,3 +144,25 @@ def test_reused_activations_give_the_same_study(study: tuple[Path, SweepConfig],
     reuse = json.loads((fast / "environment.json").read_text())["reuse"]
     assert reuse["forward_calls_replayed"] > 0 and reuse["layer_forwards_skipped"] > 0
     assert json.loads((slow / "environment.json").read_text())["reuse"]["forward_calls_replayed"] == 0
+
+
+def test_grid_with_drafts_equals_plain_evaluation(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """Each dev point verifies the previous point's generations as drafts; what it reports is exactly what
+    evaluating the transplanted model from scratch gives."""
+    from analysis import evaluate
+    from analysis.models import load
+    from analysis.plan import Plan
+    from analysis.transplant import applied
+
+    _, cfg = study
+    run = sweep(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    grid = [r for r in rows if r.get("phase") == "grid"]
+    assert grid and all("tokens" in it for r in grid for it in r["items"])
+    donor, target = load(cfg.donor, dtype="float32"), load(cfg.target, dtype="float32")
+    for row in grid:
+        with applied(target, donor, Plan.of(row["plan"], alpha=row["alpha"])):
+            plain = evaluate.run(target.model, target.tokenizer, cfg.task, split="dev", batch_size=cfg.batch_size,
+                                 progress=False)
+        assert [(it["id"], it["correct"], it["tokens"]) for it in row["items"]] == \
+            [(r["id"], r["correct"], r["tokens"]) for r in plain.records]
