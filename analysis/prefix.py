@@ -18,7 +18,7 @@ Generation is not replayed: its decoding steps depend on the tokens the transpla
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +59,12 @@ class Prefix:
 
     The caller states, with :meth:`unchanged_below`, from which layer on the model may differ from the
     model that made the records; it is the caller's promise (a sweep knows its plan's lowest layer, and
-    :func:`analysis.transplant.applied` restores bit-exactly). An evaluator opens a :meth:`session` per
-    evaluation, named by a fingerprint of everything it will feed the model, and wraps each forward
+    :func:`analysis.transplant.applied` restores bit-exactly). It may also name layers worth recording
+    for later evaluations (a sweep knows every plan of its grid). An evaluator opens a :meth:`session`
+    per evaluation, named by a fingerprint of everything it will feed the model, and wraps each forward
     call in :meth:`call`. A session replays from one layer for all its calls — the KV cache a later
-    call reuses then holds real entries exactly where it runs layers — and its own recording is kept
-    only when every call of the session was recorded within the memory budget.
+    call reuses then holds real entries exactly where it runs layers — and a recording is kept only
+    when every call of the session was recorded within the memory budget.
     """
 
     def __init__(self, model: torch.nn.Module, *, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
@@ -74,59 +75,66 @@ class Prefix:
         self.bytes = 0
         self.stats = PrefixStats()
         self._start = 0  # layers below this one are unchanged since the records were made
+        self._wanted: frozenset[int] = frozenset()
         self._replay: Calls | None = None
         self._replay_at = 0
-        self._pending: Calls | None = None
+        self._pending: dict[int, Calls] = {}  # layer → this session's recording
         self._pending_bytes = 0
-        self._record_at = 0
 
     @property
     def enabled(self) -> bool:
         return self.layers is not None and self.budget_bytes > 0
 
     @contextlib.contextmanager
-    def unchanged_below(self, layer: int) -> Iterator[Prefix]:
-        """For the block: layers ``0 .. layer-1`` (and the embeddings) hold the recorded weights."""
-        saved, self._start = self._start, max(int(layer), 0)
+    def unchanged_below(self, layer: int, *, record: Iterable[int] = ()) -> Iterator[Prefix]:
+        """For the block: layers ``0 .. layer-1`` (and the embeddings) hold the recorded weights.
+        Evaluations in it record the input of ``layer`` and of the ``record`` layers at or below it."""
+        n = len(self.layers) if self.layers is not None else 0
+        saved = self._start, self._wanted
+        self._start = min(max(int(layer), 0), n)
+        self._wanted = frozenset(x for x in (self._start, *record) if 0 < x <= self._start)
         try:
             yield self
         finally:
-            self._start = saved
+            self._start, self._wanted = saved
 
     @contextlib.contextmanager
     def session(self, fingerprint: Hashable) -> Iterator[None]:
         """One evaluation of one item set (``fingerprint`` names it: inputs, batching)."""
         start = self._start if self.enabled else 0
-        layers = [layer for (fp, layer) in self.sets if fp == fingerprint and layer <= start]
-        self._replay_at = max(layers, default=0)
+        have = {layer for (fp, layer) in self.sets if fp == fingerprint}
+        self._replay_at = max((x for x in have if x <= start), default=0)
         self._replay = self.sets[fingerprint, self._replay_at] if self._replay_at else None
-        self._record_at = start if start > self._replay_at else 0
-        self._pending, self._pending_bytes = ({} if self._record_at else None), 0
+        self._pending = {x: {} for x in self._wanted if x > self._replay_at and x not in have} if start else {}
+        self._pending_bytes = 0
         try:
             yield
-            if self._pending is not None and self.bytes + self._pending_bytes <= self.budget_bytes:
-                self.sets[fingerprint, self._record_at] = self._pending
+            if self._pending and self.bytes + self._pending_bytes <= self.budget_bytes:
+                for layer, calls in self._pending.items():
+                    self.sets[fingerprint, layer] = calls
                 self.bytes += self._pending_bytes
         finally:
-            self._replay, self._replay_at, self._pending, self._record_at = None, 0, None, 0
+            self._replay, self._replay_at, self._pending = None, 0, {}
 
     @contextlib.contextmanager
     def call(self, tag: Hashable, *inputs: torch.Tensor) -> Iterator[None]:
         """Around one forward call inside a :meth:`session`; ``tag`` names the call (the same call at
         every evaluation of the item set has the same tag), ``inputs`` are what it feeds the model."""
-        if self._replay is None and self._pending is None:
+        if self._replay is None and not self._pending:
             self.stats.full += 1
             yield
             return
         assert self.layers is not None
         with contextlib.ExitStack() as stack:
-            if self._pending is not None:
-                hook = self.layers[self._record_at - 1].register_forward_hook(self._recorder(tag, inputs))
+            for layer in self._pending:
+                hook = self.layers[layer - 1].register_forward_hook(self._recorder(tag, layer, inputs))
                 stack.callback(hook.remove)
+            if self._pending:
+                self.stats.recorded += 1
             if self._replay is not None:
-                recorded_inputs, hidden = self._replay[tag]
-                if not _same(recorded_inputs, inputs):
-                    raise RuntimeError(f"prefix replay: call {tag!r} has other inputs than when recorded")
+                if tag not in self._replay or not _same(self._replay[tag][0], inputs):
+                    raise RuntimeError(f"prefix replay: call {tag!r} was not recorded with these inputs")
+                hidden = self._replay[tag][1]
                 for i in range(self._replay_at):
                     stack.enter_context(_skipped(self.layers[i], i, hidden if i == self._replay_at - 1 else None))
                 self.stats.replayed += 1
@@ -135,20 +143,19 @@ class Prefix:
                 self.stats.full += 1
             yield
 
-    def _recorder(self, tag: Hashable, inputs: tuple[torch.Tensor, ...]) -> Any:
+    def _recorder(self, tag: Hashable, layer: int, inputs: tuple[torch.Tensor, ...]) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            if self._pending is None:
+            if layer not in self._pending:
                 return
             if not isinstance(output, torch.Tensor):  # a block returning a tuple: not replayable
-                self._pending = None
+                self._pending.clear()
                 return
             hidden = output.detach().clone()
             self._pending_bytes += hidden.numel() * hidden.element_size()
             if self.bytes + self._pending_bytes > self.budget_bytes:
-                self._pending = None  # over budget: this session keeps nothing
+                self._pending.clear()  # over budget: this session keeps nothing
                 return
-            self._pending[tag] = (tuple(t.detach().clone() for t in inputs), hidden)
-            self.stats.recorded += 1
+            self._pending[layer][tag] = (tuple(t.detach().clone() for t in inputs), hidden)
 
         return hook
 

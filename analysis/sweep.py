@@ -229,6 +229,10 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     bar = _Bar(plan_total, progress)
 
     prefixes: dict[int, Prefix] = {}  # per target model: what lies below each transplant, computed once
+    wanted: set[int] = set()  # the lowest layers of the plans to come: one full evaluation records them all
+
+    def low(plan: Plan) -> int:
+        return lowest_layer([c.layer for c in units.select(lay, [c.id for c in plan.components])])
 
     def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
                        limit: int | None = None, plan: Plan | None = None, donor: Any = None,
@@ -247,8 +251,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                 if cfg.reuse_memory_gb > 0:
                     budget = int(cfg.reuse_memory_gb * 2**30)
                     prefix = prefixes.setdefault(id(loaded.model), Prefix(loaded.model, budget_bytes=budget))
-                    lowest = lowest_layer([c.layer for c in units.select(lay, [c.id for c in plan.components])])
-                    stack.enter_context(prefix.unchanged_below(lowest))
+                    stack.enter_context(prefix.unchanged_below(low(plan), record=wanted))
             res = evaluate(loaded.model, loaded.tokenizer, the_task, split=items_split, limit=limit,
                            batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
                            prefix=prefix, drafts=drafts)
@@ -292,6 +295,8 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             donor, target = models[donor_name], models[target_name]
         # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
         # points mostly generate the same tokens), which spares most sequential decoding steps.
+        wanted.clear()
+        wanted.update(low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k)
         for method in cfg.methods:
             previous = Point("baseline", "dev", target_name, max_new_tokens=mnt).key
             for k in cfg.k:
@@ -307,17 +312,20 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in cfg.k for a in cfg.alpha]
             best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
             chosen[method] = (best["top_k"], best["alpha"])
-            plan = _plan(ranking[method], best["top_k"], best["alpha"], method, cfg.task)
-            plan.save(run_dir / f"plan-{method}.yaml")
-            evaluate_point(Point("chosen", "test", "transplant", method, best["top_k"], best["alpha"], mnt), target,
-                           splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
-            if retention_task is not None:
-                evaluate_point(Point("chosen", "retention", "transplant", method, best["top_k"], best["alpha"], mnt),
-                               target,
-                               retention_split, retention_task, cfg.retention_limit, plan=plan, donor=donor)
-        # Controls at the budget of each chosen point.
         budgets = sorted(set(chosen.values()))
         all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
+        wanted.clear()
+        wanted.update(low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
+        wanted.update(low(Plan.of(_random_ids(all_ids, k, seed))) for k, _ in budgets for seed in cfg.controls.random_seeds)
+        for method, (k, alpha) in chosen.items():
+            plan = _plan(ranking[method], k, alpha, method, cfg.task)
+            plan.save(run_dir / f"plan-{method}.yaml")
+            evaluate_point(Point("chosen", "test", "transplant", method, k, alpha, mnt), target,
+                           splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+            if retention_task is not None:
+                evaluate_point(Point("chosen", "retention", "transplant", method, k, alpha, mnt), target,
+                               retention_split, retention_task, cfg.retention_limit, plan=plan, donor=donor)
+        # Controls at the budget of each chosen point.
         for k, alpha in budgets:
             for seed in cfg.controls.random_seeds:
                 ids = _random_ids(all_ids, k, seed)

@@ -101,3 +101,20 @@ def test_lowest_layer() -> None:
     assert lowest_layer([3, 1, 2]) == 1
     assert lowest_layer([3, None]) == 0  # embeddings or another tensor outside the stack
     assert lowest_layer([]) == 0
+
+
+def test_one_full_evaluation_records_every_wanted_layer(deep_pairs) -> None:
+    """A sweep names the lowest layers of all its plans; the first full evaluation records them all, so
+    every later point replays (here a point at layer 1 right after one at layer 3)."""
+    donor, target = deep_pairs["llama"]
+    prefix = Prefix(target.model)
+    with prefix.unchanged_below(3, record=[1, 2, 0, 7]):  # 0 and 7 mean nothing to record
+        first = _scores(target, prefix)
+    assert sorted({layer for _, layer in prefix.sets}) == [1, 2, 3] and prefix.stats.replayed == 0
+    with applied(target, donor, Plan.of(["L1.mlp"], alpha=0.5)):
+        expected = _scores(target, None)
+        with prefix.unchanged_below(1):
+            assert _scores(target, prefix) == expected
+    assert prefix.stats.replayed == prefix.stats.full  # every call the first evaluation made, replayed
+    with prefix.unchanged_below(3):
+        assert _scores(target, prefix) == first
