@@ -9,6 +9,7 @@ made through either view is seen by both.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 from collections.abc import Iterable
@@ -149,6 +150,7 @@ class LoadedModel:
     storage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     _bridge: TransformerBridge | None = None
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    _hooked: PreTrainedModel | None = None
 
     def __post_init__(self) -> None:
         # Names are taken before the bridge boots: booting renames modules (and, for fused q/k/v,
@@ -162,19 +164,35 @@ class LoadedModel:
 
     @property
     def bridge(self) -> TransformerBridge:
-        """TransformerLens view of :attr:`model`; its parameters *are* the HF parameters."""
+        """TransformerLens view of :attr:`model`; its parameters *are* the HF parameters.
+
+        The bridge wraps the modules of a twin of :attr:`model` (new module objects holding the same
+        parameter and buffer tensors): booting rewires the modules it wraps and leaves their KV cache
+        empty, so :attr:`model` stays a plain HF model for evaluation, and an edit of a parameter is
+        seen by both views at once.
+        """
         if self._bridge is None:
             from transformer_lens.model_bridge import TransformerBridge
 
+            shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+            self._hooked = copy.deepcopy(self.model, shared)
             with _hub(False):
                 self._bridge = TransformerBridge.boot_transformers(
                     str(self.ref.path or self.ref.text),
-                    hf_model=self.model,
+                    hf_model=self._hooked,
                     tokenizer=self.tokenizer,
                     dtype=self.model.dtype,
                     device=self.model.device,
                 )
         return self._bridge
+
+    @property
+    def hooked(self) -> PreTrainedModel:
+        """The HF model whose modules the bridge wraps: called like :attr:`model` (same weights, same
+        logits), it fires the bridge's hooks."""
+        _ = self.bridge
+        assert self._hooked is not None
+        return self._hooked
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         """HF parameter names (as in the checkpoint) → live parameters, also after the bridge boots."""

@@ -227,10 +227,11 @@ def probe_items(task: Task, limit: int | None = None, split: str = "probe") -> l
 
 
 def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], **kwargs: Any) -> Tensor:
-    """Logits of the HF model (its modules wrapped by the bridge, so bridge hooks fire)."""
+    """Logits of the HF model whose modules the bridge wraps (so bridge hooks fire)."""
     ids, mask, pos = (batch.ids, batch.mask, batch.pos) if isinstance(batch, Batch) else batch
     dev = loaded.model.device
-    out = loaded.model(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False, **kwargs)
+    out = loaded.hooked(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False,
+                        **kwargs)
     return out.logits
 
 

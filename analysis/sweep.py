@@ -288,11 +288,6 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                                retention_split, retention_task, cfg.retention_limit)
         needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
         ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay) for m in needed}
-        if donor._bridge is not None or target._bridge is not None:
-            # A booted TransformerLens bridge wraps the HF modules, and generation through it runs
-            # without a KV cache: evaluate the grid on fresh, unwrapped copies instead.
-            models = {name: load(m.ref, dtype=cfg.dtype) for name, m in models.items()}
-            donor, target = models[donor_name], models[target_name]
         # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
         # points mostly generate the same tokens), which spares most sequential decoding steps.
         wanted.clear()

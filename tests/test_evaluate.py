@@ -196,9 +196,11 @@ def test_bridge_wrapped_model_gives_the_same_records(random_llama, tmp_path: Pat
     paths = _mixed_tasks(tmp_path)
     before = {k: evaluate.run(loaded.model, loaded.tokenizer, p, max_new_tokens=4, progress=False).records
               for k, p in paths.items()}
-    assert loaded.bridge is not None  # boots TransformerLens over the same modules (its KV cache stays empty)
+    # Booting TransformerLens wraps the modules of a twin sharing the weights; the wrapped model's KV cache
+    # stays empty, which evaluate detects (it recomputes whole sequences); the plain model is untouched.
+    assert evaluate._Forward(loaded.hooked).caches is False and evaluate._Forward(loaded.model).caches
     for kind, path in paths.items():
-        after = evaluate.run(loaded.model, loaded.tokenizer, path, max_new_tokens=4, progress=False).records
+        after = evaluate.run(loaded.hooked, loaded.tokenizer, path, max_new_tokens=4, progress=False).records
         for a, b in zip(before[kind], after, strict=True):
             assert {k: v for k, v in a.items() if k not in FLOATS} == {k: v for k, v in b.items() if k not in FLOATS}
             for key in FLOATS:

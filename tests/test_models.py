@@ -20,8 +20,11 @@ def test_bridge_shares_the_hf_parameters(llama_pair: tuple[Path, Path]) -> None:
         hf = loaded.model(ids).logits
         bridged = loaded.bridge(ids)
         torch.testing.assert_close(bridged, hf, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.hooked(ids).logits, hf, rtol=0, atol=0)
         loaded.parameters()["model.layers.1.mlp.down_proj.weight"].mul_(0)  # an edit through the HF names…
         assert not torch.equal(loaded.bridge(ids), bridged)  # …is seen by the bridge
+        torch.testing.assert_close(loaded.model(ids).logits, loaded.bridge(ids), rtol=0, atol=0)
+    assert type(loaded.model.model.layers[0]).__name__ == "LlamaDecoderLayer"  # the plain model stays plain
 
 
 def test_dtype_option(llama_pair: tuple[Path, Path]) -> None:
