@@ -82,6 +82,11 @@ class Prefix:
         self._pending_bytes = 0
 
     @property
+    def depth(self) -> int:
+        """The number of decoder layers (0 when the model's stack was not found)."""
+        return len(self.layers) if self.layers is not None else 0
+
+    @property
     def enabled(self) -> bool:
         return self.layers is not None and self.budget_bytes > 0
 
@@ -89,10 +94,11 @@ class Prefix:
     def unchanged_below(self, layer: int, *, record: Iterable[int] = ()) -> Iterator[Prefix]:
         """For the block: layers ``0 .. layer-1`` (and the embeddings) hold the recorded weights.
         Evaluations in it record the input of ``layer`` and of the ``record`` layers at or below it."""
-        n = len(self.layers) if self.layers is not None else 0
         saved = self._start, self._wanted
-        self._start = min(max(int(layer), 0), n)
-        self._wanted = frozenset(x for x in (self._start, *record) if 0 < x <= self._start)
+        self._start = min(max(int(layer), 0), self.depth)
+        # (the input of the first layer is the embedding, that of layer `depth` the last layer's output:
+        # neither is worth keeping)
+        self._wanted = frozenset(x for x in (self._start, *record) if 0 < x <= self._start and x < self.depth)
         try:
             yield self
         finally:

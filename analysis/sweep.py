@@ -236,7 +236,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
 
     def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
                        limit: int | None = None, plan: Plan | None = None, donor: Any = None,
-                       drafts_from: str | None = None) -> dict[str, Any]:
+                       drafts_from: str | None = None, record: bool = False) -> dict[str, Any]:
         if point.key in results:
             bar.advance(point)
             return results[point.key]
@@ -248,10 +248,12 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         with contextlib.ExitStack() as stack:
             if plan is not None:
                 stack.enter_context(applied(loaded, donor, plan))
-                if cfg.reuse_memory_gb > 0:
-                    budget = int(cfg.reuse_memory_gb * 2**30)
-                    prefix = prefixes.setdefault(id(loaded.model), Prefix(loaded.model, budget_bytes=budget))
-                    stack.enter_context(prefix.unchanged_below(low(plan), record=wanted))
+            if cfg.reuse_memory_gb > 0 and (plan is not None or record):
+                budget = int(cfg.reuse_memory_gb * 2**30)
+                prefix = prefixes.setdefault(id(loaded.model), Prefix(loaded.model, budget_bytes=budget))
+                # the untouched target (a baseline) records for the points to come
+                start = low(plan) if plan is not None else prefix.depth
+                stack.enter_context(prefix.unchanged_below(start, record=wanted))
             res = evaluate(loaded.model, loaded.tokenizer, the_task, split=items_split, limit=limit,
                            batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
                            prefix=prefix, drafts=drafts)
@@ -268,13 +270,21 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         return row
 
     limits = {"dev": cfg.dev_limit, "test": cfg.test_limit}
+    needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
     for mnt in lengths:
+        ranking: dict[str, list[tuple[str, float]]] = {}
+        wanted.clear()
+        if not cfg.auto_order:
+            # The target is known: localize first, so that its baselines record what the grid replays.
+            ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay) for m in needed}
+            wanted.update(low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k)
         # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
         base = {}
         for name in ("a", "b"):
             for split in ("dev", "test"):
                 base[name, split] = evaluate_point(Point("baseline", split, name, max_new_tokens=mnt),
-                                                   models[name], splits[split], limit=limits[split])
+                                                   models[name], splits[split], limit=limits[split],
+                                                   record=name == "b" and bool(wanted))
         donor_name, target_name = _order(cfg, base)
         order_key = f"order|{mnt}"
         if order_key not in results:
@@ -285,13 +295,14 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         if retention_task is not None:
             for name in (donor_name, target_name):
                 evaluate_point(Point("baseline", "retention", name, max_new_tokens=mnt), models[name],
-                               retention_split, retention_task, cfg.retention_limit)
-        needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
-        ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay) for m in needed}
+                               retention_split, retention_task, cfg.retention_limit,
+                               record=name == target_name and bool(wanted))
+        if not ranking:
+            reverse = donor_name == "b"
+            ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse) for m in needed}
+            wanted.update(low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k)
         # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
         # points mostly generate the same tokens), which spares most sequential decoding steps.
-        wanted.clear()
-        wanted.update(low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k)
         for method in cfg.methods:
             previous = Point("baseline", "dev", target_name, max_new_tokens=mnt).key
             for k in cfg.k:
@@ -378,11 +389,12 @@ def _check_splits(task: Any, cfg: SweepConfig) -> dict[str, str]:
 
 
 def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig,
-             lay: Any) -> list[tuple[str, float]]:
-    """Component ids with scores, best first; cached in RUN/rankings/ so a resumed run reuses them."""
+             lay: Any, reverse: bool = False) -> list[tuple[str, float]]:
+    """Component ids with scores, best first; cached in RUN/rankings/ so a resumed run reuses them
+    (``reverse``: 'auto' made the config's target the donor)."""
     from analysis import select
 
-    cache = run_dir / "rankings" / f"{method}.json"
+    cache = run_dir / "rankings" / f"{method}{'-reversed' if reverse else ''}.json"
     if cache.is_file():
         return [tuple(x) for x in json.loads(cache.read_text())]  # type: ignore[misc]
     ranked = select.rank(method, donor=donor, target=target, task=task, kinds=cfg.components,
