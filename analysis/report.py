@@ -240,6 +240,11 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
     if env:
         parts += ["## Reproduce", "", f"`{env.get('command', '')}`", "",
                   "Packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()), ""]
+        reuse = env.get("reuse") or {}
+        if reuse.get("forward_calls_replayed"):
+            parts += [f"Activations below the transplanted layers were computed once and replayed in "
+                      f"{reuse['forward_calls_replayed']} forward calls ({reuse['layer_forwards_skipped']} layer "
+                      "forwards not run; results identical to full forwards).", ""]
     return "\n".join(parts)
 
 
