@@ -394,13 +394,15 @@ def match(donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[st
     for kind in ("layer", "attn", "mlp", "head", "group", "neuron", "linear"):
         if kind == "group" and not lay.gqa:
             continue
-        ids = component_ids(lay, (kind,))  # type: ignore[arg-type]
         if kind == "neuron":
             # Neurons share their tensors: all of a layer's neurons match when its MLP tensors match.
             counts[kind] = sum(lay.d_mlp for L in range(lay.n_layers)
-                               if not bad & set(lay.block_params(L, "mlp")))
+                               if not bad or not bad & set(lay.block_params(L, "mlp")))
             continue
-        counts[kind] = sum(1 for cid in ids if not component(lay, cid).params & bad)  # type: ignore[index]
+        ids = component_ids(lay, (kind,))  # type: ignore[arg-type]
+        # the usual case, same shapes everywhere: every component matches (no need to build them)
+        counts[kind] = len(ids) if not bad else sum(  # type: ignore[index]
+            1 for cid in ids if not component(lay, cid).params & bad)
     return Matching(lay, counts, mismatched)
 
 
