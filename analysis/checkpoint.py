@@ -3,6 +3,10 @@
 Safetensors folders are read straight from their files (headers parsed, tensors read on demand).
 A GGUF file or a pickle checkpoint has no such layout: it is loaded once through :mod:`analysis.models`
 and its state dict is served from memory instead.
+
+Nothing here imports torch until a torch tensor is asked for: the file-to-file transplant reads raw
+elements with :func:`read_raw` and converts float formats with numpy (:func:`to_float32`,
+:func:`from_float32`), bit for bit as torch does.
 """
 
 from __future__ import annotations
@@ -16,19 +20,29 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
 from analysis.errors import GraftError
 from analysis.models import LoadedModel, ModelRef, resolve, weight_files
 
-# safetensors dtype names → torch dtypes (the format's own spelling).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names (the format's own spelling) → torch dtype names. Strings, so that reading a
+# header does not import torch; :func:`torch_dtype` turns them into torch dtypes where torch is in use.
+ST_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
+# Raw element storage: unsigned integers of each dtype's width, so that bytes move bit for bit.
+RAW_DTYPES: dict[str, type[np.unsignedinteger]] = {
+    "F64": np.uint64, "F32": np.uint32, "F16": np.uint16, "BF16": np.uint16, "I64": np.uint64, "I32": np.uint32,
+    "I16": np.uint16, "I8": np.uint8, "U8": np.uint8, "BOOL": np.uint8,
+}
+# The float formats numpy converts to and from float32 exactly as torch does.
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 HASH_CACHE = Path(os.environ.get("GRAFTLM_CACHE", Path.home() / ".cache" / "graftlm")) / "sha256.json"
 
 
@@ -38,10 +52,114 @@ class TensorInfo:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: str  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the tensor's data in ``file``
     nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(RAW_DTYPES[self.dtype]).itemsize
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.itemsize
+
+    def read(self, start: int = 0, count: int | None = None, out: np.ndarray | None = None,
+             fd: int | None = None) -> np.ndarray:
+        """Flat elements ``start:start + count`` as raw unsigned integers, read straight from the file.
+
+        ``out`` (contiguous, of :data:`RAW_DTYPES`) avoids an allocation; ``fd``, the file already open.
+        """
+        count = self.numel - start if count is None else count
+        out = np.empty(count, RAW_DTYPES[self.dtype]) if out is None else out[:count]
+        own = fd is None
+        fd = os.open(self.file, os.O_RDONLY) if fd is None else fd
+        try:
+            pread_into(fd, out, self.offset + start * self.itemsize)
+        finally:
+            if own:
+                os.close(fd)
+        return out
+
+
+def pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill the contiguous array ``out`` with the file's bytes from ``offset`` on (no intermediate copy)."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):  # straight into the array
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # no preadv on this platform: one copy more
+            chunk = os.pread(fd, len(view) - done, offset + done)
+            view[done:done + len(chunk)] = chunk
+            n = len(chunk)
+        if n == 0:
+            raise GraftError(f"weight file ended early (fd {fd}, offset {offset + done})", "re-download the model")
+        done += n
+
+
+def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw elements of F32, F16 or BF16 → float32 values (exact: each such value is a float32)."""
+    if dtype == "F32":
+        if out is None:
+            return raw.view(np.float32)
+        np.copyto(out, raw.view(np.float32))
+        return out
+    out = np.empty(raw.shape, np.float32) if out is None else out
+    if dtype == "BF16":  # a bfloat16 is the upper half of the float32 with the same value
+        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif dtype == "F16":
+        np.copyto(out, raw.view(np.float16))
+    else:
+        raise ValueError(f"not a float format: {dtype}")
+    return out
+
+
+def from_float32(x: np.ndarray, dtype: str, out: np.ndarray | None = None, *, scratch: np.ndarray | None = None,
+                 finite: bool = False) -> np.ndarray:
+    """float32 values → raw elements of F32, F16 or BF16, rounded as torch's ``.to(dtype)`` rounds.
+
+    F16 and BF16 round to nearest, ties to even; NaN stays NaN (BF16: 0x7FC0, torch's scalar answer).
+    ``finite=True`` skips the NaN pass when the caller already knows there is none; ``scratch`` is a
+    uint32 buffer of ``x``'s size for BF16.
+    """
+    out = np.empty(x.shape, RAW_DTYPES[dtype]) if out is None else out
+    if dtype == "F32":
+        np.copyto(out, x.view(np.uint32))
+    elif dtype == "F16":
+        with np.errstate(over="ignore"):  # beyond float16's range is Inf, as in torch
+            np.copyto(out.view(np.float16), x, casting="same_kind")
+    elif dtype == "BF16":
+        bits = x.view(np.uint32)
+        tmp = np.empty(x.shape, np.uint32) if scratch is None else scratch
+        # round to nearest even on the 16 bits dropped: add 0x7FFF plus the lowest bit kept, truncate
+        np.right_shift(bits, 16, out=tmp)
+        np.bitwise_and(tmp, 1, out=tmp)
+        np.add(tmp, 0x7FFF, out=tmp)
+        np.add(tmp, bits, out=tmp)
+        np.right_shift(tmp, 16, out=tmp)
+        np.copyto(out, tmp, casting="unsafe")
+        if not finite:
+            nan = np.isnan(x)
+            if nan.any():  # the bias would carry a NaN's payload into Inf or zero
+                out[nan] = 0x7FC0
+    else:
+        raise ValueError(f"not a float format: {dtype}")
+    return out
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A safetensors dtype name as a torch dtype (imports torch)."""
+    import torch
+
+    return getattr(torch, ST_DTYPES[name])
+
+
+def st_dtype(dtype: torch.dtype) -> str | None:
+    """A torch dtype's safetensors name (None for dtypes the format has no name for here)."""
+    name = str(dtype).removeprefix("torch.")
+    return next((k for k, v in ST_DTYPES.items() if v == name), None)
 
 
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -56,11 +174,10 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos = {}
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        dtype = ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        if entry["dtype"] not in ST_DTYPES:
             raise GraftError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}",
                              "convert the checkpoint to float weights")
-        infos[name] = TensorInfo(name, file, dtype, tuple(entry["shape"]), 8 + length + begin, end - begin)
+        infos[name] = TensorInfo(name, file, entry["dtype"], tuple(entry["shape"]), 8 + length + begin, end - begin)
     return infos, metadata
 
 
@@ -109,9 +226,16 @@ class Checkpoint:
         return tuple(self._tensors[name].shape)  # type: ignore[index]
 
     def dtype(self, name: str) -> torch.dtype:
+        """The tensor's storage dtype, as a torch dtype (imports torch)."""
+        if self.infos is not None:
+            return torch_dtype(self.infos[name].dtype)
+        return self._tensors[name].dtype  # type: ignore[index]
+
+    def st_dtype(self, name: str) -> str | None:
+        """The tensor's storage dtype in safetensors spelling ("BF16", ...), without importing torch."""
         if self.infos is not None:
             return self.infos[name].dtype
-        return self._tensors[name].dtype  # type: ignore[index]
+        return st_dtype(self._tensors[name].dtype)  # type: ignore[index]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: self.shape(n) for n in self.names()}
@@ -123,6 +247,8 @@ class Checkpoint:
         """One whole tensor, read from disk (safetensors) or from memory."""
         if self.infos is None:
             return self._tensors[name]  # type: ignore[index]
+        from safetensors import safe_open
+
         info = self.infos[name]
         with safe_open(str(info.file), framework="pt") as fh:
             return fh.get_tensor(name)
@@ -133,6 +259,8 @@ class Checkpoint:
             for n in names:
                 yield n, self._tensors[n]  # type: ignore[index]
             return
+        from safetensors import safe_open
+
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.infos[n].file, []).append(n)
@@ -141,23 +269,37 @@ class Checkpoint:
                 for n in group:
                     yield n, fh.get_tensor(n)
 
-    def sha256(self) -> dict[str, str]:
-        """sha256 of each weight file (cached by path, size and mtime, so a sweep hashes once)."""
+    def hashed_files(self) -> list[Path]:
+        """The weight files whose sha256 identify this checkpoint (:meth:`sha256`)."""
         if self.infos is None:
             files = [self.ref.path / self.ref.gguf_file] if self.ref.gguf_file and self.ref.path else []
             files += [p for p in (self.ref.path.iterdir() if self.ref.path else []) if p.suffix in (".bin", ".pt")]
-        else:
-            files = sorted({i.file for i in self.infos.values()})
+            return files
+        return sorted({i.file for i in self.infos.values()})
+
+    def sha256(self) -> dict[str, str]:
+        """sha256 of each weight file (cached by path, size and mtime, so a sweep hashes once)."""
+        files = self.hashed_files()
         if len(files) > 1:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 return dict(zip((f.name for f in files), pool.map(file_sha256, files), strict=True))
         return {f.name: file_sha256(f) for f in files}
 
 
+def _cache_key(file: Path) -> str:
+    stat = file.stat()
+    return f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}"
+
+
+def cached_sha256(file: Path) -> str | None:
+    """The remembered sha256 of a file, or None when it must be computed."""
+    with _CACHE_LOCK:
+        return _read_hash_cache().get(_cache_key(file))
+
+
 def file_sha256(file: Path) -> str:
     """sha256 of a file, remembered by path, size, inode and mtime (hashing gigabytes takes seconds)."""
-    stat = file.stat()
-    key = f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}"
+    key = _cache_key(file)
     with _CACHE_LOCK:
         cached = _read_hash_cache().get(key)
     if cached:

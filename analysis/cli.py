@@ -7,15 +7,17 @@ stderr and exit code 2, without a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from analysis.errors import GraftError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="graftlm",
@@ -25,8 +27,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
+
+
+class _LazyConsole:
+    """rich's Console, imported on first use: `transplant` and `apply-patch` print one plain line."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        self._console.print(*objects, **kwargs)
+
+
+out_console = _LazyConsole()
+err_console = _LazyConsole(stderr=True)
 
 Donor = Annotated[str, typer.Option("--donor", "-d", help="Donor model: HF folder, .gguf file, demo:NAME or hub id.")]
 Target = Annotated[str, typer.Option("--target", "-t", help="Target model (same architecture), as for --donor.")]
@@ -43,6 +62,8 @@ def check_cmd(
     trust_remote_code: TrustCode = False,
 ) -> None:
     """Can the donor's components go into the target? Exit 2 if not, naming the first offending tensors."""
+    from rich.table import Table
+
     from analysis.check import check
 
     report = check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -88,7 +109,7 @@ def transplant_cmd(
     written = transplant(donor, target, plan, out=out, components=components, strength=strength, patch=patch,
                          force=force, allow_extrapolation=allow_extrapolation, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code)
-    out_console.print(f"wrote {'patch' if patch else 'model'} {written}")
+    print(f"wrote {'patch' if patch else 'model'} {written}")
 
 
 @app.command("apply-patch")
@@ -103,7 +124,7 @@ def apply_patch_cmd(
     from analysis.transplant import apply_patch
 
     written = apply_patch(target, patch, out=out, force=force, allow_pickle=allow_pickle)
-    out_console.print(f"wrote model {written}")
+    print(f"wrote model {written}")
 
 
 @app.command("eval")
@@ -203,6 +224,8 @@ def localize_cmd(
     trust_remote_code: TrustCode = False,
 ) -> None:
     """Rank the components that carry the task difference (probe split only); write scores, figures, plans."""
+    from rich.table import Table
+
     from analysis.localize import localize
 
     result = localize(donor, target, task, method=method, components=components, mode=mode, positions=positions,
@@ -220,6 +243,8 @@ def localize_cmd(
 
 def _finish_run(run: Path) -> None:
     """Write the report and print its headline table."""
+    from rich.table import Table
+
     from analysis import report
 
     path = report.write(run)
@@ -236,11 +261,26 @@ def _finish_run(run: Path) -> None:
     out_console.print(f"report: {path}  (and report.html, figures/)")
 
 
+def _quiet_progress_bars() -> None:
+    """Our own bars cover long stages; keep Hugging Face's off (and errors on one line).
+
+    Without importing transformers: it takes a second, and file-to-file commands never need it. The
+    variable is read when huggingface_hub is first imported; modules already imported are told directly.
+    """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning GraftError into one line and exit code 2."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars cover long stages; keep errors on one line
+    _quiet_progress_bars()
     try:
         app(args=argv)  # standalone: usage errors already exit 2 with click's message
     except GraftError as err:

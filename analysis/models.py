@@ -18,11 +18,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from analysis.errors import GraftError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a model is loaded: resolving a reference must stay fast
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -117,6 +116,8 @@ def pickle_files(ref: ModelRef) -> list[Path]:
 
 
 def _dtype(name: DTypeName | torch.dtype) -> torch.dtype | str:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
@@ -207,6 +208,8 @@ class LoadedModel:
         """
         if self._bridge is None:
             return
+        import torch
+
         layers = sorted({int(m.group(1)) for n in names if FUSED.search(n) and (m := LAYER_INDEX.search(n))})
         with torch.no_grad():
             for layer in layers:
@@ -248,6 +251,7 @@ def load(
     ``attn_implementation`` defaults to eager because the TransformerLens bridge forces eager
     attention: loading eager from the start keeps the HF model's logits and the bridge's identical.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mref = resolve(ref)

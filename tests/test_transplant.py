@@ -9,17 +9,20 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, build_model
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from analysis import units
 from analysis.checkpoint import Checkpoint
+from analysis.errors import GraftError
 from analysis.models import load
 from analysis.plan import Plan
-from analysis.transplant import applied, apply_patch, transplant
+from analysis.transplant import applied, apply_patch, blend, blend_f32, read_patch, transplant
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -41,6 +44,35 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 PLAN = ["L0.H1", "L1.N3", "L1.attn.q", "L0.mlp.down"]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.5, 0.37, 1e-3, 0.999, -0.25, 1.7])
+@pytest.mark.parametrize("src,out", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                     (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32)])
+def test_numpy_blend_is_bit_identical_to_torch(alpha: float, src: torch.dtype, out: torch.dtype) -> None:
+    """The file path (numpy) and the in-memory path (torch) compute one formula to the same bits."""
+    from analysis.checkpoint import RAW_DTYPES, from_float32, st_dtype, to_float32
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-30, 30, 200_000, base=2.0)  # tiny to huge, subnormal bf16/f16 included
+    t = (torch.randn(200_000, generator=gen) * scale).to(src)
+    d = (torch.randn(200_000, generator=gen) * scale[torch.randperm(200_000, generator=gen)]).to(src)
+    theirs = blend(t, d, alpha, out)
+    tn, dn = (to_float32(np.frombuffer(raw_bytes(x), RAW_DTYPES[st_dtype(src)]), st_dtype(src)) for x in (t, d))
+    ours = from_float32(np.ascontiguousarray(blend_f32(tn, dn, alpha)), st_dtype(out))
+    their_bits = np.frombuffer(raw_bytes(theirs), ours.dtype)
+    nan = torch.isnan(theirs).numpy()
+    assert np.array_equal(ours[~nan], their_bits[~nan])  # Inf where float16 overflows included
+    assert np.isnan(to_float32(ours[nan], st_dtype(out))).all()
+
+
+def test_verbs_stay_functions_after_their_modules_are_imported() -> None:
+    import analysis.check
+    import analysis.transplant  # noqa: F401 (binds the submodule on the package, unless guarded)
+
+    assert analysis.transplant is transplant and analysis.applied is applied and callable(analysis.check)
+    assert sys.modules["analysis.transplant"].transplant is transplant
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,6 +104,10 @@ def test_written_folder_matches_memory_and_leaves_the_rest_alone(family: str, ti
     # other float rounding order. Unfused architectures are bit-identical.
     exact = family in ("llama", "qwen2", "gemma3")
     torch.testing.assert_close(bridged, mem, rtol=0, atol=0 if exact else 1e-5)
+    # the folder's tensors are the in-memory transplant's, bit for bit
+    t, d = load(target), load(donor)
+    with applied(t, d, Plan.of(PLAN, alpha=0.5)) as changed:
+        assert all(raw_bytes(after[n]) == raw_bytes(v) for n, v in changed.items())
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and (out / "graft.yaml").is_file()
     card = (out / "README.md").read_text()
     assert "L0.H1" in card and Checkpoint.open(target).sha256()["model.safetensors"] in card
@@ -116,15 +152,23 @@ def test_in_memory_restore_is_bit_exact(tiny_pairs) -> None:
     assert all(torch.equal(p, snapshot[n]) for n, p in t.parameters().items())
 
 
-def test_bf16_target_rounds_the_same_in_memory_and_on_disk(tmp_path: Path) -> None:
-    target = build_model(tmp_path / "t", "llama", seed=2, dtype=torch.bfloat16)
-    donor = build_model(tmp_path / "d", "llama", seed=1, dtype=torch.bfloat16)
+@pytest.mark.parametrize("tdtype,ddtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_storage_dtype_rounds_the_same_in_memory_and_on_disk(tmp_path: Path, tdtype: torch.dtype,
+                                                             ddtype: torch.dtype) -> None:
+    """bf16 / f16 (numpy), a float32 donor into a bf16 target, and f64 (torch's fallback) alike."""
+    target = build_model(tmp_path / "t", "llama", seed=2, dtype=tdtype)
+    donor = build_model(tmp_path / "d", "llama", seed=1, dtype=ddtype)
     out = transplant(donor, target, components=["L0.mlp", "L1.H0"], strength=0.37, out=tmp_path / "o")
     ids = torch.tensor([[5, 6, 7, 8]])
     t = load(target, dtype="float32")
     written = load(out, dtype="float32")
     with applied(t, load(donor, dtype="float32"), Plan.of(["L0.mlp", "L1.H0"], alpha=0.37)):
         torch.testing.assert_close(logits(t.model, ids), logits(written.model, ids), rtol=0, atol=0)
+    after = tensors(out)
+    assert all(v.dtype == tdtype for v in after.values())
+    with applied(load(target), load(donor), Plan.of(["L0.mlp", "L1.H0"], alpha=0.37)) as changed:
+        assert all(raw_bytes(after[n]) == raw_bytes(v) for n, v in changed.items())
 
 
 def test_patch_then_apply_reproduces_the_folder(tiny_pairs, tmp_path: Path) -> None:
@@ -134,6 +178,9 @@ def test_patch_then_apply_reproduces_the_folder(tiny_pairs, tmp_path: Path) -> N
     rebuilt = apply_patch(target, patch, out=tmp_path / "rebuilt")
     a, b = tensors(folder), tensors(rebuilt)
     assert set(a) == set(b) and all(raw_bytes(a[n]) == raw_bytes(b[n]) for n in a)
+    assert all((folder / f).read_bytes() == (rebuilt / f).read_bytes() for f in ("model.safetensors", "graft.yaml"))
+    plan, changed = read_patch(patch)  # safetensors reads the patch (header written last, in its kept room)
+    assert plan.provenance.target_sha256 and all(raw_bytes(t) == raw_bytes(a[n]) for n, t in changed.items())
     patch_size = sum(f.stat().st_size for f in patch.iterdir())
     assert patch_size < sum(f.stat().st_size for f in Path(target).glob("*.safetensors"))
 
@@ -169,19 +216,59 @@ def test_sources_are_never_modified(tiny_pairs, tmp_path: Path) -> None:
     assert stamp == {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in (donor, target) for p in Path(f).iterdir()}
 
 
+def test_nan_or_inf_in_a_sliced_target_tensor_names_it(tiny_pairs, tmp_path: Path) -> None:
+    donor, target = tiny_pairs("llama")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(target).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(broken / "model.safetensors"))
+    state["model.layers.1.self_attn.o_proj.weight"][0, 9] = float("inf")  # column 9: head 1 (head_dim 8)
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    for patch in (False, True):
+        with pytest.raises(GraftError, match=r"target tensor model\.layers\.1\.self_attn\.o_proj\.weight holds NaN"):
+            transplant(donor, broken, components=["L1.H1"], strength=0.5, out=tmp_path / "o", patch=patch)
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.graftlm-*"))
+
+
+def test_file_commands_do_not_import_torch(tiny_pairs, tmp_path: Path) -> None:
+    """check, transplant (folder and patch) and apply-patch between safetensors folders: numpy only."""
+    donor, target = tiny_pairs("qwen2")
+    script = textwrap.dedent(f"""
+        import sys
+        from analysis.cli import main
+        def run(*args):
+            try:
+                main(list(args))
+            except SystemExit as stop:
+                assert not stop.code, stop.code
+        d, t, o = {str(donor)!r}, {str(target)!r}, {str(tmp_path)!r}
+        run("check", "--donor", d, "--target", t)
+        run("transplant", "-d", d, "-t", t, "-c", "L1.mlp", "-c", "L0.H2", "-a", "0.4", "--out", o + "/folder")
+        run("transplant", "-d", d, "-t", t, "-c", "L1.mlp", "-c", "L0.H2", "-a", "0.4", "--out", o + "/patch", "--patch")
+        run("apply-patch", "-t", t, "--patch", o + "/patch", "--out", o + "/rebuilt")
+        print(sorted(m for m in ("torch", "transformers", "transformer_lens", "safetensors.torch") if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    a, b = tensors(tmp_path / "folder"), tensors(tmp_path / "rebuilt")
+    assert all(raw_bytes(a[n]) == raw_bytes(b[n]) for n in a)
+
+
 def test_killed_mid_write_leaves_nothing_at_out(tiny_pairs, tmp_path: Path) -> None:
     donor, target = tiny_pairs("llama")
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import sys, time
-        import analysis
+        import analysis.transplant
         tr = sys.modules["analysis.transplant"]
-        real = tr._overwrite_in_place
+        real = tr._write_folder
         def slow(*a, **k):
             real(*a, **k)
             print("written", flush=True)
             time.sleep(60)
-        tr._overwrite_in_place = slow
+        tr._write_folder = slow
         tr.transplant({str(donor)!r}, {str(target)!r}, components=["L*"], out={str(out)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
