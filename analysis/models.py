@@ -236,6 +236,19 @@ def hf_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name.replace(BRIDGE_WRAPPER, ""): p for name, p in model.named_parameters()}
 
 
+def _check_device(name: str) -> None:
+    """A device torch can use here, or one line saying why not (before any weights are read)."""
+    import torch
+
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError) as err:
+        raise GraftError(f"unknown device {name!r}", "use cpu, cuda, cuda:N or mps") from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if kind in available and not available[kind]():
+        raise GraftError(f"device {name!r} is not available to this torch build", "use --device cpu")
+
+
 def load(
     ref: str | os.PathLike[str] | ModelRef,
     *,
@@ -256,6 +269,7 @@ def load(
 
     mref = resolve(ref)
     torch_dtype = _dtype(dtype)
+    _check_device(device)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
         "trust_remote_code": trust_remote_code,

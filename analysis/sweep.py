@@ -69,9 +69,10 @@ class SweepConfig(BaseModel):
     test_limit: int | None = None
     retention_limit: int | None = 100
     batch_size: int = 32
-    reuse_memory_gb: float = Field(2.0, ge=0, description="memory for the activations below the transplant, "
+    reuse_memory_gb: float = Field(2.0, ge=0, description="memory (on the device) for the activations below the transplant, "
                                    "kept across points of scoring tasks (choice, perplexity); 0 turns reuse off")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="where the models run: cpu, cuda, cuda:1, mps")
     seed: int = 0
 
     @field_validator("k")
@@ -221,7 +222,8 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     retention_task = tasks.load(cfg.retention) if cfg.retention else (task if task.retention is not None else None)
     retention_split = "retention" if cfg.retention is None else None
     # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
-    models = {"a": load(cfg.donor, dtype=cfg.dtype), "b": load(cfg.target, dtype=cfg.dtype)}
+    models = {"a": load(cfg.donor, dtype=cfg.dtype, device=cfg.device),
+              "b": load(cfg.target, dtype=cfg.dtype, device=cfg.device)}
     lay = units.layout(models["a"].model.config,
                        {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
     lengths = cfg.max_new_tokens if task.kind == "generate" else [None]

@@ -74,3 +74,12 @@ def test_gguf_loads_dequantized_with_a_bridge() -> None:
     ids = loaded.tokenizer("2+2=", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(loaded.bridge(ids), loaded.model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_bad_or_missing_device_is_one_clear_error(llama_pair: tuple[Path, Path]) -> None:
+    _, target = llama_pair
+    with pytest.raises(GraftError, match="unknown device"):
+        load(target, device="tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(GraftError, match="not available"):
+            load(target, device="cuda")
