@@ -286,6 +286,28 @@ def main(argv: list[str] | None = None) -> None:
     except GraftError as err:
         err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except SystemExit as stop:
+        if argv is None and not stop.code:  # the console script, done: skip tearing down every module
+            _exit_now()
+        raise
+
+
+def _exit_now() -> None:
+    """End the process once the exit handlers ran and output is flushed (if no other thread runs).
+
+    Freeing each imported module and object one by one takes ~30 ms (numpy, pydantic, typer…), 7% of
+    a transplant written as a patch; every file is closed by then and the operating system frees
+    memory at once.
+    """
+    import atexit
+    import threading
+
+    if threading.active_count() > 1:  # a thread still working gets the normal shutdown, which waits for it
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,16 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such model folder" in proc.stderr
     help_text = subprocess.run([*cmd, "transplant", "--help"], capture_output=True, text=True).stdout
     assert "--components" in help_text and "--patch" in help_text
+
+
+def test_console_script_transplant_exits_cleanly(llama_pair, tmp_path: Path) -> None:
+    """The script ends without tearing down its modules: its output must be complete all the same."""
+    donor, target = llama_pair
+    exe = Path(sys.executable).parent / "graftlm"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "analysis.cli"]
+    out = tmp_path / "o"
+    proc = subprocess.run([*cmd, *transplant_args(donor, target, out, "-c", "L1.mlp", "-a", "0.5")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote model {out}", proc.stderr
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(Path(target) / "model.safetensors")).keys()
+    assert "target_sha256" in (out / "graft.yaml").read_text()
