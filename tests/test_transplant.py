@@ -183,6 +183,10 @@ def test_patch_then_apply_reproduces_the_folder(tiny_pairs, tmp_path: Path) -> N
     assert plan.provenance.target_sha256 and all(raw_bytes(t) == raw_bytes(a[n]) for n, t in changed.items())
     patch_size = sum(f.stat().st_size for f in patch.iterdir())
     assert patch_size < sum(f.stat().st_size for f in Path(target).glob("*.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for out in (folder, patch, rebuilt):  # ordinary folders (the staging folder was private while written)
+        assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_sharded_target_keeps_its_shards(tmp_path: Path) -> None:
