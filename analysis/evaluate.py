@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +179,37 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     return ids, mask, positions
 
 
+SHARED_HEAD_MIN_TOKENS = 16  # a common head shorter than this is not worth its own forward
+
+
+class _Heads:
+    """The token head that every row of a batch shares (few-shot examples, a system prompt) is run once,
+    batch size 1, and its KV cache repeated for the rows; the next batch with the same head reuses it."""
+
+    def __init__(self, fwd: _Forward) -> None:
+        self.fwd = fwd
+        self.last: tuple[tuple[int, ...], Any] | None = None
+
+    def inputs(self, seqs: Sequence[Sequence[int]], pad: int, tag: Hashable
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Left-padded (ids, mask, positions) of ``seqs`` after their shared head, and a KV cache holding
+        the head (None when there is no head worth sharing: then ids are the whole rows)."""
+        head: list[int] = os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else []
+        head = head[: min(len(x) for x in seqs) - 1]  # every row keeps a token of its own
+        if len(head) < SHARED_HEAD_MIN_TOKENS or not self.fwd.caches:
+            return (*_left_pad(seqs, pad), None)
+        ids, mask, positions = _left_pad([x[len(head):] for x in seqs], pad)
+        if self.last is None or self.last[0] != tuple(head):
+            one = torch.tensor([head])
+            _, cache = self.fwd(one, torch.ones_like(one), torch.arange(len(head))[None], last_only=True, tag=tag)
+            self.last = (tuple(head), cache)
+        past = copy.deepcopy(self.last[1])
+        past.batch_repeat_interleave(len(seqs))
+        # padding sits between the head and each row's own tokens: masked, and positions say where each is
+        mask = torch.cat([torch.ones((len(seqs), len(head)), dtype=torch.long), mask], dim=1)
+        return ids, mask, positions + len(head), past
+
+
 # -- generation -------------------------------------------------------------------------------------
 
 class Generation(NamedTuple):
@@ -215,24 +247,25 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         return len(new) >= max_new_tokens or new[-1] in eos or (
             bool(stops) and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stops))
 
+    heads = _Heads(fwd)
     rows: list[tuple[list[int], float]] = [([], 0.0)] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
     todo = list(range(len(encoded)))
     if drafts is not None:
         todo = []
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]) - len(drafts[i] or ()), i))
-        for batch in _batches(order, batch_size):
-            for i, (new, logprob) in zip(batch, _verify(fwd, [encoded[i] for i in batch],
+        for b_no, batch in enumerate(_batches(order, batch_size)):
+            for i, (new, logprob) in zip(batch, _verify(fwd, heads, [encoded[i] for i in batch],
                                                          [list(drafts[i] or ())[:max_new_tokens] for i in batch],
-                                                         pad, finished), strict=True):
+                                                         pad, finished, b_no), strict=True):
                 rows[i] = (new, logprob)
                 if finished(new):
                     bar.update(1)
                 else:
                     todo.append(i)
     order = sorted(todo, key=lambda i: (-len(encoded[i]) - len(rows[i][0]), i))
-    for batch in _batches(order, batch_size):
-        outs = _decode(fwd, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished)
+    for b_no, batch in enumerate(_batches(order, batch_size)):
+        outs = _decode(fwd, heads, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished, b_no)
         for i, out in zip(batch, outs, strict=True):
             rows[i] = out
         bar.update(len(batch))
@@ -245,13 +278,14 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     return results
 
 
-def _verify(fwd: _Forward, prompts: list[list[int]], drafts: list[list[int]], pad: int,
-            finished: Callable[[list[int]], bool]) -> list[tuple[list[int], float]]:
+def _verify(fwd: _Forward, heads: _Heads, prompts: list[list[int]], drafts: list[list[int]], pad: int,
+            finished: Callable[[list[int]], bool], b_no: int) -> list[tuple[list[int], float]]:
     """One forward over prompt + draft per row: the greedy tokens up to and including the first one that
     differs from the draft (or follows its end), with their summed logprob."""
-    ids, mask, positions = _left_pad([p + d for p, d in zip(prompts, drafts, strict=True)], pad)
+    ids, mask, positions, past = heads.inputs([p + d for p, d in zip(prompts, drafts, strict=True)], pad,
+                                              ("verify-head", b_no))
     keep = max(len(d) for d in drafts) + 1
-    logits, _ = fwd(ids, mask, positions, keep=keep)
+    logits, _ = fwd(ids, mask, positions, past=past, keep=keep)
     logp = torch.log_softmax(logits, dim=-1)
     greedy = logp.argmax(-1)
     out = []
@@ -269,16 +303,17 @@ def _verify(fwd: _Forward, prompts: list[list[int]], drafts: list[list[int]], pa
     return out
 
 
-def _decode(fwd: _Forward, prompts: list[list[int]], starts: list[tuple[list[int], float]], pad: int,
-            finished: Callable[[list[int]], bool]) -> list[tuple[list[int], float]]:
+def _decode(fwd: _Forward, heads: _Heads, prompts: list[list[int]], starts: list[tuple[list[int], float]],
+            pad: int, finished: Callable[[list[int]], bool], b_no: int) -> list[tuple[list[int], float]]:
     """Greedy decoding of a batch, step by step on the KV cache; each row continues after its ``start``
     tokens (already generated) until ``finished``."""
-    ids, mask, positions = _left_pad([p + s for p, (s, _) in zip(prompts, starts, strict=True)], pad)
+    ids, mask, positions, past = heads.inputs([p + s for p, (s, _) in zip(prompts, starts, strict=True)], pad,
+                                              ("decode-head", b_no))
     n = len(prompts)
     new = [list(s) for s, _ in starts]
     logprob = [lp for _, lp in starts]
     done = [False] * n
-    logits, past = fwd(ids, mask, positions, last_only=True)
+    logits, past = fwd(ids, mask, positions, past=past, last_only=True)
     cached = fwd.caches
     while True:
         logp = torch.log_softmax(logits[:, -1], dim=-1)
@@ -357,9 +392,10 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
 
 def _score_batches(fwd: _Forward, prepared: list[tuple[list[int], list[list[int]]]], order: list[int],
                    batch_size: int, pad: int, results: list[list[float]], bar: Any) -> None:
+    heads = _Heads(fwd)
     for b_no, batch in enumerate(_batches(order, batch_size)):
-        ids, mask, positions = _left_pad([prepared[i][0] for i in batch], pad)
-        logits, past = fwd(ids, mask, positions, last_only=True, tag=("context", b_no))
+        ids, mask, positions, past = heads.inputs([prepared[i][0] for i in batch], pad, ("head", b_no))
+        logits, past = fwd(ids, mask, positions, past=past, last_only=True, tag=("context", b_no))
         first = torch.log_softmax(logits[:, -1], dim=-1)  # predicts every continuation's first token
         rows = [(b, cont) for b, i in enumerate(batch) for cont in prepared[i][1]]
         scores = [float(first[b, cont[0]]) for b, cont in rows]

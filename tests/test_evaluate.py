@@ -262,3 +262,35 @@ def test_drafts_give_the_greedy_tokens(random_llama, draft_kind: str) -> None:
     assert [g.tokens for g in got] == [g.tokens for g in plain]
     assert [g.text for g in got] == [g.text for g in plain]
     assert [g.logprob for g in got] == pytest.approx([g.logprob for g in plain], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])
+def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, family: str, monkeypatch) -> None:
+    """Prompts that share a long head (few-shot examples): the head runs on its own, batch size 1, and the
+    rows continue from its KV cache, padding between head and row. Same tokens, same choices."""
+    from analysis.models import load
+
+    loaded = load(tiny_pairs(family)[1], dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    shots = "Q: 1+2=\nA: 3\nQ: 4+4=\nA: 8\n"  # (the tiny models see 64 positions)
+    prompts = [shots + f"Q: {a}+{b}=\nA:" + " " * (a % 3) for a, b in zip(range(3, 40, 4), range(10), strict=True)]
+    requests = [(p, [" 1", " 12", " 123 and more"]) for p in prompts]
+    calls: list[tuple[int, int]] = []  # (rows, positions) of every forward
+    forward = evaluate._Forward.__call__
+
+    def counting(self, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(tuple(ids.shape))
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate._Forward, "__call__", counting)
+    shared = (evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
+              evaluate.loglikelihoods(model, tok, requests, batch_size=4))
+    assert any(rows == 1 and width >= len(shots) for rows, width in calls)  # the head, on its own
+    assert not any(rows > 1 and width >= len(shots) for rows, width in calls)  # never again per row
+    monkeypatch.setattr(evaluate, "SHARED_HEAD_MIN_TOKENS", 10**9)
+    whole = (evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
+             evaluate.loglikelihoods(model, tok, requests, batch_size=4))
+    assert [g.tokens for g in shared[0]] == [g.tokens for g in whole[0]]
+    assert [g.logprob for g in shared[0]] == pytest.approx([g.logprob for g in whole[0]], abs=1e-4)
+    for a, b in zip(shared[1], whole[1], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
