@@ -65,6 +65,51 @@ def build_model(folder: Path, family: str, seed: int, *, dtype: torch.dtype = to
     return folder
 
 
+def write_gguf(folder: Path, path: Path) -> Path:
+    """The tiny Llama in ``folder`` as a float32 GGUF file (llama.cpp's tensor names and q/k row order)."""
+    import gguf
+    import numpy as np
+
+    model = T.AutoModelForCausalLM.from_pretrained(folder)
+    cfg, tok = model.config, T.AutoTokenizer.from_pretrained(folder)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda x: x[1])]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([1] * len(tokens))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    hf_to_gguf = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in hf_to_gguf.items()})
+    for name, tensor in model.state_dict().items():
+        x = tensor.float().numpy()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:  # llama.cpp interleaves the rotary halves of each head; transformers undoes it on load
+            x = x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        w.add_tensor(names[name], np.ascontiguousarray(x))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
     """``tiny_pairs(family)`` → (donor, target) folders of the same architecture, built once per session."""

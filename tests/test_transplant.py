@@ -280,3 +280,22 @@ def test_killed_mid_write_leaves_nothing_at_out(tiny_pairs, tmp_path: Path) -> N
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+
+
+def test_gguf_target_is_written_as_safetensors_with_the_same_logits(tiny_pairs, tmp_path: Path) -> None:
+    """A GGUF target (dequantized on load) becomes an HF safetensors folder; the GGUF file is untouched."""
+    from conftest import write_gguf
+
+    donor, target_folder = tiny_pairs("llama")
+    target = write_gguf(Path(target_folder), tmp_path / "target.gguf")
+    before = target.read_bytes()
+    out = transplant(donor, target, components=["L1.mlp", "L0.H2"], strength=0.5, out=tmp_path / "out")
+    assert target.read_bytes() == before and sorted(p.suffix for p in out.glob("model*.safetensors")) == [".safetensors"]
+    written = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    loaded, donor_loaded = load(target, dtype="float32"), load(donor, dtype="float32")
+    ids = torch.tensor([[0, 40, 41, 42, 43, 44]])
+    with torch.no_grad(), applied(loaded, donor_loaded, Plan.of(["L1.mlp", "L0.H2"], alpha=0.5)):
+        torch.testing.assert_close(written(ids).logits, loaded.model(ids).logits, rtol=0, atol=0)
+    with torch.no_grad():  # and it is the HF target plus the transplant, not the target alone
+        plain = AutoModelForCausalLM.from_pretrained(target_folder).eval()(ids).logits
+        assert not torch.allclose(written(ids).logits, plain)
