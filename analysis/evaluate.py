@@ -190,12 +190,13 @@ class _Heads:
         self.fwd = fwd
         self.last: tuple[tuple[int, ...], Any] | None = None
 
-    def inputs(self, seqs: Sequence[Sequence[int]], pad: int, tag: Hashable
+    def inputs(self, seqs: Sequence[Sequence[int]], pad: int, tag: Hashable, own: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Left-padded (ids, mask, positions) of ``seqs`` after their shared head, and a KV cache holding
-        the head (None when there is no head worth sharing: then ids are the whole rows)."""
+        the head (None when there is no head worth sharing: then ids are the whole rows). Every row keeps
+        at least its last ``own`` tokens out of the head (the positions whose logits the caller reads)."""
         head: list[int] = os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else []
-        head = head[: min(len(x) for x in seqs) - 1]  # every row keeps a token of its own
+        head = head[: max(min(len(x) for x in seqs) - own, 0)]
         if len(head) < SHARED_HEAD_MIN_TOKENS or not self.fwd.caches:
             return (*_left_pad(seqs, pad), None)
         ids, mask, positions = _left_pad([x[len(head):] for x in seqs], pad)
@@ -282,9 +283,10 @@ def _verify(fwd: _Forward, heads: _Heads, prompts: list[list[int]], drafts: list
             finished: Callable[[list[int]], bool], b_no: int) -> list[tuple[list[int], float]]:
     """One forward over prompt + draft per row: the greedy tokens up to and including the first one that
     differs from the draft (or follows its end), with their summed logprob."""
-    ids, mask, positions, past = heads.inputs([p + d for p, d in zip(prompts, drafts, strict=True)], pad,
-                                              ("verify-head", b_no))
     keep = max(len(d) for d in drafts) + 1
+    # the logits read are the last `keep` positions: each row's draft and the prompt token before it
+    ids, mask, positions, past = heads.inputs([p + d for p, d in zip(prompts, drafts, strict=True)], pad,
+                                              ("verify-head", b_no), own=keep)
     logits, _ = fwd(ids, mask, positions, past=past, keep=keep)
     logp = torch.log_softmax(logits, dim=-1)
     greedy = logp.argmax(-1)

@@ -292,5 +292,10 @@ def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, fami
              evaluate.loglikelihoods(model, tok, requests, batch_size=4))
     assert [g.tokens for g in shared[0]] == [g.tokens for g in whole[0]]
     assert [g.logprob for g in shared[0]] == pytest.approx([g.logprob for g in whole[0]], abs=1e-4)
+    monkeypatch.setattr(evaluate, "SHARED_HEAD_MIN_TOKENS", 16)
+    same = [prompts[0]] * 4  # identical prompts with identical drafts: the head must stop before the drafts
+    drafted = evaluate.generate(model, tok, same, stop=["\n"], max_new_tokens=5, batch_size=4,
+                                drafts=[whole[0][0].tokens] * 4)
+    assert [g.tokens for g in drafted] == [whole[0][0].tokens] * 4
     for a, b in zip(shared[1], whole[1], strict=True):
         assert a == pytest.approx(b, abs=1e-4)
