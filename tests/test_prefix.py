@@ -19,6 +19,8 @@ REQUESTS = [
     ("A longer context with many more characters in it,", [" yes", " no"]),
     ("q", [" r", " rs", " rst", " rstu"]),
 ]
+SHOTS = "Q: 1+2=\nA: 3\nQ: 4+4=\nA: 8\n"  # a head every context shares: run once per batch, replayed too
+REQUESTS += [(SHOTS + f"Q: {a}+1=\nA:", [f" {a + 1}", " 0", " 12"]) for a in range(5)]
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a", "zzzz yyyy xxxx wwww vvvv"]
 # (component, alpha): the lowest touched layer goes 3, 3, 1, 2, 0, 3 — record, replay, record deeper,
 # replay from a shallower record while recording, no reuse possible, replay after all that.
