@@ -10,9 +10,10 @@ are bit-identical to full forwards (tested on Llama, Qwen2, Gemma-3, Phi-3, GPT-
 
 Generation is not replayed: its decoding steps depend on the tokens the transplanted model chose.
 
-    prefix = Prefix(model)
-    with applied(target, donor, plan), prefix.unchanged_below(lowest_layer(plan, layout)):
-        evaluate.run(target.model, tokenizer, task, prefix=prefix)
+    prefix = Prefix(target.model)
+    lowest = lowest_layer([c.layer for c in units.select(layout, [c.id for c in plan.components])])
+    with applied(target, donor, plan), prefix.unchanged_below(lowest):
+        evaluate.run(target.model, target.tokenizer, task, prefix=prefix)
 """
 
 from __future__ import annotations
@@ -197,11 +198,15 @@ def _skipped(block: torch.nn.Module, index: int, output: torch.Tensor | None) ->
             cache.update(placeholder, placeholder, index)
         return output if output is not None else hidden_states
 
+    previous = block.__dict__.get("forward")  # accelerate's hooks, for one, live there
     block.forward = forward  # instance attribute: nn.Module.__call__ dispatches to it
     try:
         yield
     finally:
-        del block.forward
+        if previous is None:
+            del block.forward
+        else:
+            block.forward = previous
 
 
 def lowest_layer(component_layers: list[int | None]) -> int:
