@@ -251,8 +251,9 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             if plan is not None:
                 stack.enter_context(applied(loaded, donor, plan))
             if cfg.reuse_memory_gb > 0 and (plan is not None or record):
-                budget = int(cfg.reuse_memory_gb * 2**30)
-                prefix = prefixes.setdefault(id(loaded.model), Prefix(loaded.model, budget_bytes=budget))
+                if id(loaded.model) not in prefixes:
+                    prefixes[id(loaded.model)] = Prefix(loaded.model, budget_bytes=int(cfg.reuse_memory_gb * 2**30))
+                prefix = prefixes[id(loaded.model)]
                 # the untouched target (a baseline) records for the points to come
                 start = low(plan) if plan is not None else prefix.depth
                 stack.enter_context(prefix.unchanged_below(start, record=wanted))
