@@ -236,6 +236,10 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     def low(plan: Plan) -> int:
         return lowest_layer([c.layer for c in units.select(lay, [c.id for c in plan.components])])
 
+    def grid_lows(ranking: dict[str, list[tuple[str, float]]]) -> set[int]:
+        """The layers the grid's points start from (α does not move them)."""
+        return {low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k}
+
     def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
                        limit: int | None = None, plan: Plan | None = None, donor: Any = None,
                        drafts_from: str | None = None, record: bool = False) -> dict[str, Any]:
@@ -280,7 +284,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         if not cfg.auto_order:
             # The target is known: localize first, so that its baselines record what the grid replays.
             ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay) for m in needed}
-            wanted.update(low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k)
+            wanted.update(grid_lows(ranking))
         # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
         base = {}
         for name in ("a", "b"):
@@ -303,7 +307,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         if not ranking:
             reverse = donor_name == "b"
             ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse) for m in needed}
-            wanted.update(low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k)
+            wanted.update(grid_lows(ranking))
         # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
         # points mostly generate the same tokens), which spares most sequential decoding steps.
         for method in cfg.methods:
