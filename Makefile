@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check analysis tests bench figures
+	$(PY) -m ruff check analysis tests bench figures notebooks
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

@@ -184,18 +184,22 @@ SHARED_HEAD_MIN_TOKENS = 16  # a common head shorter than this is not worth its 
 
 class _Heads:
     """The token head that every row of a batch shares (few-shot examples, a system prompt) is run once,
-    batch size 1, and its KV cache repeated for the rows; the next batch with the same head reuses it."""
+    batch size 1, and its KV cache repeated for the rows; the next batch with the same head reuses it.
+    Given ``every`` row of the run, the head they all share is used for each batch (one head forward
+    for the run, however the rows are grouped); otherwise each batch's own common head."""
 
-    def __init__(self, fwd: _Forward) -> None:
+    def __init__(self, fwd: _Forward, every: Sequence[Sequence[int]] = ()) -> None:
         self.fwd = fwd
         self.last: tuple[tuple[int, ...], Any] | None = None
+        self.common: list[int] = os.path.commonprefix([list(x) for x in every]) if len(every) > 1 else []
 
     def inputs(self, seqs: Sequence[Sequence[int]], pad: int, tag: Hashable, own: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Left-padded (ids, mask, positions) of ``seqs`` after their shared head, and a KV cache holding
         the head (None when there is no head worth sharing: then ids are the whole rows). Every row keeps
         at least its last ``own`` tokens out of the head (the positions whose logits the caller reads)."""
-        head: list[int] = os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else []
+        head: list[int] = self.common if len(self.common) >= SHARED_HEAD_MIN_TOKENS else (
+            os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else [])
         head = head[: max(min(len(x) for x in seqs) - own, 0)]
         if len(head) < SHARED_HEAD_MIN_TOKENS or not self.fwd.caches:
             return (*_left_pad(seqs, pad), None)
@@ -248,7 +252,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         return len(new) >= max_new_tokens or new[-1] in eos or (
             bool(stops) and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stops))
 
-    heads = _Heads(fwd)
+    heads = _Heads(fwd, encoded)
     rows: list[tuple[list[int], float]] = [([], 0.0)] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
     todo = list(range(len(encoded)))
@@ -346,14 +350,15 @@ def _decode(fwd: _Forward, heads: _Heads, prompts: list[list[int]], starts: list
 CALL_COST_TOKENS = 16  # a forward call's fixed cost, in token positions (measured on CPU, 30 layers)
 
 
-def _length_groups(rows: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
-    """Split rows, longest first, into runs minimising Σ (call cost + rows × longest length)."""
+def _length_groups(rows: Sequence[int], lengths: Sequence[int], max_rows: int | None = None) -> list[list[int]]:
+    """Split rows, longest first, into runs of at most ``max_rows`` minimising
+    Σ (call cost + rows × longest length)."""
     order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
     n = len(order)
     best = [0.0] + [math.inf] * n  # best[j]: cost of the first j rows of `order`
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):  # group order[i:j]; its longest row is order[i]
+        for i in range(max(0, j - max_rows) if max_rows else 0, j):  # group order[i:j]; its longest row is order[i]
             cost = best[i] + CALL_COST_TOKENS + (j - i) * lengths[order[i]]
             if cost < best[j]:
                 best[j], cut[j] = cost, i
@@ -382,20 +387,21 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
             raise GraftError(f"a continuation of {context[-40:]!r} encodes to no tokens", "check the choices")
         room = max_len - max(len(c) for c in cont_ids)
         prepared.append((ctx[-room:] if len(ctx) > room else ctx, cont_ids))
-    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), i))
+    # contexts of similar length together (padding costs as much as real tokens), batch_size at most
+    batches = _length_groups(range(len(prepared)), [len(ctx) for ctx, _ in prepared], max_rows=batch_size)
     results: list[list[float]] = [[] for _ in prepared]
     bar = tqdm(total=len(prepared), desc="loglikelihood", disable=not progress, leave=False)
     fingerprint = hash(("loglikelihood", batch_size, tuple((tuple(c), tuple(map(tuple, cs))) for c, cs in prepared)))
     with fwd.prefix.session(fingerprint) if fwd.prefix is not None else contextlib.nullcontext():
-        _score_batches(fwd, prepared, order, batch_size, pad, results, bar)
+        _score_batches(fwd, prepared, batches, pad, results, bar)
     bar.close()
     return results
 
 
-def _score_batches(fwd: _Forward, prepared: list[tuple[list[int], list[list[int]]]], order: list[int],
-                   batch_size: int, pad: int, results: list[list[float]], bar: Any) -> None:
-    heads = _Heads(fwd)
-    for b_no, batch in enumerate(_batches(order, batch_size)):
+def _score_batches(fwd: _Forward, prepared: list[tuple[list[int], list[list[int]]]], batches: list[list[int]],
+                   pad: int, results: list[list[float]], bar: Any) -> None:
+    heads = _Heads(fwd, [ctx for ctx, _ in prepared])
+    for b_no, batch in enumerate(batches):
         ids, mask, positions, past = heads.inputs([prepared[i][0] for i in batch], pad, ("head", b_no))
         logits, past = fwd(ids, mask, positions, past=past, last_only=True, tag=("context", b_no))
         first = torch.log_softmax(logits[:, -1], dim=-1)  # predicts every continuation's first token
@@ -451,13 +457,14 @@ def token_nlls(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
         ids = encode(tokenizer, text)
         for start in range(0, max(len(ids) - 1, 1), width - 1):
             windows.append((t, ids[start:start + width]))
-    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i][1]), i))
+    # batches of similar length (padding costs as much as real tokens), at most batch_size rows each
+    groups = _length_groups(range(len(windows)), [len(w) for _, w in windows], max_rows=batch_size)
     nll = [0.0] * len(texts)
     count = [0] * len(texts)
     bar = tqdm(total=len(windows), desc="perplexity", disable=not progress, leave=False)
     fingerprint = hash(("perplexity", batch_size, tuple(tuple(w) for _, w in windows)))
     with fwd.prefix.session(fingerprint) if fwd.prefix is not None else contextlib.nullcontext():
-        for b_no, batch in enumerate(_batches(order, batch_size)):
+        for b_no, batch in enumerate(groups):
             _window_batch(fwd, [windows[i] for i in batch], pad, ("window", b_no), nll, count)
             bar.update(len(batch))
     bar.close()

@@ -2,7 +2,7 @@
 
     accuracy_vs_k     the paper's curve: dev accuracy against K, one line per α, per method
     accuracy_vs_alpha dev accuracy against α at each method's chosen K
-    recovery          test accuracy and gap recovery with 95% intervals, per method beside its controls
+    recovery          test accuracy and gap recovery, each with its 95% interval, per method beside its controls
     components        which components each method chose (layer × component heatmap)
 """
 
@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # figures are files: no display needed (CI, remote kernels)
 
@@ -103,22 +104,38 @@ def recovery(run: str | Path, folder: Path) -> list[Path]:
     if not findings:
         return []
     labels = [f.label for f in findings]
-    acc = [f.acc.accuracy for f in findings]
-    low = [f.acc.accuracy - f.acc.ci_low for f in findings]
-    high = [f.acc.ci_high - f.acc.accuracy for f in findings]
     colors = ["tab:blue" if f in s.methods else "0.6" for f in findings]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(findings) + 1.5))
-    ax.barh(labels, acc, xerr=[low, high], color=colors, capsize=3)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.45 * len(findings) + 1.6), sharey=True,
+                                      gridspec_kw={"width_ratios": [1.2, 1]})
+    acc = [f.acc.accuracy for f in findings]
+    left.barh(labels, acc, xerr=[[f.acc.accuracy - f.acc.ci_low for f in findings],
+                                 [f.acc.ci_high - f.acc.accuracy for f in findings]], color=colors, capsize=3)
     for name, a, color in (("donor", s.donor["test"], "tab:green"), ("target", s.target["test"], "tab:red")):
-        ax.axvline(a.accuracy, color=color, ls="--", lw=1)
-        ax.axvspan(a.ci_low, a.ci_high, color=color, alpha=0.08)
-        ax.text(a.accuracy, len(findings) - 0.4, f" {name}", color=color, fontsize=8)
+        left.axvline(a.accuracy, color=color, ls="--", lw=1)
+        left.axvspan(a.ci_low, a.ci_high, color=color, alpha=0.08)
+        left.text(a.accuracy, len(findings) - 0.4, f" {name}", color=color, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("test accuracy (95% Wilson interval)")
+    # Gap recovery with its paired bootstrap interval; an unbounded end is drawn to the axis edge.
+    values = [f.recovery.value for f in findings]
+    shown = [v for v in values if v is not None]
+    lo_edge, hi_edge = min([-0.1, *shown]) - 0.1, max([1.1, *shown]) + 0.1
     for i, f in enumerate(findings):
-        rec = f.recovery.value
-        ax.text(f.acc.ci_high + 0.01, i, f"{rec:+.0%}" if rec is not None else "", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("test accuracy (95% Wilson interval); text: gap recovery")
-    ax.set_title("Methods (blue) beside their controls (grey)")
+        r = f.recovery
+        if r.value is None:
+            right.text(0.5, i, "undefined", va="center", ha="center", fontsize=8, color="0.4")
+            continue
+        lo = r.ci_low if r.ci_low is not None else r.value
+        hi = r.ci_high if r.ci_high is not None else r.value
+        right.plot([max(lo, lo_edge), min(hi, hi_edge)], [i, i], color=colors[i], lw=2.5, solid_capstyle="butt")
+        right.plot([r.value], [i], "o", color=colors[i], markeredgecolor="black", markersize=6)
+        right.text(min(hi, hi_edge), i - 0.25, f" {r.value:+.0%}", fontsize=8)
+    right.axvline(0, color="tab:red", ls="--", lw=1)
+    right.axvline(1, color="tab:green", ls="--", lw=1)
+    right.set_xlim(lo_edge, hi_edge)
+    right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    right.set_xlabel("gap recovered (95% paired bootstrap interval)")
+    fig.suptitle("Methods (blue) beside their controls (grey), on test", y=1.0)
     return _save(fig, folder, "recovery")
 
 

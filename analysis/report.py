@@ -79,10 +79,15 @@ def _items(row: dict[str, Any]) -> dict[str, bool]:
     return {str(i["id"]): bool(i["correct"]) for i in row.get("items") or []}
 
 
+def _aligned(*rows: dict[str, Any]) -> list[list[bool]]:
+    """The rows' per-item correctness on the items they share, in one order."""
+    items = [_items(r) for r in rows]
+    ids = sorted(set.intersection(*(set(i) for i in items)))
+    return [[it[i] for i in ids] for it in items]
+
+
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> metrics.McNemar:
-    ia, ib = _items(a), _items(b)
-    ids = sorted(ia.keys() & ib.keys())
-    return metrics.mcnemar([ia[i] for i in ids], [ib[i] for i in ids])
+    return metrics.mcnemar(*_aligned(a, b))
 
 
 def summarize(run: str | Path) -> list[Summary]:
@@ -118,7 +123,8 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
         ret = get(row["phase"], "retention", "transplant", row["method"], row["top_k"], row["alpha"], row["seed"])
         return Finding(label, row["method"], row["top_k"], row["alpha"], acc,
                        metrics.tir(acc.accuracy, target["test"].accuracy),
-                       metrics.gap_recovery(acc, target["test"], donor["test"], d_vs_t.p_value),
+                       metrics.gap_recovery(acc, target["test"], donor["test"], d_vs_t.p_value,
+                                            items=_recovery_items(row, target_test, donor_test)),
                        _paired(row, target_test), ret.get("perplexity") if ret else None, row.get("plan") or [])
 
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
@@ -129,6 +135,12 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
                       retention, methods, controls, _pool_random(control_rows), [])
     summary.verdict = verdict(summary)
     return summary
+
+
+def _recovery_items(row: dict[str, Any], target: dict[str, Any], donor: dict[str, Any]
+                    ) -> tuple[list[bool], list[bool], list[bool]] | None:
+    t, tg, d = _aligned(row, target, donor)
+    return (t, tg, d) if t else None  # rows without per-item results: no interval
 
 
 def _control_label(row: dict[str, Any]) -> str:
@@ -177,9 +189,8 @@ def verdict(s: Summary) -> list[str]:
                      "not shown to be better than chance on this pair.")
     else:
         for f in winners:
-            rec = f"{f.recovery.value:.0%}" if f.recovery.value is not None else "undefined"
             lines.append(f"{f.method} beats the random control beyond its interval: test {f.acc} vs target "
-                         f"{s.target['test']}, gap recovery {rec}, McNemar p = {f.vs_target.p_value:.3g}.")
+                         f"{s.target['test']}, gap recovery {f.recovery}, McNemar p = {f.vs_target.p_value:.3g}.")
         losers = [f.method for f in s.methods if f not in winners]
         if losers:
             lines.append(f"{', '.join(losers)}: not better than the random control beyond its interval.")
@@ -192,12 +203,25 @@ def _fmt_acc(a: metrics.Accuracy) -> str:
     return f"{a.accuracy:.3f} ({a.k}/{a.n}; {a.ci_low:.3f}–{a.ci_high:.3f})"
 
 
+def _fmt_recovery(r: metrics.Recovery) -> str:
+    if r.value is None:
+        return "—"
+    if r.ci_low is None or r.ci_high is None:
+        return f"{r.value:.0%}"
+    return f"{r.value:.0%} ({metrics.percent(r.ci_low)}–{metrics.percent(r.ci_high)})"
+
+
 def _fmt(x: float | None, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     if isinstance(x, float) and math.isinf(x):
         return "∞"
     return f"{x:.0%}" if pct else f"{x:.3g}"
+
+
+def _gap_reason(s: Summary) -> str:
+    gap = s.donor["test"].accuracy - s.target["test"].accuracy
+    return f"{gap:+.3f}, donor vs target McNemar p = {s.donor_vs_target.p_value:.3g}"
 
 
 def headline(s: Summary) -> list[list[str]]:
@@ -208,14 +232,14 @@ def headline(s: Summary) -> list[list[str]]:
              "100%", _fmt(s.donor_vs_target.p_value), _fmt(s.retention.get("donor"))]]
     for f in [*s.methods, *s.controls]:
         kind = "method" if f in s.methods else "control"
-        rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), _fmt(f.recovery.value, pct=True),
+        rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), _fmt_recovery(f.recovery),
                      _fmt(f.vs_target.p_value), _fmt(f.retention)])
     for (k, a), acc in s.random_pooled.items():
         rows.append(["control", f"random K={k} α={a}, seeds pooled", _fmt_acc(acc), "", "", "", ""])
     return rows
 
 
-HEADER = ["", "model / point", "test accuracy (k/n; 95% CI)", "TIR", "recovery", "McNemar p vs target",
+HEADER = ["", "model / point", "test accuracy (k/n; 95% CI)", "TIR", "gap recovery (95% CI)", "McNemar p vs target",
           "retention ppl"]
 
 
@@ -231,9 +255,12 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
         parts += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         parts += ["| " + " | ".join(r) + " |" for r in headline(s)]
         parts += ["", f"Baselines on dev: donor {_fmt_acc(s.donor['dev'])}, target {_fmt_acc(s.target['dev'])}. "
-                  "K and α were chosen on dev; every figure above is on test, which selection never saw.", ""]
+                  "K and α were chosen on dev; every figure above is on test, which selection never saw. "
+                  "Accuracy intervals are Wilson's; gap recovery (transplant − target) / (donor − target) has a "
+                  "paired percentile bootstrap interval over the test items; the gap itself: "
+                  f"{_gap_reason(s)}.", ""]
         for f in s.methods:
-            parts.append(f"- {f.method}: components {', '.join(f.plan)}; recovery: {f.recovery.reason}.")
+            parts.append(f"- {f.method}: components {', '.join(f.plan)}; gap recovery {f.recovery}.")
         parts.append("")
     for fig in figures or []:
         parts += [f"![{fig.stem}]({fig.relative_to(run)})", ""]

@@ -285,7 +285,8 @@ def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, fami
     monkeypatch.setattr(evaluate._Forward, "__call__", counting)
     shared = (evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
               evaluate.loglikelihoods(model, tok, requests, batch_size=4))
-    assert any(rows == 1 and width >= len(shots) for rows, width in calls)  # the head, on its own
+    # the head, on its own, once per call (not per batch: every batch shares the run's head)
+    assert sum(rows == 1 and width >= len(shots) for rows, width in calls) == 2
     assert not any(rows > 1 and width >= len(shots) for rows, width in calls)  # never again per row
     monkeypatch.setattr(evaluate, "SHARED_HEAD_MIN_TOKENS", 10**9)
     whole = (evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
@@ -299,3 +300,19 @@ def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, fami
     assert [g.tokens for g in drafted] == [whole[0][0].tokens] * 4
     for a, b in zip(shared[1], whole[1], strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_rows_are_grouped_by_length_within_the_batch_size() -> None:
+    """Perplexity windows and contexts run in groups of similar length: each row once, no group above
+    the batch size, and fewer padded positions than fixed batches of the longest-first order."""
+    lengths = [100, 98, 97, 30, 29, 28, 27, 26, 10, 9]
+    groups = evaluate._length_groups(range(len(lengths)), lengths, max_rows=4)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+    assert all(1 <= len(g) <= 4 for g in groups)
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[r] for r in b) for b in batches)
+
+    fixed = [list(range(i, min(i + 4, len(lengths)))) for i in range(0, len(lengths), 4)]
+    assert padded(groups) + evaluate.CALL_COST_TOKENS * len(groups) < padded(fixed) + evaluate.CALL_COST_TOKENS * 3
+    assert [100, 98, 97] == [lengths[r] for r in groups[0]]  # the long rows do not carry a short one

@@ -68,6 +68,29 @@ def test_gap_recovery() -> None:
     assert paired.unstable and "p = 0.2" in paired.reason
 
 
+def test_recovery_interval_is_paired_seeded_and_honest_about_a_vanishing_gap() -> None:
+    n = 200
+    target = [i % 10 < 2 for i in range(n)]  # 20%
+    donor = [i % 10 < 8 for i in range(n)]  # 80%
+    half = [i % 10 < 5 for i in range(n)]  # 50%: recovers half the gap
+    rec = metrics.gap_recovery(metrics.accuracy_of(half), metrics.accuracy_of(target), metrics.accuracy_of(donor),
+                               items=(half, target, donor))
+    assert rec.ci_low is not None and rec.ci_high is not None
+    assert rec.ci_low < 0.5 < rec.ci_high and rec.ci_high - rec.ci_low < 0.2
+    assert metrics.recovery_interval(half, target, donor) == (rec.ci_low, rec.ci_high)  # seeded
+    # the same accuracies without the pairing (the transplant right on other items) give a wider interval
+    shuffled = [i % 10 >= 5 for i in range(n)]
+    low, high = metrics.recovery_interval(shuffled, target, donor)
+    assert high - low > rec.ci_high - rec.ci_low
+    assert "50% (95% CI" in str(rec)
+    # a gap of one item in twenty: some resamples have no gap, and the interval says it is unbounded
+    t20, d20 = [i < 10 for i in range(20)], [i < 11 for i in range(20)]
+    low, high = metrics.recovery_interval(d20, t20, d20)
+    assert low == -math.inf or high == math.inf
+    with pytest.raises(GraftError, match="same items"):
+        metrics.recovery_interval(half, target[:10], donor)
+
+
 def test_pair_aligns_by_id() -> None:
     a = [{"id": "x", "correct": True}, {"id": "y", "correct": False}]
     b = [{"id": "y", "correct": True}, {"id": "x", "correct": True}]

@@ -47,6 +47,7 @@ def test_a_method_that_beats_random_is_named_with_its_numbers(tmp_path: Path) ->
     (finding,) = summary.methods
     assert finding.acc.k == 60 and finding.acc.n == 100 and finding.acc.ci_low > 0.5
     assert finding.recovery.value == pytest.approx(2 / 3) and finding.vs_target.p_value < 1e-6
+    assert finding.recovery.ci_low < 2 / 3 < finding.recovery.ci_high  # paired bootstrap over the test items
     assert report.beats_random(finding, summary.random_pooled)
     assert summary.verdict[0].startswith("attribution beats the random control")
 
@@ -68,4 +69,5 @@ def test_figures_command_regenerates_every_figure(tmp_path: Path, capsys: pytest
         assert {f"{fig}.png", f"{fig}.svg"} <= names
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "60/100" in html
-    assert "60/100" in (run / "report.md").read_text()
+    md = (run / "report.md").read_text()
+    assert "60/100" in md and "gap recovery 67% (95% CI" in md
