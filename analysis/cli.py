@@ -41,6 +41,8 @@ class _LazyConsole:
             from rich.console import Console
 
             self._console = Console(stderr=self._stderr)
+            if not self._console.is_terminal and not os.environ.get("COLUMNS"):
+                self._console.width = 160  # a log or a pipe: tables on one line a row, not folded to 80
         self._console.print(*objects, **kwargs)
 
 
@@ -243,6 +245,7 @@ def localize_cmd(
 
 def _finish_run(run: Path) -> None:
     """Write the report and print its headline table."""
+    from rich import box
     from rich.table import Table
 
     from analysis import report
@@ -250,9 +253,10 @@ def _finish_run(run: Path) -> None:
     path = report.write(run)
     for summary in report.summarize(run):
         table = Table(title=f"{summary.task}: {summary.donor_ref} → {summary.target_ref}"
-                      + (f" (max_new_tokens {summary.max_new_tokens})" if summary.max_new_tokens else ""))
+                      + (f" (max_new_tokens {summary.max_new_tokens})" if summary.max_new_tokens else ""),
+                      box=box.SIMPLE_HEAD)
         for col in report.HEADER:
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # a narrow terminal folds numbers, never cuts them
         for row in report.headline(summary):
             table.add_row(*row)
         out_console.print(table)
