@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,10 @@ def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(order[start:start + size])
 
 
+# model → (its modules' identities, does its KV cache work): probed once per model and wiring
+_CACHE_WORKS: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+
+
 class _Forward:
     """Calls the model; asks for logits only where needed when the model supports ``logits_to_keep``
     (the LM head is a large share of a small model's FLOPs)."""
@@ -129,8 +134,15 @@ class _Forward:
     @property
     def caches(self) -> bool:
         """Does the KV cache give the full forward's logits? A TransformerLens bridge booted over the
-        model leaves the cache empty (seen with TL 4.3), so we probe once and otherwise recompute."""
-        if self._caches is None:
+        model leaves the cache empty (seen with TL 4.3), so we probe once per model (its wiring, not its
+        weights, decides) and otherwise recompute."""
+        if self._caches is not None:
+            return self._caches
+        wiring = hash(tuple(map(id, self.model.modules()))) if isinstance(self.model, torch.nn.Module) else 0
+        known = _CACHE_WORKS.get(self.model)
+        if known is not None and known[0] == wiring:
+            self._caches = known[1]
+        else:
             vocab = self.model.get_input_embeddings().num_embeddings
             ids = (torch.arange(1, 7) % vocab)[None, :]
             ones = torch.ones_like(ids)
@@ -143,6 +155,7 @@ class _Forward:
                 # half precision: cached and full attention round differently
                 tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 1e-1
                 self._caches = bool(torch.allclose(full, last, atol=tol, rtol=tol))
+            _CACHE_WORKS[self.model] = (wiring, self._caches)
         return self._caches
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -315,27 +328,37 @@ def _decode(fwd: _Forward, heads: _Heads, prompts: list[list[int]], starts: list
     tokens (already generated) until ``finished``."""
     ids, mask, positions, past = heads.inputs([p + s for p, (s, _) in zip(prompts, starts, strict=True)], pad,
                                               ("decode-head", b_no))
-    n = len(prompts)
     new = [list(s) for s, _ in starts]
     logprob = [lp for _, lp in starts]
-    done = [False] * n
+    live = list(range(len(prompts)))  # the rows in the batch's tensors, in their order
+    done = [False] * len(prompts)
     logits, past = fwd(ids, mask, positions, past=past, last_only=True)
     cached = fwd.caches
     while True:
         logp = torch.log_softmax(logits[:, -1], dim=-1)
-        token = logp.argmax(-1)
-        for r in range(n):
-            if done[r]:
-                continue
-            t = int(token[r])
-            new[r].append(t)
-            logprob[r] += float(logp[r, t])
-            done[r] = finished(new[r])
-        if all(done):
+        token = logp.argmax(-1, keepdim=True)
+        chosen = logp.gather(-1, token)[:, 0].tolist()
+        for j, (r, t) in enumerate(zip(live, token[:, 0].tolist(), strict=True)):
+            if not done[r]:
+                new[r].append(t)
+                logprob[r] += chosen[j]
+                done[r] = finished(new[r])
+        going = [j for j, r in enumerate(live) if not done[r]]
+        if not going:
             break
-        # Finished rows keep decoding padding; their outputs are already fixed.
-        step = torch.tensor([[t[-1] if not d else pad] for t, d in zip(new, done, strict=True)])
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+        if len(going) <= len(live) // 2:
+            # Half the rows or more are done: drop them (their outputs are fixed) rather than decode
+            # padding for them; halving at most log2(batch) times keeps the cache copies cheap.
+            keep = torch.tensor(going)
+            live = [live[j] for j in going]
+            mask, positions = mask[keep], positions[keep]
+            if cached:
+                past.batch_select_indices(keep.to(fwd.device))
+            else:
+                ids = ids[keep]
+        # rows done but not dropped yet decode padding; their outputs are fixed
+        step = torch.tensor([[pad if done[r] else new[r][-1]] for r in live])
+        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
         if cached:
             logits, past = fwd(step, mask, positions, past=past, last_only=True)
