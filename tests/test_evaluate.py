@@ -316,3 +316,34 @@ def test_rows_are_grouped_by_length_within_the_batch_size() -> None:
     fixed = [list(range(i, min(i + 4, len(lengths)))) for i in range(0, len(lengths), 4)]
     assert padded(groups) + evaluate.CALL_COST_TOKENS * len(groups) < padded(fixed) + evaluate.CALL_COST_TOKENS * 3
     assert [100, 98, 97] == [lengths[r] for r in groups[0]]  # the long rows do not carry a short one
+
+
+def test_decoding_drops_finished_rows_without_changing_any_row(random_llama, monkeypatch) -> None:
+    """Rows that finish early leave the batch once half of it is done; every row's tokens and logprob
+    stay those it gets decoded alone."""
+    model, tok, _ = random_llama
+    prompts = [evaluate.encode(tok, f"What is {i}*{i}?\nA:") for i in range(8)]
+    starts = [([5] * (i % 4), 0.0) for i in range(8)]  # rows 3 and 7 are 3 tokens ahead of rows 0 and 4
+
+    def finished(new: list[int]) -> bool:
+        return len(new) >= 7
+
+    rows: list[int] = []
+    forward = evaluate._Forward.__call__
+
+    def counting(self, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(ids.shape[0])
+        return forward(self, ids, *args, **kwargs)
+
+    fwd = evaluate._Forward(model)
+    assert fwd.caches
+    monkeypatch.setattr(evaluate._Forward, "__call__", counting)
+    with torch.inference_mode():
+        together = evaluate._decode(fwd, evaluate._Heads(fwd), prompts, starts, 0, finished, 0)
+        alone = [evaluate._decode(fwd, evaluate._Heads(fwd), [p], [s], 0, finished, 0)[0]
+                 for p, s in zip(prompts, starts, strict=True)]
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert [lp for _, lp in together] == pytest.approx([lp for _, lp in alone], abs=1e-5)
+    assert all(len(t) == 7 for t, _ in together)
+    batch_steps = rows[: len(rows) - sum(7 - i % 4 for i in range(8))]
+    assert batch_steps == [8, 8, 8, 8, 8, 4, 2]  # halved once rows 2, 3, 6, 7 and then 1, 5 were done
