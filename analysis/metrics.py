@@ -1,5 +1,5 @@
-"""Honest numbers: accuracy with k/n and a 95% Wilson interval, TIR, gap recovery with a paired
-bootstrap interval, exact McNemar."""
+"""Honest numbers: accuracy with k/n and a 95% Wilson interval, TIR, gap recovery and perplexity
+change with paired bootstrap intervals, exact McNemar."""
 
 from __future__ import annotations
 
@@ -128,6 +128,37 @@ def recovery_interval(transplanted: Sequence[bool], target: Sequence[bool], dono
                        confidence_level=confidence, n_resamples=resamples, rng=np.random.default_rng(seed)
                        ).confidence_interval
     return float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A relative change (0.01 = +1%) with its 95% interval."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+    def __str__(self) -> str:
+        return f"{self.value:+.1%} (95% CI {self.ci_low:+.1%}–{self.ci_high:+.1%})"
+
+
+def perplexity_change(nll: Sequence[float], nll_reference: Sequence[float], tokens: Sequence[int],
+                      confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> Change:
+    """Relative change of perplexity, exp((Σ nll − Σ nll_reference) / Σ tokens) − 1, over the same texts
+    (summed NLL per text, its predicted token count), with a percentile bootstrap interval that
+    resamples texts with both results together. Seeded: the same results give the same interval."""
+    n = len(nll)
+    if not n or len(nll_reference) != n or len(tokens) != n or not sum(tokens):
+        raise GraftError(f"perplexity change needs both models' results on the same texts "
+                         f"({len(nll)}, {len(nll_reference)}, {len(tokens)})", "evaluate both on one retention set")
+
+    def statistic(a: np.ndarray, b: np.ndarray, t: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.expm1((a.sum(axis) - b.sum(axis)) / t.sum(axis))
+
+    data = tuple(np.asarray(x, dtype=float) for x in (nll, nll_reference, tokens))
+    ci = bootstrap(data, statistic, paired=True, vectorized=True, method="percentile", confidence_level=confidence,
+                   n_resamples=resamples, rng=np.random.default_rng(seed)).confidence_interval
+    return Change(float(statistic(*data)), float(ci.low), float(ci.high))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class Finding:
     vs_target: metrics.McNemar
     retention: float | None = None  # perplexity on the retention set, when measured
     plan: list[str] = field(default_factory=list)
+    retention_change: metrics.Change | None = None  # its perplexity against the target's, with an interval
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Summary:
     target: dict[str, metrics.Accuracy]
     donor_vs_target: metrics.McNemar
     retention: dict[str, float | None]  # donor / target perplexity
+    donor_retention_change: metrics.Change | None  # the donor's perplexity against the target's
     methods: list[Finding]
     controls: list[Finding]
     random_pooled: dict[tuple[int, float], metrics.Accuracy]
@@ -117,6 +119,7 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
     d_vs_t = _paired(donor_test, target_test)
     retention = {role: (r.get("perplexity") if (r := get("baseline", "retention", name)) else None)
                  for role, name in (("donor", d), ("target", t))}
+    target_retention = get("baseline", "retention", t)
 
     def finding(row: dict[str, Any], label: str) -> Finding:
         acc = _acc(row)
@@ -125,14 +128,16 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
                        metrics.tir(acc.accuracy, target["test"].accuracy),
                        metrics.gap_recovery(acc, target["test"], donor["test"], d_vs_t.p_value,
                                             items=_recovery_items(row, target_test, donor_test)),
-                       _paired(row, target_test), ret.get("perplexity") if ret else None, row.get("plan") or [])
+                       _paired(row, target_test), ret.get("perplexity") if ret else None, row.get("plan") or [],
+                       _retention_change(ret, target_retention))
 
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
     methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in same if r["phase"] == "chosen"]
     control_rows = [r for r in same if r["phase"] == "control"]
     controls = [finding(r, _control_label(r)) for r in control_rows]
     summary = Summary(mnt, order.get("donor_ref", d), order.get("target_ref", t), task, donor, target, d_vs_t,
-                      retention, methods, controls, _pool_random(control_rows), [])
+                      retention, _retention_change(get("baseline", "retention", d), target_retention), methods,
+                      controls, _pool_random(control_rows), [])
     summary.verdict = verdict(summary)
     return summary
 
@@ -141,6 +146,20 @@ def _recovery_items(row: dict[str, Any], target: dict[str, Any], donor: dict[str
                     ) -> tuple[list[bool], list[bool], list[bool]] | None:
     t, tg, d = _aligned(row, target, donor)
     return (t, tg, d) if t else None  # rows without per-item results: no interval
+
+
+def _retention_change(row: dict[str, Any] | None, target: dict[str, Any] | None) -> metrics.Change | None:
+    """Perplexity change on the retention texts against the target, paired by text (None for runs
+    written before per-text results were kept)."""
+    if row is None or target is None:
+        return None
+    mine = {str(i["id"]): i for i in row.get("items") or [] if "nll" in i}
+    theirs = {str(i["id"]): i for i in target.get("items") or [] if "nll" in i}
+    ids = sorted(mine.keys() & theirs.keys())
+    if not ids or not sum(theirs[i]["n_tokens"] for i in ids):
+        return None
+    return metrics.perplexity_change([mine[i]["nll"] for i in ids], [theirs[i]["nll"] for i in ids],
+                                     [theirs[i]["n_tokens"] for i in ids])
 
 
 def _control_label(row: dict[str, Any]) -> str:
@@ -189,8 +208,9 @@ def verdict(s: Summary) -> list[str]:
                      "not shown to be better than chance on this pair.")
     else:
         for f in winners:
+            cost = f", retention perplexity {f.retention_change}" if f.retention_change is not None else ""
             lines.append(f"{f.method} beats the random control beyond its interval: test {f.acc} vs target "
-                         f"{s.target['test']}, gap recovery {f.recovery}, McNemar p = {f.vs_target.p_value:.3g}.")
+                         f"{s.target['test']}, gap recovery {f.recovery}, McNemar p = {f.vs_target.p_value:.3g}{cost}.")
         losers = [f.method for f in s.methods if f not in winners]
         if losers:
             lines.append(f"{', '.join(losers)}: not better than the random control beyond its interval.")
@@ -211,6 +231,12 @@ def _fmt_recovery(r: metrics.Recovery) -> str:
     return f"{r.value:.0%} ({metrics.percent(r.ci_low)}–{metrics.percent(r.ci_high)})"
 
 
+def _fmt_retention(ppl: float | None, change: metrics.Change | None) -> str:
+    if change is None:
+        return _fmt(ppl)
+    return f"{_fmt(ppl)} ({change.value:+.1%} [{change.ci_low * 100:+.1f}, {change.ci_high * 100:+.1f}])"
+
+
 def _fmt(x: float | None, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
@@ -229,18 +255,18 @@ def headline(s: Summary) -> list[list[str]]:
     rows = [["target", s.target_ref, _fmt_acc(s.target["test"]), "1", "0%", "—", _fmt(s.retention.get("target"))],
             ["donor", s.donor_ref, _fmt_acc(s.donor["test"]), _fmt(metrics.tir(s.donor["test"].accuracy,
                                                                                  s.target["test"].accuracy)),
-             "100%", _fmt(s.donor_vs_target.p_value), _fmt(s.retention.get("donor"))]]
+             "100%", _fmt(s.donor_vs_target.p_value), _fmt_retention(s.retention.get("donor"), s.donor_retention_change)]]
     for f in [*s.methods, *s.controls]:
         kind = "method" if f in s.methods else "control"
         rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), _fmt_recovery(f.recovery),
-                     _fmt(f.vs_target.p_value), _fmt(f.retention)])
+                     _fmt(f.vs_target.p_value), _fmt_retention(f.retention, f.retention_change)])
     for (k, a), acc in s.random_pooled.items():
         rows.append(["control", f"random K={k} α={a}, seeds pooled", _fmt_acc(acc), "", "", "", ""])
     return rows
 
 
 HEADER = ["", "model / point", "test accuracy (k/n; 95% CI)", "TIR", "gap recovery (95% CI)", "McNemar p vs target",
-          "retention ppl"]
+          "retention ppl (Δ, 95% CI)"]
 
 
 def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
@@ -258,7 +284,8 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                   "K and α were chosen on dev; every figure above is on test, which selection never saw. "
                   "Accuracy intervals are Wilson's; gap recovery (transplant − target) / (donor − target) has a "
                   "paired percentile bootstrap interval over the test items; the gap itself: "
-                  f"{_gap_reason(s)}.", ""]
+                  f"{_gap_reason(s)}. Retention: perplexity on off-task text, its change against the target's "
+                  "with a bootstrap interval over the texts (paired).", ""]
         for f in s.methods:
             parts.append(f"- {f.method}: components {', '.join(f.plan)}; gap recovery {f.recovery}.")
         parts.append("")

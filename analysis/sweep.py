@@ -268,8 +268,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                     if k in res.summary}
         row = {"key": point.key, **point.__dict__, **headline, "result": res.summary,
                "plan": [c.id for c in plan.components] if plan is not None else None,
-               "items": [_item_row(r, keep_tokens=point.split == "dev") for r in res.records]
-               if the_task.kind != "perplexity" else None}
+               "items": [_item_row(r, keep_tokens=point.split == "dev") for r in res.records]}
         results.add(row)
         bar.advance(point)
         if on_point is not None:
@@ -364,7 +363,10 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
 
 def _item_row(record: dict[str, Any], keep_tokens: bool) -> dict[str, Any]:
     """One item of a results line: its id and correctness (and, on dev, the generated token ids, which
-    the next grid point uses as drafts)."""
+    the next grid point uses as drafts); for perplexity, the text's summed NLL and token count (the
+    report's retention change and its interval)."""
+    if "nll" in record:
+        return {"id": record["id"], "nll": record["nll"], "n_tokens": record["n_tokens"]}
     row = {"id": record["id"], "correct": bool(record.get("correct", False))}
     if keep_tokens and "tokens" in record:
         row["tokens"] = record["tokens"]

@@ -91,6 +91,23 @@ def test_recovery_interval_is_paired_seeded_and_honest_about_a_vanishing_gap() -
         metrics.recovery_interval(half, target[:10], donor)
 
 
+def test_perplexity_change_is_token_weighted_with_a_paired_interval() -> None:
+    tokens = [10, 30, 20, 40] * 10
+    reference = [2.0 * t for t in tokens]  # 2 nats a token
+    worse = [2.1 * t for t in tokens]  # 2.1 nats a token everywhere: a sure cost
+    change = metrics.perplexity_change(worse, reference, tokens)
+    assert change.value == pytest.approx(math.exp(0.1) - 1)
+    assert change.ci_low == pytest.approx(change.value) and change.ci_high == pytest.approx(change.value)
+    even = [20] * 40
+    mixed = [2.0 * 20 + (10 if i % 2 else -10) for i in range(40)]  # half the texts better, half worse
+    noisy = metrics.perplexity_change(mixed, [2.0 * 20] * 40, even)
+    assert noisy.value == pytest.approx(0.0, abs=1e-12)
+    assert noisy.ci_low < 0 < noisy.ci_high  # some texts better, some worse: the interval spans zero
+    assert str(change).startswith("+10.5% (95% CI")
+    with pytest.raises(GraftError, match="same texts"):
+        metrics.perplexity_change(worse[:3], reference, tokens)
+
+
 def test_pair_aligns_by_id() -> None:
     a = [{"id": "x", "correct": True}, {"id": "y", "correct": False}]
     b = [{"id": "y", "correct": True}, {"id": "x", "correct": True}]

@@ -71,3 +71,25 @@ def test_figures_command_regenerates_every_figure(tmp_path: Path, capsys: pytest
     assert "data:image/png;base64," in html and "60/100" in html
     md = (run / "report.md").read_text()
     assert "60/100" in md and "gap recovery 67% (95% CI" in md
+
+
+def test_retention_cost_is_a_paired_change_against_the_target(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", [i % 10 < 6 for i in range(100)])
+
+    def retention(phase: str, who: str, nats: float, **point: object) -> dict:
+        key = "|".join([phase, "retention", who, str(point.get("method") or "-"), str(point.get("top_k")),
+                        str(point.get("alpha")), "None", "None"])
+        items = [{"id": f"t{i}", "nll": nats * (10 + i), "n_tokens": 10 + i} for i in range(30)]
+        return {"key": key, "phase": phase, "split": "retention", "who": who, "max_new_tokens": None, "seed": None,
+                "perplexity": 2.718281828 ** nats, "items": items, **point}
+
+    rows = [retention("baseline", "a", 1.0), retention("baseline", "b", 1.0),
+            retention("chosen", "transplant", 1.1, method="attribution", top_k=2, alpha=1.0)]
+    with (run / "results.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    (summary,) = report.summarize(run)
+    change = summary.methods[0].retention_change
+    assert change is not None and change.value == pytest.approx(2.718281828 ** 0.1 - 1, rel=1e-6)
+    assert summary.donor_retention_change is not None and summary.donor_retention_change.value == pytest.approx(0)
+    assert "retention perplexity +10.5%" in summary.verdict[0]
+    assert "(+10.5% [+10.5, +10.5])" in report.markdown(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -86,6 +87,23 @@ def test_resume_with_another_config_is_refused(study: tuple[Path, SweepConfig], 
     changed = cfg.model_copy(update={"alpha": [0.25, 1.0]})
     with pytest.raises(GraftError, match="another config"):
         sweep(changed, tmp_path / "run", progress=False)
+
+
+def test_retention_keeps_per_text_results_for_the_cost_interval(study: tuple[Path, SweepConfig],
+                                                                 tmp_path: Path) -> None:
+    from analysis import report
+
+    _, cfg = study
+    run = sweep(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    retention = [r for r in rows if r.get("split") == "retention"]
+    assert len(retention) == 3  # donor, target, the chosen point
+    for r in retention:
+        nll, tokens = sum(i["nll"] for i in r["items"]), sum(i["n_tokens"] for i in r["items"])
+        assert math.exp(nll / tokens) == pytest.approx(r["perplexity"], rel=1e-9)
+    (summary,) = report.summarize(run)
+    change = summary.methods[0].retention_change
+    assert change is not None and change.ci_low <= change.value <= change.ci_high
 
 
 def test_overlapping_splits_are_refused(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
