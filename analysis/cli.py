@@ -218,6 +218,7 @@ def localize_cmd(
     alpha: Annotated[float, typer.Option("--alpha", "-a", help="Strength α written into the plans.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random method.")] = 0,
     limit: Annotated[int | None, typer.Option("--limit", help="Use the first N probe items.")] = None,
+    split: Annotated[str, typer.Option("--split", help="The task split read as the probe (e.g. train).")] = "probe",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per forward.")] = 8,
     converse: Annotated[bool, typer.Option("--converse", help="Also patch target → donor (necessity).")] = False,
     per_position: Annotated[bool, typer.Option("--per-position", help="Also patch attn/mlp blocks per position.")] = False,
@@ -231,7 +232,8 @@ def localize_cmd(
     from analysis.localize import localize
 
     result = localize(donor, target, task, method=method, components=components, mode=mode, positions=positions,
-                      metric=metric, top=top or [8], alpha=alpha, seed=seed, limit=limit, batch_size=batch_size,
+                      metric=metric, top=top or [8], alpha=alpha, seed=seed, limit=limit, split=split,
+                      batch_size=batch_size,
                       converse=converse, per_position=per_position, out=out, dtype=dtype,
                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     table = Table(title=f"top {min(10, len(result.ranking))} by {result.method}")

@@ -90,6 +90,7 @@ def localize(
     alpha: float = 1.0,
     seed: int = 0,
     limit: int | None = None,
+    split: str = "probe",
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     converse: bool = False,
@@ -109,6 +110,8 @@ def localize(
     ``answer``, ``all`` or ``last``. ``metric`` (attribution, patching): ``logprob`` of the reference
     answer or ``logit_diff``. ``converse`` adds the target → donor study (necessity) beside donor →
     target; ``per_position`` adds block patching per position. Models may be passed already loaded.
+    ``split``: the task split read as the probe (``probe``; e.g. ``train`` for a task that has one) —
+    never the split a study chooses or reports on.
     """
     from analysis import patching
 
@@ -138,7 +141,7 @@ def localize(
         if task is None:
             raise GraftError(f"method {method} needs a task", "pass --task")
         loaded_task = task if isinstance(task, Task) else tasks_mod.load(task)
-        shifts.probe_items(loaded_task, limit)  # fails early on a task without probe items
+        shifts.probe_items(loaded_task, limit, split)  # fails early on a task without probe items
 
     # Measured kinds: the asked ones, plus attn/mlp blocks for the layer × {attn, mlp} view.
     context = [k for k in ("attn", "mlp") if k not in kinds and ({"head", "group", "mlp", "attn"} & set(kinds))]
@@ -164,18 +167,18 @@ def localize(
     site_list = shifts.sites(lay, measured)
     table = _frame(shifts.describe_ids(site_list))
     meta: dict[str, Any] = {"method": method, "donor": names[0], "target": names[1], "components": kinds,
-                            "created": now()}
+                            "created": now(), **({} if dataless else {"split": split})}
     position_table = None
 
     if method in ("shifts", "lae"):
         df = shifts.measure(d_model, t_model, loaded_task, kinds=measured, mode=mode,  # type: ignore[arg-type]
                             positions=positions, batch_size=batch_size, limit=limit,  # type: ignore[arg-type]
-                            max_new_tokens=max_new_tokens, progress=progress)
+                            max_new_tokens=max_new_tokens, progress=progress, split=split)
         table = table.join(df.drop(columns=["kind", "layer", "index"]))
         meta.update(mode=mode, positions=positions if mode == "teacher" else "last generated",
                     n_prompts=int(df["n_prompts"].iloc[0]))
     elif method in ("attribution", "patching"):
-        batches = shifts.probe_batches(loaded_task, t_model, batch_size, limit)  # type: ignore[arg-type]
+        batches = shifts.probe_batches(loaded_task, t_model, batch_size, limit, split)  # type: ignore[arg-type]
         run = patching.attribute if method == "attribution" else patching.patch
         df = run(t_model, d_model, batches, site_list, metric=metric, column=method, progress=progress)  # type: ignore[arg-type]
         table = table.join(df[[method, f"{method}_sd"]])

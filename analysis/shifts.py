@@ -219,7 +219,8 @@ def probe_batches(task: Task, loaded: LoadedModel, batch_size: int, limit: int |
 def probe_items(task: Task, limit: int | None = None, split: str = "probe") -> list[Item]:
     if task.has_splits and split not in task.splits:
         raise GraftError(f"{task.source}: no {split!r} split (splits: {', '.join(task.splits) or 'none'})",
-                         "localize uses only the probe split: give the task items with \"split\": \"probe\"")
+                         f"give the task items with \"split\": \"{split}\", or name the split to probe on "
+                         "(--split, or splits: in a sweep config)")
     items = task.items(split if task.has_splits else None, limit)
     if not items:
         raise GraftError(f"{task.source}: the {split} split is empty", "add probe items")
@@ -323,8 +324,10 @@ def measure(
     limit: int | None = None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    split: str = "probe",
 ) -> pd.DataFrame:
-    """Per-component activation statistics of donor and target on the probe items (see the module doc).
+    """Per-component activation statistics of donor and target on the probe items (see the module doc;
+    ``split`` names the task split that serves as the probe).
 
     Columns: ``donor``, ``target`` (mean |activation|), ``shift`` = donor − target with ``shift_sd`` and
     ``effect``; teacher mode adds ``rel_dist`` and ``rel_dist_sd``; ``n_prompts``. One row per component.
@@ -333,7 +336,7 @@ def measure(
 
     lay = layout_of(target)
     site_list = sites(lay, kinds)
-    items = probe_items(task, limit)
+    items = probe_items(task, limit, split)
     run = Running()
     if mode == "teacher":
         from analysis.evaluate import _pad_id

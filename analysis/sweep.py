@@ -36,6 +36,7 @@ from analysis.plan import Plan
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"  # examples/demo.yaml links here
 Method = Literal["shifts", "lae", "attribution", "patching", "weight", "random"]
+DEFAULT_SPLITS = {"probe": "probe", "dev": "dev", "test": "test"}
 
 
 class Controls(BaseModel):
@@ -64,6 +65,10 @@ class SweepConfig(BaseModel):
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     max_new_tokens: list[int | None] = Field(default_factory=lambda: [None])
     controls: Controls = Field(default_factory=Controls)
+    splits: dict[Literal["probe", "dev", "test"], str] = Field(
+        default_factory=lambda: dict(DEFAULT_SPLITS),
+        description="which of the task's splits plays each role, e.g. {probe: train}; unnamed roles keep "
+                    "their own name")
     probe_limit: int | None = None
     dev_limit: int | None = None
     test_limit: int | None = None
@@ -89,6 +94,16 @@ class SweepConfig(BaseModel):
             raise ValueError("alpha values must lie in [0, 1]")
         return sorted(set(alphas))
 
+    @field_validator("splits")
+    @classmethod
+    def _three_roles(cls, splits: dict[str, str]) -> dict[str, str]:
+        roles = {**DEFAULT_SPLITS, **splits}
+        if len(set(roles.values())) != 3:
+            raise ValueError(f"probe, dev and test need three different splits, got {roles}")
+        if "retention" in roles.values():
+            raise ValueError("the retention split is the off-task set, not probe, dev or test")
+        return roles
+
     @classmethod
     def load(cls, path: str | Path) -> SweepConfig:
         path = Path(path)
@@ -109,7 +124,10 @@ class SweepConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        data = self.model_dump(mode="json")
+        if data["splits"] == DEFAULT_SPLITS:
+            del data["splits"]  # runs written before the field existed keep their hash
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -381,20 +399,22 @@ def _order(cfg: SweepConfig, base: dict[tuple[str, str], dict[str, Any]]) -> tup
 
 
 def _check_splits(task: Any, cfg: SweepConfig) -> dict[str, str]:
-    """Probe, dev and test must exist and share no item (id or prompt): asserted, not assumed."""
-    missing = [s for s in ("probe", "dev", "test") if s not in task.splits]
+    """The task split of each role (probe, dev, test); they must exist and share no item (id or
+    prompt): asserted, not assumed."""
+    missing = [s for s in cfg.splits.values() if s not in task.splits]
     if missing:
-        raise GraftError(f"task {task.name} has no {', '.join(missing)} split", "a sweep needs disjoint probe, dev "
-                         "and test splits (a 'split' field in the items, or one file per split)")
+        raise GraftError(f"task {task.name} has no {', '.join(missing)} split (splits: {', '.join(task.splits) or 'none'})",
+                         "a sweep needs disjoint probe, dev and test splits (a 'split' field in the items, or one "
+                         "file per split); name others with splits: {probe: ..., dev: ..., test: ...}")
     seen: dict[str, str] = {}
-    for split in ("probe", "dev", "test"):
+    for split in cfg.splits.values():
         for item in task.items(split):
             for key in (f"id:{item.id}", f"prompt:{task.prompt_text(item)}"):
                 if key in seen and seen[key] != split:
                     raise GraftError(f"task {task.name}: item {item.id} is in both {seen[key]} and {split}",
                                      "make probe, dev and test disjoint")
                 seen[key] = split
-    return {"probe": "probe", "dev": "dev", "test": "test"}
+    return dict(cfg.splits)
 
 
 def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig,
@@ -407,7 +427,7 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
     if cache.is_file():
         return [tuple(x) for x in json.loads(cache.read_text())]  # type: ignore[misc]
     ranked = select.rank(method, donor=donor, target=target, task=task, kinds=cfg.components,
-                         seed=cfg.seed, limit=cfg.probe_limit)
+                         seed=cfg.seed, limit=cfg.probe_limit, split=cfg.splits["probe"])
     cache.parent.mkdir(exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps([[cid, float(score)] for cid, score in ranked]))

@@ -119,6 +119,20 @@ def test_a_task_without_probe_items_is_refused(constructed, tmp_path) -> None:
         localize(donor, target, bare, method="shifts", progress=False)
 
 
+@pytest.mark.parametrize("method", ["shifts", "attribution"])
+def test_another_split_can_serve_as_the_probe(constructed, models, tmp_path, method: str) -> None:
+    """Items kept under `train` are localized with split='train' (the same ranking as under `probe`)."""
+    _, _, task = constructed
+    donor, target = models
+    (tmp_path / "task.jsonl").write_text((task.parent / "task.jsonl").read_text().replace('"probe"', '"train"'))
+    (tmp_path / "task.yaml").write_text(task.read_text())
+    moved = localize(donor, target, tmp_path / "task.yaml", method=method, split="train", progress=False)
+    assert moved.meta["split"] == "train" and moved.meta["n_prompts"] == 12
+    assert moved.ranking == localize(donor, target, task, method=method, progress=False).ranking
+    with pytest.raises(GraftError, match="no 'probe' split"):
+        localize(donor, target, tmp_path / "task.yaml", method=method, progress=False)
+
+
 def test_logits_equal_fresh_ones_after_localize_and_after_an_error(constructed, models, monkeypatch) -> None:
     donor_ref, target_ref, task = constructed
     donor, target = models

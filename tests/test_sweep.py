@@ -106,6 +106,26 @@ def test_retention_keeps_per_text_results_for_the_cost_interval(study: tuple[Pat
     assert change is not None and change.ci_low <= change.value <= change.ci_high
 
 
+def test_task_splits_can_play_other_roles(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """A task whose localization items sit in `train` is studied with splits: {probe: train}; the split
+    map is checked like the default one, and leaves the hash of a run without it unchanged."""
+    _, cfg = study
+    lines = (write_task(tmp_path).parent / "task.jsonl").read_text().replace('"split": "probe"', '"split": "train"')
+    (tmp_path / "task.jsonl").write_text(lines)
+    task = str(tmp_path / "task.yaml")
+    with pytest.raises(GraftError, match="has no probe split"):
+        sweep(cfg.model_copy(update={"task": task}), tmp_path / "refused", progress=False)
+    mapped = SweepConfig.model_validate({**cfg.model_dump(), "task": task, "splits": {"probe": "train"}})
+    assert mapped.splits == {"probe": "train", "dev": "dev", "test": "test"}
+    run = sweep(mapped, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows if r.get("phase") == "grid"} == {"dev"}
+    assert cfg.digest() == SweepConfig.model_validate({k: v for k, v in cfg.model_dump().items()
+                                                       if k != "splits"}).digest()
+    with pytest.raises(ValueError, match="three different splits"):
+        SweepConfig.model_validate({**cfg.model_dump(), "splits": {"probe": "dev"}})
+
+
 def test_overlapping_splits_are_refused(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
     _, cfg = study
     task = write_task(tmp_path, overlap=True)
@@ -127,6 +147,14 @@ def test_selection_never_sees_test(study: tuple[Path, SweepConfig], tmp_path: Pa
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert {r["split"] for r in rows if r.get("phase") == "grid"} == {"dev"}
     assert {r["phase"] for r in rows if r.get("split") == "test"} <= {"baseline", "chosen", "control"}
+
+
+def test_every_config_key_is_documented() -> None:
+    from analysis.sweep import Controls
+
+    doc = (Path(__file__).parents[1] / "docs" / "sweep.md").read_text()
+    for name in [*SweepConfig.model_fields, *Controls.model_fields]:
+        assert f"\n{name}:" in doc or f"  {name}:" in doc, f"docs/sweep.md does not document {name}"
 
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:
