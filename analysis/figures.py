@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -34,29 +35,31 @@ def _save(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
     return paths
 
 
-def grid_frame(run: str | Path) -> pd.DataFrame:
-    """The dev grid as a table: method, top_k, alpha, max_new_tokens, accuracy, ci_low, ci_high."""
+ALL = object()  # grid_frame: every decoding length
+
+
+def grid_frame(run: str | Path, max_new_tokens: Any = ALL) -> pd.DataFrame:
+    """The dev grid as a table: method, top_k, alpha, max_new_tokens, accuracy, ci_low, ci_high (of one
+    decoding length when ``max_new_tokens`` is given; None is the task's own)."""
     _, rows = report.read_rows(run)
-    grid = [r for r in rows if r.get("phase") == "grid"]
+    grid = [r for r in rows if r.get("phase") == "grid"
+            and (max_new_tokens is ALL or r.get("max_new_tokens") == max_new_tokens)]
     frame = pd.DataFrame([{key: r.get(key) for key in ("method", "top_k", "alpha", "max_new_tokens", "accuracy",
                                                          "ci_low", "ci_high", "k", "n")} for r in grid])
     return frame
 
 
-def accuracy_vs_k(run: str | Path, folder: Path) -> list[Path]:
-    frame = grid_frame(run)
+def accuracy_vs_k(run: str | Path, folder: Path, s: report.Summary, name: str = "accuracy_vs_k") -> list[Path]:
+    frame = grid_frame(run, s.max_new_tokens)
     if frame.empty:
         return []
-    summaries = report.summarize(run)
     methods = sorted(frame["method"].unique())
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         sub = frame[frame["method"] == method]
         sns.lineplot(sub, x="top_k", y="accuracy", hue="alpha", marker="o", palette="viridis", ax=ax)
-        if summaries:
-            s = summaries[0]
-            ax.axhline(s.donor["dev"].accuracy, color="tab:green", ls="--", lw=1, label="donor")
-            ax.axhline(s.target["dev"].accuracy, color="tab:red", ls="--", lw=1, label="target")
+        ax.axhline(s.donor["dev"].accuracy, color="tab:green", ls="--", lw=1, label="donor")
+        ax.axhline(s.target["dev"].accuracy, color="tab:red", ls="--", lw=1, label="target")
         ax.set_xscale("log", base=2)
         ks = sorted(sub["top_k"].unique())
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -65,16 +68,15 @@ def accuracy_vs_k(run: str | Path, folder: Path) -> list[Path]:
         ax.set_xlabel("components transplanted (K)")
         ax.set_ylabel("dev accuracy")
         ax.legend(title="α", fontsize=8)
-    fig.suptitle("Accuracy against the number of transplanted components", y=1.03)
-    return _save(fig, folder, "accuracy_vs_k")
+    fig.suptitle("Accuracy against the number of transplanted components" + _length(s), y=1.03)
+    return _save(fig, folder, name)
 
 
-def accuracy_vs_alpha(run: str | Path, folder: Path) -> list[Path]:
-    frame = grid_frame(run)
-    summaries = report.summarize(run)
-    if frame.empty or not summaries:
+def accuracy_vs_alpha(run: str | Path, folder: Path, s: report.Summary, name: str = "accuracy_vs_alpha") -> list[Path]:
+    frame = grid_frame(run, s.max_new_tokens)
+    if frame.empty:
         return []
-    chosen = {f.method: f.k for f in summaries[0].methods}
+    chosen = {f.method: f.k for f in s.methods}
     rows = [frame[(frame["method"] == m) & (frame["top_k"] == k)] for m, k in chosen.items()]
     if not rows:
         return []
@@ -85,21 +87,16 @@ def accuracy_vs_alpha(run: str | Path, folder: Path) -> list[Path]:
         ax.errorbar(part["alpha"], part["accuracy"], yerr=[part["accuracy"] - part["ci_low"],
                                                            part["ci_high"] - part["accuracy"]],
                     marker="o", capsize=3, label=f"{method} (K={chosen[method]})")
-    s = summaries[0]
     ax.axhline(s.donor["dev"].accuracy, color="tab:green", ls="--", lw=1, label="donor")
     ax.axhline(s.target["dev"].accuracy, color="tab:red", ls="--", lw=1, label="target")
     ax.set_xlabel("transplant strength α")
     ax.set_ylabel("dev accuracy (95% CI)")
     ax.legend(fontsize=8)
-    ax.set_title("Accuracy against strength at the chosen K")
-    return _save(fig, folder, "accuracy_vs_alpha")
+    ax.set_title("Accuracy against strength at the chosen K" + _length(s))
+    return _save(fig, folder, name)
 
 
-def recovery(run: str | Path, folder: Path) -> list[Path]:
-    summaries = report.summarize(run)
-    if not summaries:
-        return []
-    s = summaries[0]
+def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "recovery") -> list[Path]:
     findings = [*s.methods, *s.controls]
     if not findings:
         return []
@@ -110,10 +107,10 @@ def recovery(run: str | Path, folder: Path) -> list[Path]:
     acc = [f.acc.accuracy for f in findings]
     left.barh(labels, acc, xerr=[[f.acc.accuracy - f.acc.ci_low for f in findings],
                                  [f.acc.ci_high - f.acc.accuracy for f in findings]], color=colors, capsize=3)
-    for name, a, color in (("donor", s.donor["test"], "tab:green"), ("target", s.target["test"], "tab:red")):
+    for who, a, color in (("donor", s.donor["test"], "tab:green"), ("target", s.target["test"], "tab:red")):
         left.axvline(a.accuracy, color=color, ls="--", lw=1)
         left.axvspan(a.ci_low, a.ci_high, color=color, alpha=0.08)
-        left.text(a.accuracy, len(findings) - 0.4, f" {name}", color=color, fontsize=8)
+        left.text(a.accuracy, len(findings) - 0.4, f" {who}", color=color, fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("test accuracy (95% Wilson interval)")
     # Gap recovery with its paired bootstrap interval; an unbounded end is drawn to the axis edge.
@@ -135,19 +132,18 @@ def recovery(run: str | Path, folder: Path) -> list[Path]:
     right.set_xlim(lo_edge, hi_edge)
     right.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     right.set_xlabel("gap recovered (95% paired bootstrap interval)")
-    fig.suptitle("Methods (blue) beside their controls (grey), on test", y=1.0)
-    return _save(fig, folder, "recovery")
+    fig.suptitle("Methods (blue) beside their controls (grey), on test" + _length(s), y=1.0)
+    return _save(fig, folder, name)
 
 
 COMPONENT = re.compile(r"L(\d+)(?:\.(.+))?")
 
 
-def components(run: str | Path, folder: Path) -> list[Path]:
-    summaries = report.summarize(run)
-    if not summaries or not summaries[0].methods:
+def components(run: str | Path, folder: Path, s: report.Summary, name: str = "components") -> list[Path]:
+    if not s.methods:
         return []
     counts: dict[tuple[int, str], int] = {}
-    for f in summaries[0].methods:
+    for f in s.methods:
         for cid in f.plan:
             m = COMPONENT.fullmatch(cid)
             if m:
@@ -164,8 +160,8 @@ def components(run: str | Path, folder: Path) -> list[Path]:
     sns.heatmap(table, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, linewidths=0.5)
     ax.set_xlabel("component")
     ax.set_ylabel("layer")
-    ax.set_title(f"Chosen components (how many of {len(summaries[0].methods)} methods)")
-    return _save(fig, folder, "components")
+    ax.set_title(f"Chosen components (how many of {len(s.methods)} methods)" + _length(s))
+    return _save(fig, folder, name)
 
 
 def _kind_order(kind: str) -> tuple[int, int | str]:
@@ -175,11 +171,19 @@ def _kind_order(kind: str) -> tuple[int, int | str]:
     return (2, kind)
 
 
+def _length(s: report.Summary) -> str:
+    return f" (max_new_tokens {s.max_new_tokens})" if s.max_new_tokens is not None else ""
+
+
 def make_all(run: str | Path, folder: str | Path | None = None) -> list[Path]:
-    """Every figure of a run into ``folder`` (default RUN/figures)."""
+    """Every figure of a run into ``folder`` (default RUN/figures); a study of several decoding lengths
+    gets one set per length, named ``…-tokens{N}``."""
     run = Path(run)
     out = Path(folder) if folder is not None else run / "figures"
+    summaries = report.summarize(run)
     made: list[Path] = []
-    for fn in (accuracy_vs_k, accuracy_vs_alpha, recovery, components):
-        made += fn(run, out)
+    for s in summaries:
+        suffix = f"-tokens{s.max_new_tokens or 'default'}" if len(summaries) > 1 else ""
+        for fn in (accuracy_vs_k, accuracy_vs_alpha, recovery, components):
+            made += fn(run, out, s, fn.__name__ + suffix)
     return made

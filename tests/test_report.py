@@ -93,3 +93,26 @@ def test_retention_cost_is_a_paired_change_against_the_target(tmp_path: Path) ->
     assert summary.donor_retention_change is not None and summary.donor_retention_change.value == pytest.approx(0)
     assert "retention perplexity +10.5%" in summary.verdict[0]
     assert "(+10.5% [+10.5, +10.5])" in report.markdown(run)
+
+
+def test_each_decoding_length_gets_its_own_figures(tmp_path: Path) -> None:
+    """A study of several max_new_tokens: one summary and one set of figures per length, never mixed."""
+    from analysis import figures
+
+    run = write_run(tmp_path / "run", [i % 10 < 6 for i in range(100)])
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    longer = []
+    for r in rows:
+        r = {**r, "max_new_tokens": 16}
+        parts = r["key"].split("|")
+        r["key"] = "order|16" if parts[0] == "order" else "|".join(parts[:6] + ["16"] + parts[7:])
+        if r["phase"] == "grid":
+            r["accuracy"] = 0.1  # a different curve: mixing the lengths would show it
+        longer.append(r)
+    with (run / "results.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in longer))
+    assert [s.max_new_tokens for s in report.summarize(run)] == [None, 16]
+    assert set(figures.grid_frame(run, 16)["accuracy"]) == {0.1}
+    names = {p.name for p in figures.make_all(run)}
+    assert {"recovery-tokensdefault.png", "recovery-tokens16.png", "accuracy_vs_k-tokens16.svg"} <= names
+    assert not any(n.startswith("recovery.") for n in names)
