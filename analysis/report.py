@@ -291,6 +291,7 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
         parts.append("")
     for fig in figures or []:
         parts += [f"![{fig.stem}]({fig.relative_to(run)})", ""]
+    parts += _ship(run, summaries)
     if env:
         parts += ["## Reproduce", "", f"`{env.get('command', '')}`", "",
                   "Packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()), ""]
@@ -300,6 +301,35 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                       f"{reuse['forward_calls_replayed']} forward calls ({reuse['layer_forwards_skipped']} layer "
                       "forwards not run; results identical to full forwards).", ""]
     return "\n".join(parts)
+
+
+def _ship(run: Path, summaries: list[Summary]) -> list[str]:
+    """How to write the chosen transplant as a model (or a patch), best-recovering method first."""
+    from analysis.sweep import plan_file
+
+    lengths = [s.max_new_tokens for s in summaries]
+    lines: list[str] = []
+    for s in summaries:
+        ranked = sorted(s.methods, key=lambda f: (not beats_random(f, s.random_pooled),
+                                                  -(f.recovery.value if f.recovery.value is not None else -math.inf)))
+        for f in ranked:
+            plan = run / plan_file(f.method, s.max_new_tokens, lengths)
+            if not plan.is_file():
+                continue
+            if not lines:
+                lines += ["## Ship or roll back", "",
+                          "Each method's chosen point is a plan in this folder. `graftlm transplant` writes it as a "
+                          "Hugging Face folder (`AutoModelForCausalLM.from_pretrained` loads it) or, with "
+                          "`--patch`, as the changed tensors only (`graftlm apply-patch` rebuilds the model from "
+                          "the target). The source models are never modified: rolling back is using the target.",
+                          ""]
+            why = "beats the random control" if beats_random(f, s.random_pooled) else \
+                "does NOT beat the random control"
+            lines += [f"- {f.label}{' for max_new_tokens ' + str(s.max_new_tokens) if len(lengths) > 1 else ''}: "
+                      f"{why}; gap recovery {f.recovery}", "",
+                      f"      graftlm transplant -d {s.donor_ref} -t {s.target_ref} --plan {plan} --out "
+                      f"{s.target_ref.rstrip('/').split('/')[-1].replace(':', '-')}-{f.method}", ""]
+    return lines
 
 
 def write(run: str | Path) -> Path:
@@ -332,7 +362,9 @@ def _html(md: str, run: Path) -> str:
         if in_table:
             body.append("</table>")
             in_table = False
-        if line.startswith("!["):
+        if line.startswith("    ") and line.strip():  # an indented command
+            body.append(f"<pre><code>{html.escape(line.strip())}</code></pre>")
+        elif line.startswith("!["):
             src = line[line.index("(") + 1:-1]
             data = base64.b64encode((run / src).read_bytes()).decode()
             body.append(f'<p><img alt="{html.escape(src)}" src="data:image/png;base64,{data}" width="720"></p>')

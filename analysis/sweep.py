@@ -349,7 +349,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         wanted.update(low(Plan.of(_random_ids(all_ids, k, seed))) for k, _ in budgets for seed in cfg.controls.random_seeds)
         for method, (k, alpha) in chosen.items():
             plan = _plan(ranking[method], k, alpha, method, cfg.task)
-            plan.save(run_dir / f"plan-{method}.yaml")
+            plan.save(run_dir / plan_file(method, mnt, lengths))
             evaluate_point(Point("chosen", "test", "transplant", method, k, alpha, mnt), target,
                            splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
             if retention_task is not None:
@@ -377,6 +377,11 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                     "forward_calls_full": sum(p.stats.full for p in prefixes.values())}
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
     return run_dir
+
+
+def plan_file(method: str, max_new_tokens: int | None, lengths: list[int | None]) -> str:
+    """The name of a method's chosen plan in RUN: one per decoding length when the study has several."""
+    return f"plan-{method}.yaml" if len(lengths) == 1 else f"plan-{method}-tokens{max_new_tokens or 'default'}.yaml"
 
 
 def _item_row(record: dict[str, Any], keep_tokens: bool) -> dict[str, Any]:

@@ -149,6 +149,42 @@ def test_selection_never_sees_test(study: tuple[Path, SweepConfig], tmp_path: Pa
     assert {r["phase"] for r in rows if r.get("split") == "test"} <= {"baseline", "chosen", "control"}
 
 
+def test_the_report_says_how_to_ship_the_chosen_point(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """The report's transplant command, run as printed, writes a model that transformers loads."""
+    import shlex
+
+    from transformers import AutoModelForCausalLM
+
+    from analysis import report
+    from analysis.cli import main
+
+    _, cfg = study
+    run = sweep(cfg, tmp_path / "run", progress=False)
+    md = report.write(run).read_text()
+    assert "## Ship or roll back" in md
+    command = next(line.strip() for line in md.splitlines() if line.strip().startswith("graftlm transplant"))
+    args = shlex.split(command)[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "shipped")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "shipped").config.model_type == "llama"
+    assert "<pre><code>graftlm transplant" in (run / "report.html").read_text()
+
+
+def test_each_decoding_length_is_a_study_of_its_own(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    from analysis import report
+
+    _, cfg = study
+    two = SweepConfig.model_validate({**cfg.model_dump(), "max_new_tokens": [2, 3], "k": [1, 2], "alpha": [1.0],
+                                      "controls": {"random_seeds": [0], "copy_all": False, "weight": False}})
+    run = sweep(two, tmp_path / "run", progress=False)
+    assert [s.max_new_tokens for s in report.summarize(run)] == [2, 3]
+    assert {p.name for p in run.glob("plan-*.yaml")} == {"plan-weight-tokens2.yaml", "plan-weight-tokens3.yaml"}
+    report.write(run)
+    assert {"recovery-tokens2.png", "recovery-tokens3.png"} <= {p.name for p in (run / "figures").iterdir()}
+
+
 def test_every_config_key_is_documented() -> None:
     from analysis.sweep import Controls
 
