@@ -125,7 +125,7 @@ def recovery_interval(transplanted: Sequence[bool], target: Sequence[bool], dono
     with warnings.catch_warnings(), np.errstate(invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # means over ±inf in scipy's bookkeeping
         ci = bootstrap(data, statistic, paired=True, vectorized=True, method="percentile",
-                       confidence_level=confidence, n_resamples=resamples, rng=np.random.default_rng(seed)
+                       confidence_level=confidence, n_resamples=resamples, batch=200, rng=np.random.default_rng(seed)
                        ).confidence_interval
     return float(ci.low), float(ci.high)
 
@@ -157,7 +157,7 @@ def perplexity_change(nll: Sequence[float], nll_reference: Sequence[float], toke
 
     data = tuple(np.asarray(x, dtype=float) for x in (nll, nll_reference, tokens))
     ci = bootstrap(data, statistic, paired=True, vectorized=True, method="percentile", confidence_level=confidence,
-                   n_resamples=resamples, rng=np.random.default_rng(seed)).confidence_interval
+                   n_resamples=resamples, batch=200, rng=np.random.default_rng(seed)).confidence_interval
     return Change(float(statistic(*data)), float(ci.low), float(ci.high))
 
 
