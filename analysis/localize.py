@@ -149,7 +149,9 @@ def localize(
     if not dataless or not isinstance(donor, str | os.PathLike):
         d_model = _load(donor, dtype, allow_pickle, trust_remote_code)
         t_model = _load(target, dtype, allow_pickle, trust_remote_code)
-        _require_same_shapes(d_model, t_model)
+        from analysis.models import require_same_shapes
+
+        require_same_shapes(d_model, t_model)
         lay = shifts.layout_of(t_model)
         get_d, get_t = select.getter(d_model), select.getter(t_model)
         names = (d_model.name, t_model.name)
@@ -229,15 +231,6 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows).set_index("id")
     df["index"] = df["index"].astype("Int64")
     return df
-
-
-def _require_same_shapes(donor: LoadedModel, target: LoadedModel) -> None:
-    dp, tp = donor.parameters(), target.parameters()
-    for name, p in tp.items():
-        if name not in dp or tuple(dp[name].shape) != tuple(p.shape):
-            other = tuple(dp[name].shape) if name in dp else "missing"
-            raise GraftError(f"tensor {name}: donor {other}, target {tuple(p.shape)}",
-                             "donor and target must share architecture and shapes (run `graftlm check`)")
 
 
 def write(result: Localization, out: Path, *, figures: bool = True) -> dict[str, str]:

@@ -236,6 +236,16 @@ def hf_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name.replace(BRIDGE_WRAPPER, ""): p for name, p in model.named_parameters()}
 
 
+def require_same_shapes(donor: LoadedModel, target: LoadedModel) -> None:
+    """Refuse a pair that does not share every parameter name and shape (one line: the first offender)."""
+    dp, tp = donor.parameters(), target.parameters()
+    for name, p in tp.items():
+        if name not in dp or tuple(dp[name].shape) != tuple(p.shape):
+            other = tuple(dp[name].shape) if name in dp else "missing"
+            raise GraftError(f"tensor {name}: donor {other}, target {tuple(p.shape)}",
+                             "donor and target must share architecture and shapes (run `graftlm check`)")
+
+
 def _check_device(name: str) -> None:
     """A device torch can use here, or one line saying why not (before any weights are read)."""
     import torch

@@ -176,17 +176,22 @@ class Results:
                 yield row
 
 
+def _refuse_another_config(config: SweepConfig, out: Path) -> None:
+    stored = out / "config.yaml"
+    if stored.is_file():
+        previous = SweepConfig.model_validate(yaml.safe_load(stored.read_text()))
+        if previous.digest() != config.digest():
+            raise GraftError(f"{out} holds a run of another config (hash {previous.digest()} ≠ {config.digest()})",
+                             "use a new --out, or rerun with the config stored in it")
+
+
 def open_run(config: SweepConfig, out: Path) -> Results:
     """Create or resume RUN; refuse a different config."""
+    _refuse_another_config(config, out)
     out.mkdir(parents=True, exist_ok=True)
     stored = out / "config.yaml"
     digest = config.digest()
-    if stored.is_file():
-        previous = SweepConfig.model_validate(yaml.safe_load(stored.read_text()))
-        if previous.digest() != digest:
-            raise GraftError(f"{out} holds a run of another config (hash {previous.digest()} ≠ {digest})",
-                             "use a new --out, or rerun with the config stored in it")
-    else:
+    if not stored.is_file():
         tmp = stored.with_suffix(".tmp")
         tmp.write_text(f"# config hash {digest}\n" + config.to_yaml())
         os.replace(tmp, stored)
@@ -227,14 +232,15 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
 
     from analysis import tasks, units
     from analysis.evaluate import run as evaluate
-    from analysis.models import load
+    from analysis.models import load, require_same_shapes
     from analysis.prefix import Prefix, lowest_layer
     from analysis.transplant import applied
 
     cfg = config if isinstance(config, SweepConfig) else SweepConfig.load(config)
     run_dir = Path(out)
-    results = open_run(cfg, run_dir)
+    _refuse_another_config(cfg, run_dir)
     torch.manual_seed(cfg.seed)
+    # Everything that can be wrong with the inputs is found before RUN is created.
     task = tasks.load(cfg.task)
     splits = _check_splits(task, cfg)
     retention_task = tasks.load(cfg.retention) if cfg.retention else (task if task.retention is not None else None)
@@ -242,6 +248,8 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
     models = {"a": load(cfg.donor, dtype=cfg.dtype, device=cfg.device),
               "b": load(cfg.target, dtype=cfg.dtype, device=cfg.device)}
+    require_same_shapes(models["a"], models["b"])
+    results = open_run(cfg, run_dir)
     lay = units.layout(models["a"].model.config,
                        {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
     lengths = cfg.max_new_tokens if task.kind == "generate" else [None]

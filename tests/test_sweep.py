@@ -131,6 +131,15 @@ def test_overlapping_splits_are_refused(study: tuple[Path, SweepConfig], tmp_pat
     task = write_task(tmp_path, overlap=True)
     with pytest.raises(GraftError, match="both probe and test"):
         sweep(cfg.model_copy(update={"task": str(task)}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # bad input creates no run folder
+
+
+def test_a_pair_of_other_shapes_is_refused_before_any_work(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    _, cfg = study
+    other = build_model(tmp_path / "other", "llama", seed=3, intermediate_size=48)
+    with pytest.raises(GraftError, match="must share architecture"):
+        sweep(cfg.model_copy(update={"target": str(other), "auto_order": True}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
