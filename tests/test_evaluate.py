@@ -318,10 +318,14 @@ def test_rows_are_grouped_by_length_within_the_batch_size() -> None:
     assert [100, 98, 97] == [lengths[r] for r in groups[0]]  # the long rows do not carry a short one
 
 
-def test_decoding_drops_finished_rows_without_changing_any_row(random_llama, monkeypatch) -> None:
-    """Rows that finish early leave the batch once half of it is done; every row's tokens and logprob
-    stay those it gets decoded alone."""
-    model, tok, _ = random_llama
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])
+def test_decoding_drops_finished_rows_without_changing_any_row(tiny_pairs, family: str, monkeypatch) -> None:
+    """Rows that finish early leave the batch once half of it is done (the KV cache keeps the rest,
+    sliding-window layers too); every row's tokens and logprob stay those it gets decoded alone."""
+    from analysis.models import load
+
+    loaded = load(tiny_pairs(family)[1], dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
     prompts = [evaluate.encode(tok, f"What is {i}*{i}?\nA:") for i in range(8)]
     starts = [([5] * (i % 4), 0.0) for i in range(8)]  # rows 3 and 7 are 3 tokens ahead of rows 0 and 4
 
