@@ -70,12 +70,16 @@ class Recovery:
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    def __str__(self) -> str:
+    def describe(self, interval_prefix: str = "95% CI ") -> str:
+        """``83% (95% CI 79%–86%)``; ``undefined`` when there is no gap; no interval when none was made."""
         if self.value is None:
             return "undefined"
         if self.ci_low is None or self.ci_high is None:
             return f"{self.value:.0%}"
-        return f"{self.value:.0%} (95% CI {percent(self.ci_low)}–{percent(self.ci_high)})"
+        return f"{self.value:.0%} ({interval_prefix}{percent(self.ci_low)}–{percent(self.ci_high)})"
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 def percent(x: float) -> str:

@@ -223,14 +223,6 @@ def _fmt_acc(a: metrics.Accuracy) -> str:
     return f"{a.accuracy:.3f} ({a.k}/{a.n}; {a.ci_low:.3f}–{a.ci_high:.3f})"
 
 
-def _fmt_recovery(r: metrics.Recovery) -> str:
-    if r.value is None:
-        return "—"
-    if r.ci_low is None or r.ci_high is None:
-        return f"{r.value:.0%}"
-    return f"{r.value:.0%} ({metrics.percent(r.ci_low)}–{metrics.percent(r.ci_high)})"
-
-
 def _fmt_retention(ppl: float | None, change: metrics.Change | None) -> str:
     if change is None:
         return _fmt(ppl)
@@ -258,7 +250,7 @@ def headline(s: Summary) -> list[list[str]]:
              "100%", _fmt(s.donor_vs_target.p_value), _fmt_retention(s.retention.get("donor"), s.donor_retention_change)]]
     for f in [*s.methods, *s.controls]:
         kind = "method" if f in s.methods else "control"
-        rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), _fmt_recovery(f.recovery),
+        rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), f.recovery.describe("") if f.recovery.value is not None else "—",
                      _fmt(f.vs_target.p_value), _fmt_retention(f.retention, f.retention_change)])
     for (k, a), acc in s.random_pooled.items():
         rows.append(["control", f"random K={k} α={a}, seeds pooled", _fmt_acc(acc), "", "", "", ""])

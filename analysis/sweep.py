@@ -186,8 +186,7 @@ def _refuse_another_config(config: SweepConfig, out: Path) -> None:
 
 
 def open_run(config: SweepConfig, out: Path) -> Results:
-    """Create or resume RUN; refuse a different config."""
-    _refuse_another_config(config, out)
+    """Create or resume RUN (a different config stored there was refused before the inputs were loaded)."""
     out.mkdir(parents=True, exist_ok=True)
     stored = out / "config.yaml"
     digest = config.digest()
