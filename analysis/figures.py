@@ -103,7 +103,7 @@ def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "reco
     labels = [f.label for f in findings]
     colors = ["tab:blue" if f in s.methods else "0.6" for f in findings]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.45 * len(findings) + 1.6), sharey=True,
-                                      gridspec_kw={"width_ratios": [1.2, 1]})
+                                      gridspec_kw={"width_ratios": [1.2, 1], "wspace": 0.12})
     acc = [f.acc.accuracy for f in findings]
     left.barh(labels, acc, xerr=[[f.acc.accuracy - f.acc.ci_low for f in findings],
                                  [f.acc.ci_high - f.acc.accuracy for f in findings]], color=colors, capsize=3)
@@ -111,6 +111,10 @@ def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "reco
         left.axvline(a.accuracy, color=color, ls="--", lw=1)
         left.axvspan(a.ci_low, a.ci_high, color=color, alpha=0.08)
         left.text(a.accuracy, len(findings) - 0.4, f" {who}", color=color, fontsize=8)
+    if len(s.random_pooled) == 1:  # one budget: the band a method must clear to beat random
+        ((k, a), pooled), = s.random_pooled.items()
+        left.axvspan(pooled.ci_low, pooled.ci_high, color="0.5", alpha=0.15)
+        left.text(pooled.ci_high, -0.6, f" band: random K={k} α={a}, seeds pooled", color="0.35", fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("test accuracy (95% Wilson interval)")
     # Gap recovery with its paired bootstrap interval; an unbounded end is drawn to the axis edge.
