@@ -2,7 +2,7 @@
 graftlm's evaluator with and without its shared-head cache, beside lm-evaluation-harness.
 
 The 8 worked examples are the same for every item, so every prompt of a batch starts with the same
-~2,400 characters: graftlm runs that head once per batch (batch size 1) and continues each row from its
+~2,400 characters: graftlm runs that head once (batch size 1) and continues each row from its
 KV cache. lm-eval (HF backend, the same model object, the same rendered prompts exported as a task)
 runs every prompt whole. Same greedy decoding, same new-token budget; outputs are compared. Ratio last.
 
