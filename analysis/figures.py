@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis import report  # noqa: E402
+from analysis.sweep import length_suffix  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -187,7 +188,7 @@ def make_all(run: str | Path, folder: str | Path | None = None) -> list[Path]:
     summaries = report.summarize(run)
     made: list[Path] = []
     for s in summaries:
-        suffix = f"-tokens{s.max_new_tokens or 'default'}" if len(summaries) > 1 else ""
+        suffix = length_suffix(s.max_new_tokens, len(summaries) > 1)
         for fn in (accuracy_vs_k, accuracy_vs_alpha, recovery, components):
             made += fn(run, out, s, fn.__name__ + suffix)
     return made

@@ -386,9 +386,14 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     return run_dir
 
 
+def length_suffix(max_new_tokens: int | None, several: bool) -> str:
+    """What names a decoding length's files (plans, figures) when a study has several: ``-tokensN``."""
+    return f"-tokens{max_new_tokens or 'default'}" if several else ""
+
+
 def plan_file(method: str, max_new_tokens: int | None, lengths: list[int | None]) -> str:
     """The name of a method's chosen plan in RUN: one per decoding length when the study has several."""
-    return f"plan-{method}.yaml" if len(lengths) == 1 else f"plan-{method}-tokens{max_new_tokens or 'default'}.yaml"
+    return f"plan-{method}{length_suffix(max_new_tokens, len(lengths) > 1)}.yaml"
 
 
 def _item_row(record: dict[str, Any], keep_tokens: bool) -> dict[str, Any]:
