@@ -20,6 +20,7 @@ import yaml
 
 from analysis import metrics
 from analysis.errors import GraftError
+from analysis.sweep import plan_file, short_name
 
 
 @dataclass
@@ -244,8 +245,8 @@ def _gap_reason(s: Summary) -> str:
 
 def headline(s: Summary) -> list[list[str]]:
     """The table printed at the end of a sweep: one row per model / method / control."""
-    rows = [["target", s.target_ref, _fmt_acc(s.target["test"]), "1", "0%", "—", _fmt(s.retention.get("target"))],
-            ["donor", s.donor_ref, _fmt_acc(s.donor["test"]), _fmt(metrics.tir(s.donor["test"].accuracy,
+    rows = [["target", short_name(s.target_ref), _fmt_acc(s.target["test"]), "1", "0%", "—", _fmt(s.retention.get("target"))],
+            ["donor", short_name(s.donor_ref), _fmt_acc(s.donor["test"]), _fmt(metrics.tir(s.donor["test"].accuracy,
                                                                                  s.target["test"].accuracy)),
              "100%", _fmt(s.donor_vs_target.p_value), _fmt_retention(s.retention.get("donor"), s.donor_retention_change)]]
     for f in [*s.methods, *s.controls]:
@@ -297,7 +298,6 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
 
 def _ship(run: Path, summaries: list[Summary]) -> list[str]:
     """How to write the chosen transplant as a model (or a patch), best-recovering method first."""
-    from analysis.sweep import plan_file
 
     lengths = [s.max_new_tokens for s in summaries]
     lines: list[str] = []
@@ -320,7 +320,7 @@ def _ship(run: Path, summaries: list[Summary]) -> list[str]:
             lines += [f"- {f.label}{' for max_new_tokens ' + str(s.max_new_tokens) if len(lengths) > 1 else ''}: "
                       f"{why}; gap recovery {f.recovery}", "",
                       f"      graftlm transplant -d {s.donor_ref} -t {s.target_ref} --plan {plan} --out "
-                      f"{s.target_ref.rstrip('/').split('/')[-1].replace(':', '-')}-{f.method}", ""]
+                      f"{short_name(s.target_ref).replace(':', '-')}-{f.method}", ""]
     return lines
 
 

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                        {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
     lengths = cfg.max_new_tokens if task.kind == "generate" else [None]
     plan_total = _count_points(cfg, lengths, retention_task is not None)
-    bar = _Bar(plan_total, progress)
+    bar = _Bar(plan_total, progress, {who: short_name(models[who].name) for who in models})
 
     prefixes: dict[int, Prefix] = {}  # per target model: what lies below each transplant, computed once
     wanted: set[int] = set()  # the lowest layers of the plans to come: one full evaluation records them all
@@ -269,8 +270,9 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                        limit: int | None = None, plan: Plan | None = None, donor: Any = None,
                        drafts_from: str | None = None, record: bool = False) -> dict[str, Any]:
         if point.key in results:
-            bar.advance(point)
+            bar.advance(point, results[point.key], None)
             return results[point.key]
+        started = time.perf_counter()
         the_task = eval_task or task
         drafts = None  # what an earlier dev point generated: verified in one forward, not decoded again
         if drafts_from is not None and the_task.kind == "generate":
@@ -295,7 +297,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                "plan": [c.id for c in plan.components] if plan is not None else None,
                "items": [_item_row(r, keep_tokens=point.split == "dev") for r in res.records]}
         results.add(row)
-        bar.advance(point)
+        bar.advance(point, row, time.perf_counter() - started)
         if on_point is not None:
             on_point(point, row)
         return row
@@ -307,7 +309,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         wanted.clear()
         if not cfg.auto_order:
             # The target is known: localize first, so that its baselines record what the grid replays.
-            ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay) for m in needed}
+            ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay, say=bar.note) for m in needed}
             wanted.update(grid_lows(ranking))
         # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
         base = {}
@@ -330,7 +332,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                                record=name == target_name and bool(wanted))
         if not ranking:
             reverse = donor_name == "b"
-            ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse) for m in needed}
+            ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse, bar.note) for m in needed}
             wanted.update(grid_lows(ranking))
         # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
         # points mostly generate the same tokens), which spares most sequential decoding steps.
@@ -350,6 +352,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
             chosen[method] = (best["top_k"], best["alpha"])
         budgets = sorted(set(chosen.values()))
+        bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
         all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
         wanted.clear()
         wanted.update(low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
@@ -384,6 +387,11 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                     "forward_calls_full": sum(p.stats.full for p in prefixes.values())}
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
     return run_dir
+
+
+def short_name(ref: str) -> str:
+    """What a person calls a model in a table or a folder name: a path's or hub id's last part."""
+    return ref.rstrip("/").split("/")[-1] or ref
 
 
 def length_suffix(max_new_tokens: int | None, several: bool) -> str:
@@ -435,7 +443,7 @@ def _check_splits(task: Any, cfg: SweepConfig) -> dict[str, str]:
 
 
 def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig,
-             lay: Any, reverse: bool = False) -> list[tuple[str, float]]:
+             lay: Any, reverse: bool = False, say: Callable[[str], None] = print) -> list[tuple[str, float]]:
     """Component ids with scores, best first; cached in RUN/rankings/ so a resumed run reuses them
     (``reverse``: 'auto' made the config's target the donor)."""
     from analysis import select
@@ -443,12 +451,15 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
     cache = run_dir / "rankings" / f"{method}{'-reversed' if reverse else ''}.json"
     if cache.is_file():
         return [tuple(x) for x in json.loads(cache.read_text())]  # type: ignore[misc]
+    started = time.perf_counter()
     ranked = select.rank(method, donor=donor, target=target, task=task, kinds=cfg.components,
                          seed=cfg.seed, limit=cfg.probe_limit, split=cfg.splits["probe"])
     cache.parent.mkdir(exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps([[cid, float(score)] for cid, score in ranked]))
     os.replace(tmp, cache)
+    say(f"localized by {method} on the probe split in {time.perf_counter() - started:.1f} s; "
+        f"top 3: {', '.join(cid for cid, _ in ranked[:3])}")
     return ranked
 
 
@@ -470,33 +481,94 @@ def _count_points(cfg: SweepConfig, lengths: list[int | None], retention: bool) 
     per_length = 4 + (2 if retention else 0)
     per_length += len(cfg.methods) * len(cfg.k) * len(cfg.alpha)
     per_length += len(cfg.methods) * (1 + int(retention))
-    budgets = len(cfg.methods)  # at most one budget per method
-    per_length += budgets * (len(cfg.controls.random_seeds) + int(cfg.controls.weight and "weight" not in cfg.methods))
+    per_length += len(cfg.methods) * _controls_per_budget(cfg)  # at most one budget per method
     per_length += int(cfg.controls.copy_all)
     return per_length * len(lengths)
 
 
+def _controls_per_budget(cfg: SweepConfig) -> int:
+    return len(cfg.controls.random_seeds) + int(cfg.controls.weight and "weight" not in cfg.methods)
+
+
 class _Bar:
-    """One progress bar with ETA over the whole grid (rich)."""
+    """One progress bar with ETA over the whole study (rich). Where the output is no terminal (a log
+    file, a batch job), where a bar would print nothing until the end, one line per finished evaluation
+    instead: its result, its time and the time left."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __init__(self, total: int, enabled: bool, names: dict[str, str]) -> None:
+        self.names = names  # who → what a person calls the model
+        self.progress: Any = None
+        self.console: Any = None
+        self.total, self.done, self.resumed, self.computed, self.seconds = total, 0, 0, 0, 0.0
+        if not enabled:
+            return
+        from rich.console import Console
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), transient=False)
-            self.progress.start()
-            self.task = self.progress.add_task("sweep", total=total)
+        console = Console(stderr=True)
+        if not (console.is_terminal or console.is_jupyter):
+            self.console = console
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def advance(self, point: Point) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("sweep", total=total)
+
+    def advance(self, point: Point, row: dict[str, Any], seconds: float | None) -> None:
+        """``seconds``: how long the evaluation took; None when it was resumed from results.jsonl."""
+        self.done += 1
+        if point.who == "transplant":
+            seed = f" seed {point.seed}" if point.seed is not None else ""
+            label = f"{point.phase} {point.method} K={point.top_k} α={point.alpha}{seed} {point.split}"
+        else:
+            label = f"baseline {self.names.get(point.who, point.who)} {point.split}"
         if self.progress is not None:
-            label = f"{point.phase} {point.method or point.who} K={point.top_k} α={point.alpha} {point.split}"
             self.progress.update(self.task, advance=1, description=label[:48].ljust(48))
+        if self.console is None:
+            return
+        if seconds is None:
+            self.resumed += 1
+            return
+        self._say_resumed(self.done - 1)
+        self.computed += 1
+        self.seconds += seconds
+        # resumed points cost nothing: the rate is that of the points computed in this process
+        left = self.seconds / self.computed * (self.total - self.done)
+        result = (f"perplexity {row['perplexity']:.3f}" if "perplexity" in row else
+                  f"{row['accuracy']:.1%} ({row['k']}/{row['n']})" if "accuracy" in row else "done")
+        self.console.print(f"[{self.done}/{self.total}] {label}: {result} in {seconds:.1f} s, "
+                           f"~{_duration(left)} left", highlight=False, soft_wrap=True)
+
+    def fewer(self, n: int) -> None:
+        """``n`` of the counted evaluations will not happen (they were counted at most)."""
+        self.total -= n
+        if self.progress is not None:
+            self.progress.update(self.task, total=self.total)
+
+    def note(self, text: str) -> None:
+        """A stage outside the count (localization): a line in logs, above the bar in a terminal."""
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False)
+        elif self.console is not None:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def _say_resumed(self, upto: int) -> None:
+        if self.resumed:
+            self.console.print(f"[{upto}/{self.total}] {self.resumed} evaluations resumed from "
+                               "results.jsonl", highlight=False, soft_wrap=True)
+            self.resumed = 0
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        elif self.console is not None:
+            self._say_resumed(self.done)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def environment() -> dict[str, Any]:

@@ -89,6 +89,23 @@ def test_resume_with_another_config_is_refused(study: tuple[Path, SweepConfig], 
         sweep(changed, tmp_path / "run", progress=False)
 
 
+def test_a_log_gets_a_line_per_evaluation(study: tuple[Path, SweepConfig], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """In a log file (no terminal: a batch job, `make demo > log`) a progress bar would show nothing
+    until the end; each finished evaluation is a line with its result and the time left instead."""
+    _, cfg = study
+    sweep(cfg, tmp_path / "run", progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    total = len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) - 1  # less the order line
+    counted = [line for line in lines if line.startswith("[")]
+    assert len(counted) == total and counted[-1].startswith(f"[{total}/{total}] ")
+    assert any(line.startswith("localized by weight on the probe split") for line in lines)
+    assert any(" grid weight K=2 α=1.0 dev: " in line and "/12)" in line and " left" in line for line in counted)
+    sweep(cfg, tmp_path / "run", progress=True)  # all done: resumed, said once
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert said == [f"[{total}/{total}] {total} evaluations resumed from results.jsonl"]
+
+
 def test_retention_keeps_per_text_results_for_the_cost_interval(study: tuple[Path, SweepConfig],
                                                                  tmp_path: Path) -> None:
     from analysis import report
