@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,9 @@ def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "reco
         left.text(pooled.ci_high, -0.6, f" band: random K={k} α={a}, seeds pooled", color="0.35", fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("test accuracy (95% Wilson interval)")
-    # Gap recovery with its paired bootstrap interval; an unbounded end is drawn to the axis edge.
-    values = [f.recovery.value for f in findings]
-    shown = [v for v in values if v is not None]
-    lo_edge, hi_edge = min([-0.1, *shown]) - 0.1, max([1.1, *shown]) + 0.1
+    # Gap recovery with its paired bootstrap interval; an end beyond the axis (or unbounded) stops at the
+    # edge in an arrowhead.
+    lo_edge, hi_edge = recovery_axis([f.recovery for f in findings])
     for i, f in enumerate(findings):
         r = f.recovery
         if r.value is None:
@@ -130,6 +130,9 @@ def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "reco
         lo = r.ci_low if r.ci_low is not None else r.value
         hi = r.ci_high if r.ci_high is not None else r.value
         right.plot([max(lo, lo_edge), min(hi, hi_edge)], [i, i], color=colors[i], lw=2.5, solid_capstyle="butt")
+        for end, edge, marker in ((lo, lo_edge, "<"), (hi, hi_edge, ">")):
+            if (end < edge) if marker == "<" else (end > edge):
+                right.plot([edge], [i], marker, color=colors[i], markersize=7, clip_on=False)
         right.plot([r.value], [i], "o", color=colors[i], markeredgecolor="black", markersize=6)
         right.text(min(hi, hi_edge), i - 0.25, f" {r.value:+.0%}", fontsize=8)
     right.axvline(0, color="tab:red", ls="--", lw=1)
@@ -139,6 +142,15 @@ def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "reco
     right.set_xlabel("gap recovered (95% paired bootstrap interval)")
     fig.suptitle("Methods (blue) beside their controls (grey), on test" + _length(s), y=1.0)
     return _save(fig, folder, name)
+
+
+def recovery_axis(recoveries: list[Any]) -> tuple[float, float]:
+    """The gap-recovered axis: 0% and 100%, every estimate, and every finite interval end within
+    [-150%, 250%] (a wider end would squeeze the rest into a line)."""
+    shown = [v for r in recoveries if r.value is not None
+             for v in (r.value, r.ci_low, r.ci_high) if v is not None and math.isfinite(v)]
+    shown = [min(max(v, -1.5), 2.5) for v in shown]
+    return min([-0.1, *shown]) - 0.1, max([1.1, *shown]) + 0.1
 
 
 COMPONENT = re.compile(r"L(\d+)(?:\.(.+))?")
