@@ -280,7 +280,8 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                   f"{_gap_reason(s)}. Retention: perplexity on off-task text, its change against the target's "
                   "with a bootstrap interval over the texts (paired).", ""]
         for f in s.methods:
-            parts.append(f"- {f.method}: components {', '.join(f.plan)}; gap recovery {f.recovery}.")
+            parts.append(f"- {f.method}: components {', '.join(f.plan)}; gap recovery {f.recovery}; "
+                         f"{_flips(f.vs_target)}.")
         parts.append("")
     for fig in figures or []:
         parts += [f"![{fig.stem}]({fig.relative_to(run)})", ""]
@@ -294,6 +295,12 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                       f"{reuse['forward_calls_replayed']} forward calls ({reuse['layer_forwards_skipped']} layer "
                       "forwards not run; results identical to full forwards).", ""]
     return "\n".join(parts)
+
+
+def _flips(vs_target: metrics.McNemar) -> str:
+    """What the transplant changed item by item: the target's errors it fixed, its answers it broke."""
+    return (f"on test it fixed {vs_target.b} items the target got wrong and broke {vs_target.c} the target "
+            "got right")
 
 
 def _ship(run: Path, summaries: list[Summary]) -> list[str]:
