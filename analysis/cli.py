@@ -292,10 +292,21 @@ def main(argv: list[str] | None = None) -> None:
     except GraftError as err:
         err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside the command (typer makes it exit code 130 inside)
+        _say_interrupted()
+        sys.exit(130)
     except SystemExit as stop:
+        if stop.code == 130:
+            _say_interrupted()
         if argv is None and not stop.code:  # the console script, done: skip tearing down every module
             _exit_now()
         raise
+
+
+def _say_interrupted() -> None:
+    # nothing half-written is left: outputs are staged and renamed, a sweep's lines are whole
+    err_console.print("interrupted; a sweep resumes where it stopped when run again with the same --out",
+                      highlight=False, soft_wrap=True)
 
 
 def _exit_now() -> None:

@@ -304,83 +304,85 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
 
     limits = {"dev": cfg.dev_limit, "test": cfg.test_limit}
     needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
-    for mnt in lengths:
-        ranking: dict[str, list[tuple[str, float]]] = {}
-        wanted.clear()
-        if not cfg.auto_order:
-            # The target is known: localize first, so that its baselines record what the grid replays.
-            ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay, say=bar.note) for m in needed}
-            wanted.update(grid_lows(ranking))
-        # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
-        base = {}
-        for name in ("a", "b"):
-            for split in ("dev", "test"):
-                base[name, split] = evaluate_point(Point("baseline", split, name, max_new_tokens=mnt),
-                                                   models[name], splits[split], limit=limits[split],
-                                                   record=name == "b" and bool(wanted))
-        donor_name, target_name = _order(cfg, base)
-        order_key = f"order|{mnt}"
-        if order_key not in results:
-            results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
-                         "target": target_name, "donor_ref": models[donor_name].name,
-                         "target_ref": models[target_name].name})
-        donor, target = models[donor_name], models[target_name]
-        if retention_task is not None:
-            for name in (donor_name, target_name):
-                evaluate_point(Point("baseline", "retention", name, max_new_tokens=mnt), models[name],
-                               retention_split, retention_task, cfg.retention_limit,
-                               record=name == target_name and bool(wanted))
-        if not ranking:
-            reverse = donor_name == "b"
-            ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse, bar.note) for m in needed}
-            wanted.update(grid_lows(ranking))
-        # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
-        # points mostly generate the same tokens), which spares most sequential decoding steps.
-        for method in cfg.methods:
-            previous = Point("baseline", "dev", target_name, max_new_tokens=mnt).key
-            for k in cfg.k:
-                for alpha in cfg.alpha:
-                    plan = _plan(ranking[method], k, alpha, method, cfg.task)
-                    point = Point("grid", "dev", "transplant", method, k, alpha, mnt)
-                    evaluate_point(point, target, splits["dev"], limit=cfg.dev_limit, plan=plan, donor=donor,
-                                   drafts_from=previous)
-                    previous = point.key
-        # The chosen point per method on test, with retention.
-        chosen: dict[str, tuple[int, float]] = {}
-        for method in cfg.methods:
-            rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in cfg.k for a in cfg.alpha]
-            best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
-            chosen[method] = (best["top_k"], best["alpha"])
-        budgets = sorted(set(chosen.values()))
-        bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
-        all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
-        wanted.clear()
-        wanted.update(low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
-        wanted.update(low(Plan.of(_random_ids(all_ids, k, seed))) for k, _ in budgets for seed in cfg.controls.random_seeds)
-        for method, (k, alpha) in chosen.items():
-            plan = _plan(ranking[method], k, alpha, method, cfg.task)
-            plan.save(run_dir / plan_file(method, mnt, lengths))
-            evaluate_point(Point("chosen", "test", "transplant", method, k, alpha, mnt), target,
-                           splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+    try:
+        for mnt in lengths:
+            ranking: dict[str, list[tuple[str, float]]] = {}
+            wanted.clear()
+            if not cfg.auto_order:
+                # The target is known: localize first, so that its baselines record what the grid replays.
+                ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay, say=bar.note) for m in needed}
+                wanted.update(grid_lows(ranking))
+            # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
+            base = {}
+            for name in ("a", "b"):
+                for split in ("dev", "test"):
+                    base[name, split] = evaluate_point(Point("baseline", split, name, max_new_tokens=mnt),
+                                                       models[name], splits[split], limit=limits[split],
+                                                       record=name == "b" and bool(wanted))
+            donor_name, target_name = _order(cfg, base)
+            order_key = f"order|{mnt}"
+            if order_key not in results:
+                results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
+                             "target": target_name, "donor_ref": models[donor_name].name,
+                             "target_ref": models[target_name].name})
+            donor, target = models[donor_name], models[target_name]
             if retention_task is not None:
-                evaluate_point(Point("chosen", "retention", "transplant", method, k, alpha, mnt), target,
-                               retention_split, retention_task, cfg.retention_limit, plan=plan, donor=donor)
-        # Controls at the budget of each chosen point.
-        for k, alpha in budgets:
-            for seed in cfg.controls.random_seeds:
-                ids = _random_ids(all_ids, k, seed)
-                plan = Plan.of(ids, alpha=alpha, method="random", task=cfg.task, seed=seed)
-                evaluate_point(Point("control", "test", "transplant", "random", k, alpha, mnt, seed), target,
+                for name in (donor_name, target_name):
+                    evaluate_point(Point("baseline", "retention", name, max_new_tokens=mnt), models[name],
+                                   retention_split, retention_task, cfg.retention_limit,
+                                   record=name == target_name and bool(wanted))
+            if not ranking:
+                reverse = donor_name == "b"
+                ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse, bar.note) for m in needed}
+                wanted.update(grid_lows(ranking))
+            # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
+            # points mostly generate the same tokens), which spares most sequential decoding steps.
+            for method in cfg.methods:
+                previous = Point("baseline", "dev", target_name, max_new_tokens=mnt).key
+                for k in cfg.k:
+                    for alpha in cfg.alpha:
+                        plan = _plan(ranking[method], k, alpha, method, cfg.task)
+                        point = Point("grid", "dev", "transplant", method, k, alpha, mnt)
+                        evaluate_point(point, target, splits["dev"], limit=cfg.dev_limit, plan=plan, donor=donor,
+                                       drafts_from=previous)
+                        previous = point.key
+            # The chosen point per method on test, with retention.
+            chosen: dict[str, tuple[int, float]] = {}
+            for method in cfg.methods:
+                rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in cfg.k for a in cfg.alpha]
+                best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
+                chosen[method] = (best["top_k"], best["alpha"])
+            budgets = sorted(set(chosen.values()))
+            bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
+            all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
+            wanted.clear()
+            wanted.update(low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
+            wanted.update(low(Plan.of(_random_ids(all_ids, k, seed))) for k, _ in budgets for seed in cfg.controls.random_seeds)
+            for method, (k, alpha) in chosen.items():
+                plan = _plan(ranking[method], k, alpha, method, cfg.task)
+                plan.save(run_dir / plan_file(method, mnt, lengths))
+                evaluate_point(Point("chosen", "test", "transplant", method, k, alpha, mnt), target,
                                splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
-            if cfg.controls.weight and "weight" not in cfg.methods:
-                plan = _plan(ranking["weight"], k, alpha, "weight", cfg.task)
-                evaluate_point(Point("control", "test", "transplant", "weight", k, alpha, mnt), target,
+                if retention_task is not None:
+                    evaluate_point(Point("chosen", "retention", "transplant", method, k, alpha, mnt), target,
+                                   retention_split, retention_task, cfg.retention_limit, plan=plan, donor=donor)
+            # Controls at the budget of each chosen point.
+            for k, alpha in budgets:
+                for seed in cfg.controls.random_seeds:
+                    ids = _random_ids(all_ids, k, seed)
+                    plan = Plan.of(ids, alpha=alpha, method="random", task=cfg.task, seed=seed)
+                    evaluate_point(Point("control", "test", "transplant", "random", k, alpha, mnt, seed), target,
+                                   splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+                if cfg.controls.weight and "weight" not in cfg.methods:
+                    plan = _plan(ranking["weight"], k, alpha, "weight", cfg.task)
+                    evaluate_point(Point("control", "test", "transplant", "weight", k, alpha, mnt), target,
+                                   splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+            if cfg.controls.copy_all:
+                plan = Plan.of(all_ids, alpha=1.0, method="copy-all", task=cfg.task)
+                evaluate_point(Point("control", "test", "transplant", "copy-all", len(all_ids), 1.0, mnt), target,
                                splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
-        if cfg.controls.copy_all:
-            plan = Plan.of(all_ids, alpha=1.0, method="copy-all", task=cfg.task)
-            evaluate_point(Point("control", "test", "transplant", "copy-all", len(all_ids), 1.0, mnt), target,
-                           splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
-    bar.close()
+    finally:
+        bar.close()  # also when interrupted: a live bar left running would garble the next output
     env = environment()
     env["reuse"] = {"forward_calls_replayed": sum(p.stats.replayed for p in prefixes.values()),
                     "layer_forwards_skipped": sum(p.stats.skipped_layers for p in prefixes.values()),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +65,23 @@ def build_model(folder: Path, family: str, seed: int, *, dtype: torch.dtype = to
                 p.add_(torch.randn_like(p) * 0.1)
     model.to(dtype).save_pretrained(folder, max_shard_size=shard or "2GB")
     return folder
+
+
+def write_task(folder: Path, overlap: bool = False) -> Path:
+    """A small generation task (two-digit sums; probe 6, dev 12, test 16) with a retention set."""
+    rng = random.Random(0)
+    lines = []
+    for i, split in enumerate(["probe"] * 6 + ["dev"] * 12 + ["test"] * 16):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        lines.append({"id": f"q{i}", "prompt": f"{a}+{b}=", "answer": str(a + b), "split": split})
+    if overlap:
+        lines.append({**lines[0], "id": "dup", "split": "test"})  # a probe prompt again in test
+    (folder / "task.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (folder / "ret.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"the cat sat on mat {i}."}) + "\n"
+                                              for i in range(6)))
+    (folder / "task.yaml").write_text("kind: generate\ndata: task.jsonl\nfilter: numeric\nmax_new_tokens: 3\n"
+                                      "retention: ret.jsonl\n")
+    return folder / "task.yaml"
 
 
 def write_gguf(folder: Path, path: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, write_task
 from safetensors.torch import load_file, save_file
 
 from analysis.cli import main
@@ -194,3 +194,36 @@ def test_console_script_transplant_exits_cleanly(llama_pair, tmp_path: Path) -> 
     assert proc.returncode == 0 and proc.stdout.strip() == f"wrote model {out}", proc.stderr
     assert load_file(str(out / "model.safetensors")).keys() == load_file(str(Path(target) / "model.safetensors")).keys()
     assert "target_sha256" in (out / "graft.yaml").read_text()
+
+
+def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C in a sweep: one line (no traceback), exit 130, only whole results lines; the same command
+    then finishes the study."""
+    import os
+    import signal
+    import time
+
+    from analysis.sweep import SweepConfig
+
+    donor, target = build_model(tmp_path / "donor", "llama", seed=1), build_model(tmp_path / "target", "llama", seed=2)
+    cfg = SweepConfig(donor=str(donor), target=str(target), task=str(write_task(tmp_path)), methods=["weight"],
+                      k=[1, 2], alpha=[0.5, 1.0], components=["head", "mlp"], batch_size=4)
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    exe = Path(sys.executable).parent / "graftlm"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "analysis.cli"]
+    cmd += ["sweep", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+    results = tmp_path / "run" / "results.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted; a sweep resumes")
+    done = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole
+    finished = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr
+    assert f"{len(done) - ('order|None' in {r['key'] for r in done})} evaluations resumed" in finished.stderr
+    assert (tmp_path / "run" / "report.md").is_file()

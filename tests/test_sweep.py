@@ -13,26 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build_model
+from conftest import build_model, write_task
 
 from analysis.errors import GraftError
 from analysis.sweep import Results, SweepConfig, sweep
-
-
-def write_task(folder: Path, overlap: bool = False) -> Path:
-    rng = random.Random(0)
-    lines = []
-    for i, split in enumerate(["probe"] * 6 + ["dev"] * 12 + ["test"] * 16):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        lines.append({"id": f"q{i}", "prompt": f"{a}+{b}=", "answer": str(a + b), "split": split})
-    if overlap:
-        lines.append({**lines[0], "id": "dup", "split": "test"})  # a probe prompt again in test
-    (folder / "task.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (folder / "ret.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"the cat sat on mat {i}."}) + "\n"
-                                              for i in range(6)))
-    (folder / "task.yaml").write_text("kind: generate\ndata: task.jsonl\nfilter: numeric\nmax_new_tokens: 3\n"
-                                      "retention: ret.jsonl\n")
-    return folder / "task.yaml"
 
 
 @pytest.fixture(scope="module")
