@@ -38,6 +38,7 @@ class Finding:
     retention: float | None = None  # perplexity on the retention set, when measured
     plan: list[str] = field(default_factory=list)
     retention_change: metrics.Change | None = None  # its perplexity against the target's, with an interval
+    vs_random: metrics.Change | None = None  # accuracy minus the random control's at its budget (seeds averaged)
 
 
 @dataclass
@@ -135,6 +136,9 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
     methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in same if r["phase"] == "chosen"]
     control_rows = [r for r in same if r["phase"] == "control"]
+    for f, r in zip(methods, [r for r in same if r["phase"] == "chosen"], strict=True):
+        f.vs_random = _vs_random(r, [c for c in control_rows if c["method"] == "random"
+                                     and (c["top_k"], c["alpha"]) == (f.k, f.alpha)])
     controls = [finding(r, _control_label(r)) for r in control_rows]
     summary = Summary(mnt, order.get("donor_ref", d), order.get("target_ref", t), task, donor, target, d_vs_t,
                       retention, _retention_change(get("baseline", "retention", d), target_retention), methods,
@@ -147,6 +151,17 @@ def _recovery_items(row: dict[str, Any], target: dict[str, Any], donor: dict[str
                     ) -> tuple[list[bool], list[bool], list[bool]] | None:
     t, tg, d = _aligned(row, target, donor)
     return (t, tg, d) if t else None  # rows without per-item results: no interval
+
+
+def _vs_random(row: dict[str, Any], random_rows: list[dict[str, Any]]) -> metrics.Change | None:
+    """The chosen point's accuracy minus the random control's at the same budget, paired by item (each
+    item's random score is the mean over the seeds); None without random seeds or per-item results."""
+    if not random_rows:
+        return None
+    mine, *seeds = _aligned(row, *random_rows)
+    if not mine:
+        return None
+    return metrics.accuracy_difference(mine, [sum(s) / len(seeds) for s in zip(*seeds, strict=True)])
 
 
 def _retention_change(row: dict[str, Any] | None, target: dict[str, Any] | None) -> metrics.Change | None:
@@ -210,7 +225,8 @@ def verdict(s: Summary) -> list[str]:
     else:
         for f in winners:
             cost = f", retention perplexity {f.retention_change}" if f.retention_change is not None else ""
-            lines.append(f"{f.method} beats the random control beyond its interval: test {f.acc} vs target "
+            margin = f" by {_points(f.vs_random)}" if f.vs_random is not None else ""
+            lines.append(f"{f.method} beats the random control beyond its interval{margin}: test {f.acc} vs target "
                          f"{s.target['test']}, gap recovery {f.recovery}, McNemar p = {f.vs_target.p_value:.3g}{cost}.")
         losers = [f.method for f in s.methods if f not in winners]
         if losers:
@@ -280,8 +296,10 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                   f"{_gap_reason(s)}. Retention: perplexity on off-task text, its change against the target's "
                   "with a bootstrap interval over the texts (paired).", ""]
         for f in s.methods:
+            against = (f"; against random components at the same budget {_points(f.vs_random)}"
+                       if f.vs_random is not None else "")
             parts.append(f"- {f.method}: components {', '.join(f.plan)}; gap recovery {f.recovery}; "
-                         f"{_flips(f.vs_target)}.")
+                         f"{_flips(f.vs_target)}{against}.")
         parts.append("")
     for fig in figures or []:
         parts += [f"![{fig.stem}]({fig.relative_to(run)})", ""]
@@ -295,6 +313,12 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                       f"{reuse['forward_calls_replayed']} forward calls ({reuse['layer_forwards_skipped']} layer "
                       "forwards not run; results identical to full forwards).", ""]
     return "\n".join(parts)
+
+
+def _points(change: metrics.Change) -> str:
+    """An accuracy difference in percentage points with its interval."""
+    return (f"{change.value * 100:+.1f} points (95% CI {change.ci_low * 100:+.1f} to {change.ci_high * 100:+.1f}, "
+            "paired over test items)")
 
 
 def _flips(vs_target: metrics.McNemar) -> str:

@@ -114,3 +114,15 @@ def test_pair_aligns_by_id() -> None:
     assert metrics.pair(a, b) == ([True, False], [True, True])
     with pytest.raises(GraftError, match="different items"):
         metrics.pair(a, b[:1])
+
+
+def test_accuracy_difference_is_paired_and_takes_a_seed_averaged_reference() -> None:
+    method = [i % 10 < 6 for i in range(100)]  # 60%
+    random_mean = [(1.0 if i % 10 < 2 else 0.0) if i % 2 else 0.5 for i in range(100)]  # seeds disagree on half
+    d = metrics.accuracy_difference(method, random_mean)
+    assert d.value == pytest.approx(0.6 - sum(random_mean) / 100)
+    assert d.ci_low < d.value < d.ci_high and d.ci_low > 0
+    assert d == metrics.accuracy_difference(method, random_mean)  # seeded
+    assert metrics.accuracy_difference(method, method) == metrics.Change(0.0, 0.0, 0.0)
+    with pytest.raises(GraftError):
+        metrics.accuracy_difference(method, random_mean[:10])

@@ -72,6 +72,7 @@ def test_figures_command_regenerates_every_figure(tmp_path: Path, capsys: pytest
     md = (run / "report.md").read_text()
     assert "60/100" in md and "gap recovery 67% (95% CI" in md
     assert "fixed 40 items the target got wrong and broke 0 the target got right" in md
+    assert "against random components at the same budget +40.0 points (95% CI +" in md
 
 
 def test_retention_cost_is_a_paired_change_against_the_target(tmp_path: Path) -> None:
