@@ -16,7 +16,7 @@ import pytest
 from conftest import build_model, write_task
 
 from analysis.errors import GraftError
-from analysis.sweep import Results, SweepConfig, sweep
+from analysis.sweep import Controls, Results, SweepConfig, sweep
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +258,37 @@ def test_grid_with_drafts_equals_plain_evaluation(study: tuple[Path, SweepConfig
                                  progress=False)
         assert [(it["id"], it["correct"], it["tokens"]) for it in row["items"]] == \
             [(r["id"], r["correct"], r["tokens"]) for r in plain.records]
+
+
+@pytest.mark.real
+def test_a_study_of_a_real_pair(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct and a copy whose MLPs in layers 20–29 got noise, on real ARC-Easy items:
+    the whole study runs, the dataless weight ranking finds exactly the changed MLPs, copy-all is the
+    donor item for item, and the chosen point ships as a folder `from_pretrained` loads."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from analysis import report
+    from analysis.cli import main
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).resolve().parents[1] / "bench" / "sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.scoring_config(dev=16, test=30).model_copy(update={
+        "methods": ["weight", "attribution"], "k": [1, 4], "alpha": [1.0], "probe_limit": 8,
+        "controls": Controls(random_seeds=[0], copy_all=True, weight=True)})
+    run = sweep(cfg, tmp_path / "run", progress=False)
+    weight = json.loads((run / "rankings" / "weight.json").read_text())
+    assert {cid for cid, _ in weight[:10]} == {f"L{layer}.mlp" for layer in range(20, 30)}
+    assert all(score == 0 for _, score in weight[10:])
+    (summary,) = report.summarize(run)
+    copy_all = next(f for f in summary.controls if f.method == "copy-all")
+    assert copy_all.acc == summary.donor["test"]
+    report.write(run)
+    assert (run / "report.md").read_text().startswith("# graftlm sweep report")
+    out = tmp_path / "shipped"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transplant", "-d", cfg.donor, "-t", cfg.target, "--plan", str(run / "plan-weight.yaml"), "--out", str(out)])
+    assert exit_info.value.code in (0, None)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 30
