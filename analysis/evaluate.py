@@ -249,7 +249,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     ``drafts`` (token ids per prompt, e.g. what a neighbouring point of a sweep generated) are verified
     in one forward per batch, as in speculative decoding: the greedy tokens agree with a draft up to
     its first wrong token, which the same forward corrects; only the rows that go on after that decode
-    step by step. The tokens are the greedy ones either way; a draft only saves sequential steps.
+    step by step (once fewer than ``DRAFT_MIN_ACCEPTED`` of the verified rows finished on their drafts,
+    the remaining batches skip them). The tokens are the greedy ones either way; a draft only saves
+    sequential steps.
     """
     fwd = _Forward(model)
     pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
@@ -271,16 +273,22 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     todo = list(range(len(encoded)))
     if drafts is not None:
         todo = []
+        verified = accepted = 0
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]) - len(drafts[i] or ()), i))
         for b_no, batch in enumerate(_batches(order, batch_size)):
+            if verified and accepted < DRAFT_MIN_ACCEPTED * verified:
+                todo.extend(batch)  # the drafts are not paying for their forward: decode the rest plainly
+                continue
             for i, (new, logprob) in zip(batch, _verify(fwd, heads, [encoded[i] for i in batch],
                                                          [list(drafts[i] or ())[:max_new_tokens] for i in batch],
                                                          pad, finished, b_no), strict=True):
                 rows[i] = (new, logprob)
                 if finished(new):
                     bar.update(1)
+                    accepted += 1
                 else:
                     todo.append(i)
+            verified += len(batch)
     order = sorted(todo, key=lambda i: (-len(encoded[i]) - len(rows[i][0]), i))
     for b_no, batch in enumerate(_batches(order, batch_size)):
         outs = _decode(fwd, heads, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished, b_no)
@@ -294,6 +302,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         cuts = [text.find(s) for s in stops if s in text]
         results.append(Generation(text[: min(cuts)] if cuts else text, logprob, len(new), new))
     return results
+
+
+# A row that parts from its draft runs its prompt again to decode on: when fewer than this share of the
+# rows verified so far finished on their drafts, the rest of the rows decode without them.
+DRAFT_MIN_ACCEPTED = 0.5
 
 
 def _verify(fwd: _Forward, heads: _Heads, prompts: list[list[int]], drafts: list[list[int]], pad: int,

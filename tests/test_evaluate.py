@@ -264,6 +264,30 @@ def test_drafts_give_the_greedy_tokens(random_llama, draft_kind: str) -> None:
     assert [g.logprob for g in got] == pytest.approx([g.logprob for g in plain], abs=1e-4)
 
 
+def test_drafts_that_do_not_pay_are_dropped_for_the_remaining_batches(random_llama, monkeypatch) -> None:
+    """Once fewer than half the verified rows finished on their drafts, the other batches decode without
+    verifying theirs (a failed draft costs a forward and a rerun prompt); the tokens stay the greedy ones."""
+    model, tok, _ = random_llama
+    prompts = [f"{a}+{b}=" for a, b in zip("0123456789", "9876543210", strict=True)] * 2
+    plain = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4)
+    verified: list[int] = []  # rows of each draft verification
+    verify = evaluate._verify
+
+    def counting(fwd, heads, prompts_, *args, **kwargs):  # type: ignore[no-untyped-def]
+        verified.append(len(prompts_))
+        return verify(fwd, heads, prompts_, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_verify", counting)
+    wrong = [[(g.tokens[0] + 1) % len(tok)] * 6 for g in plain]
+    got = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4, drafts=wrong)
+    assert [g.tokens for g in got] == [g.tokens for g in plain]
+    assert verified == [4]  # the first batch only
+    verified.clear()
+    right = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4,
+                              drafts=[g.tokens for g in plain])
+    assert [g.tokens for g in right] == [g.tokens for g in plain] and verified == [4] * 5
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])
 def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, family: str, monkeypatch) -> None:
     """Prompts that share a long head (few-shot examples): the head runs on its own, batch size 1, and the

@@ -238,6 +238,31 @@ def test_reused_activations_give_the_same_study(study: tuple[Path, SweepConfig],
     assert json.loads((slow / "environment.json").read_text())["reuse"]["forward_calls_replayed"] == 0
 
 
+def test_a_grid_point_drafts_only_while_neighbours_agree(study: tuple[Path, SweepConfig], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts pay only when most rows keep their outputs: a grid point verifies the previous point's
+    generations when that point agreed with the one before it on at least half of the items."""
+    from analysis import evaluate
+    from analysis import sweep as sweep_module
+
+    _, cfg = study
+    agreements = iter([0.2, 0.9, 0.1])  # before points 2, 3 and 4
+    monkeypatch.setattr(sweep_module, "_agreement", lambda row, other: next(agreements))
+    drafted: list[bool] = []
+    run = evaluate.run
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        drafted.append(kwargs.get("drafts") is not None)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run", recording)
+    sweep(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    calls = [r["phase"] for r in rows if r["key"] != "order|None"]
+    grid = [d for d, phase in zip(drafted, calls, strict=True) if phase == "grid"]
+    assert grid == [True, False, True, False]  # the first drafts from the target's baseline
+
+
 def test_grid_with_drafts_equals_plain_evaluation(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
     """Each dev point verifies the previous point's generations as drafts; what it reports is exactly what
     evaluating the transplanted model from scratch gives."""
