@@ -337,10 +337,10 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                 reverse = donor_name == "b"
                 ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse, bar.note) for m in needed}
                 wanted.update(grid_lows(ranking))
-            # The grid on dev; each point verifies the previous point's generations as drafts (neighbouring
-            # points mostly generate the same tokens), which spares most sequential decoding steps.
-            # Drafts pay only where most rows keep their outputs: a point drafts from the previous one when
-            # that one agreed with the point before it on at least DRAFT_AGREEMENT of the items.
+            # The grid on dev; a point verifies the previous point's generations as drafts, which spares
+            # sequential decoding steps where neighbouring points generate the same tokens. Elsewhere drafts
+            # cost more than they save: a point drafts only when the previous one agreed with the point
+            # before it on at least DRAFT_AGREEMENT of the items.
             for method in cfg.methods:
                 before, previous = None, Point("baseline", "dev", target_name, max_new_tokens=mnt).key
                 for k in cfg.k:

@@ -14,6 +14,7 @@ figure). The naive loops reload both models for every point, copy the components
 Workloads:
 
 - ``demo`` (default): the embedded pair, ``demo:arith`` (generation), examples/demo.yaml.
+- ``generation``: basic_arithmetic (real data, generation) on the same constructed pair as ``scoring``.
 - ``scoring``: ARC-Easy (real data, choice) on a constructed real pair: SmolLM2-135M-Instruct (donor)
   and the same model with noise added to the MLPs of layers 20–29 (the target that "regressed").
   Here the sweep replays the activations below each transplant; a second graftlm row turns that off.
@@ -21,6 +22,7 @@ Workloads:
 
     .venv/bin/python bench/sweep.py                      # demo pair, generation
     .venv/bin/python bench/sweep.py --workload scoring   # SmolLM2 pair, ARC-Easy
+    .venv/bin/python bench/sweep.py --workload generation --dev 48 --test 64   # SmolLM2 pair, arithmetic
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def scoring_config(dev: int, test: int) -> SweepConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=["demo", "scoring"], default="demo")
+    parser.add_argument("--workload", choices=["demo", "scoring", "generation"], default="demo")
     parser.add_argument("--config", type=Path, help="any sweep config instead of the workload's")
     parser.add_argument("--method", default="attribution")
     parser.add_argument("--dev", type=int, default=40, help="scoring: dev items")
@@ -187,6 +189,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = (SweepConfig.load(args.config) if args.config else
             demo_config() if args.workload == "demo" else scoring_config(args.dev, args.test))
+    if args.workload == "generation" and not args.config:
+        base = base.model_copy(update={"task": "basic_arithmetic", "batch_size": 16})
     cfg = base.model_copy(update={"methods": [args.method], "k": [1, 2, 4, 8], "alpha": [0.25, 0.5, 0.75, 1.0],
                                   "controls": Controls(random_seeds=[], copy_all=False, weight=False),
                                   "max_new_tokens": [None]})
