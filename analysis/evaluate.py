@@ -243,7 +243,8 @@ class Generation(NamedTuple):
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequence[str], max_new_tokens: int,
              batch_size: int = 8, progress: bool = False,
-             drafts: Sequence[Sequence[int] | None] | None = None) -> list[Generation]:
+             drafts: Sequence[Sequence[int] | None] | None = None,
+             prefix: Prefix | None = None) -> list[Generation]:
     """Greedy continuations of ``prompts``. Left padding, longest prompts first.
 
     ``drafts`` (token ids per prompt, e.g. what a neighbouring point of a sweep generated) are verified
@@ -251,9 +252,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     its first wrong token, which the same forward corrects; only the rows that go on after that decode
     step by step (once fewer than ``DRAFT_MIN_ACCEPTED`` of the verified rows finished on their drafts,
     the remaining batches skip them). The tokens are the greedy ones either way; a draft only saves
-    sequential steps.
+    sequential steps. Without drafts, a ``prefix`` replays the prompts' layers below a transplant (their
+    hidden states and keys and values, recorded at an earlier evaluation of the same prompts): the
+    decoding steps then run every layer on an identical KV cache.
     """
-    fwd = _Forward(model)
+    fwd = _Forward(model, prefix if drafts is None else None)
     pad, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
     encoded = [encode(tokenizer, p) for p in prompts]
     limit = _max_length(model) - max_new_tokens
@@ -290,11 +293,14 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
                     todo.append(i)
             verified += len(batch)
     order = sorted(todo, key=lambda i: (-len(encoded[i]) - len(rows[i][0]), i))
-    for b_no, batch in enumerate(_batches(order, batch_size)):
-        outs = _decode(fwd, heads, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished, b_no)
-        for i, out in zip(batch, outs, strict=True):
-            rows[i] = out
-        bar.update(len(batch))
+    replay = fwd.prefix is not None and bool(order) and fwd.caches
+    fingerprint = hash(("generate", batch_size, tuple(tuple(encoded[i] + rows[i][0]) for i in order)))
+    with fwd.prefix.session(fingerprint, kv=True) if replay else contextlib.nullcontext():  # type: ignore[union-attr]
+        for b_no, batch in enumerate(_batches(order, batch_size)):
+            outs = _decode(fwd, heads, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished, b_no)
+            for i, out in zip(batch, outs, strict=True):
+                rows[i] = out
+            bar.update(len(batch))
     bar.close()
     results = []
     for new, logprob in rows:
@@ -345,7 +351,7 @@ def _decode(fwd: _Forward, heads: _Heads, prompts: list[list[int]], starts: list
     logprob = [lp for _, lp in starts]
     live = list(range(len(prompts)))  # the rows in the batch's tensors, in their order
     done = [False] * len(prompts)
-    logits, past = fwd(ids, mask, positions, past=past, last_only=True)
+    logits, past = fwd(ids, mask, positions, past=past, last_only=True, tag=("decode", b_no))
     cached = fwd.caches
     while True:
         logp = torch.log_softmax(logits[:, -1], dim=-1)
@@ -536,8 +542,9 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
         drafts: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
     """Evaluate ``model`` on ``task``'s ``split`` (None: ``test`` when the task has splits, else every
     item; ``"retention"``: the retention set, as perplexity). Writes records.jsonl + summary.json into
-    ``out`` when given. A ``prefix`` (:class:`~analysis.prefix.Prefix` over ``model``) lets scoring
-    tasks replay the layers it knows unchanged since an earlier evaluation of the same items;
+    ``out`` when given. A ``prefix`` (:class:`~analysis.prefix.Prefix` over ``model``) replays the
+    layers it knows unchanged since an earlier evaluation of the same items (for generation, the
+    prompts; not with drafts);
     ``drafts`` (item id → token ids a similar model generated) save generation tasks sequential steps
     (see :func:`generate`)."""
     if batch_size < 1:
@@ -554,7 +561,8 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
     try:
         with torch.inference_mode():
             if scored.kind == "generate":
-                records = _run_generate(model, tokenizer, scored, items, batch_size, max_new_tokens, progress, drafts)
+                records = _run_generate(model, tokenizer, scored, items, batch_size, max_new_tokens, progress, drafts,
+                                        prefix)
             elif scored.kind == "choice":
                 records = _run_choice(model, tokenizer, scored, items, batch_size, progress, prefix)
             else:
@@ -579,11 +587,11 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
 
 def _run_generate(model: Any, tokenizer: Any, task: Task, items: list[Item], batch_size: int,
                   max_new_tokens: int | None, progress: bool,
-                  drafts: Mapping[str, Sequence[int]] | None) -> list[dict[str, Any]]:
+                  drafts: Mapping[str, Sequence[int]] | None, prefix: Prefix | None) -> list[dict[str, Any]]:
     prompts = [task.render(it, tokenizer) for it in items]
     outs = generate(model, tokenizer, prompts, stop=task.stop, max_new_tokens=max_new_tokens or task.max_new_tokens,
                     batch_size=batch_size, progress=progress,
-                    drafts=None if drafts is None else [drafts.get(it.id) for it in items])
+                    drafts=None if drafts is None else [drafts.get(it.id) for it in items], prefix=prefix)
     strict = task.metric == "strict"
     records = []
     for it, (text, logprob, n_tok, tokens) in zip(items, outs, strict=True):

@@ -8,7 +8,12 @@ below L are skipped (each writes a one-element placeholder into the KV cache so 
 and attention masks stay exactly as in a full forward), layer L onward runs as usual. The results
 are bit-identical to full forwards (tested on Llama, Qwen2, Gemma-3, Phi-3, GPT-2 and GPT-NeoX).
 
-Generation is not replayed: its decoding steps depend on the tokens the transplanted model chose.
+Generation replays its prompts: the prefill of each batch repeats at every point (without drafts,
+the batches are the same), so the layers below L are skipped there too, and their keys and values
+recorded with the hidden state are written into the KV cache instead of placeholders (a session with
+``kv=True``): the decoding steps, which depend on the tokens the transplanted model chose, run every
+layer over an identical cache. Bit-identical to full decoding on Llama, Qwen2, Phi-3, GPT-2 and
+GPT-NeoX; a cache that is not a plain one (Gemma-3's sliding windows) records nothing, so every layer runs.
 
     prefix = Prefix(target.model)
     lowest = lowest_layer([c.layer for c in units.select(layout, [c.id for c in plan.components])])
@@ -52,7 +57,8 @@ class PrefixStats:
         return dict(self.__dict__)
 
 
-Calls = dict[Hashable, tuple[tuple[torch.Tensor, ...], Float[torch.Tensor, "batch pos d_model"]]]
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer below: the keys and values a call added
+Calls = dict[Hashable, tuple[tuple[torch.Tensor, ...], Float[torch.Tensor, "batch pos d_model"], KV | None]]
 
 
 class Prefix:
@@ -81,6 +87,9 @@ class Prefix:
         self._replay_at = 0
         self._pending: dict[int, Calls] = {}  # layer → this session's recording
         self._pending_bytes = 0
+        self._kv = False  # this session records and replays the skipped layers' keys and values
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # layer → this call's K, V
+        self._counted: KV = ()  # the K, V of this call already counted against the budget
 
     @property
     def depth(self) -> int:
@@ -106,8 +115,12 @@ class Prefix:
             self._start, self._wanted = saved
 
     @contextlib.contextmanager
-    def session(self, fingerprint: Hashable) -> Iterator[None]:
-        """One evaluation of one item set (``fingerprint`` names it: inputs, batching)."""
+    def session(self, fingerprint: Hashable, *, kv: bool = False) -> Iterator[None]:
+        """One evaluation of one item set (``fingerprint`` names it: inputs, batching). With ``kv``, the
+        skipped layers' keys and values are recorded and replayed into the KV cache too (not
+        placeholders): later calls that run every layer (decoding steps) attend to them."""
+        fingerprint = (fingerprint, kv)
+        self._kv = kv
         start = self._start if self.enabled else 0
         have = {layer for (fp, layer) in self.sets if fp == fingerprint}
         self._replay_at = max((x for x in have if x <= start), default=0)
@@ -133,6 +146,11 @@ class Prefix:
             return
         assert self.layers is not None
         with contextlib.ExitStack() as stack:
+            self._captured, self._counted = {}, ()
+            if self._kv and self._pending:  # first: a layer's K, V are taken before its output is recorded
+                for i in range(max(self._pending)):
+                    hook = self.layers[i].register_forward_hook(self._kv_taker(i), with_kwargs=True)
+                    stack.callback(hook.remove)
             for layer in self._pending:
                 hook = self.layers[layer - 1].register_forward_hook(self._recorder(tag, layer, inputs))
                 stack.callback(hook.remove)
@@ -141,9 +159,10 @@ class Prefix:
             if self._replay is not None:
                 if tag not in self._replay or not _same(self._replay[tag][0], inputs):
                     raise RuntimeError(f"prefix replay: call {tag!r} was not recorded with these inputs")
-                hidden = self._replay[tag][1]
+                _, hidden, kv = self._replay[tag]
                 for i in range(self._replay_at):
-                    stack.enter_context(_skipped(self.layers[i], i, hidden if i == self._replay_at - 1 else None))
+                    stack.enter_context(_skipped(self.layers[i], i, hidden if i == self._replay_at - 1 else None,
+                                                 kv[i] if kv is not None else None))
                 self.stats.replayed += 1
                 self.stats.skipped_layers += self._replay_at
             else:
@@ -159,10 +178,36 @@ class Prefix:
                 return
             hidden = output.detach().clone()
             self._pending_bytes += hidden.numel() * hidden.element_size()
+            kv = None
+            if self._kv:
+                kv = tuple(self._captured.get(i) for i in range(layer))
+                if any(x is None for x in kv):  # a cache this does not know how to refill
+                    self._pending.clear()
+                    return
+                # (layers below share their K, V tensors across recorded layers: counted once, here)
+                self._pending_bytes += sum(t.numel() * t.element_size() for x in kv[len(self._counted):] for t in x)
+                self._counted = kv
             if self.bytes + self._pending_bytes > self.budget_bytes:
                 self._pending.clear()  # over budget: this session keeps nothing
                 return
-            self._pending[layer][tag] = (tuple(t.detach().clone() for t in inputs), hidden)
+            self._pending[layer][tag] = (tuple(t.detach().clone() for t in inputs), hidden, kv)
+
+        return hook
+
+    def _kv_taker(self, index: int) -> Any:
+        """A hook keeping the keys and values layer ``index`` added to a plain KV cache in this call."""
+        from transformers.cache_utils import DynamicLayer
+
+        def hook(_module: torch.nn.Module, args: Any, kwargs: Any, _output: Any) -> None:
+            cache = _find_cache(args, kwargs)
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            layers = getattr(cache, "layers", None)
+            layer = layers[index] if layers is not None and index < len(layers) else None
+            if type(layer) is not DynamicLayer or not isinstance(hidden, torch.Tensor):
+                self._captured[index] = None  # sliding windows, quantized caches: not refilled
+                return
+            t = hidden.shape[1]
+            self._captured[index] = (layer.keys[..., -t:, :].detach().clone(), layer.values[..., -t:, :].detach().clone())
 
         return hook
 
@@ -186,16 +231,21 @@ def _find_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 @contextlib.contextmanager
-def _skipped(block: torch.nn.Module, index: int, output: torch.Tensor | None) -> Iterator[None]:
+def _skipped(block: torch.nn.Module, index: int, output: torch.Tensor | None,
+             kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
     """Replace ``block``'s forward for the block: it passes its input through (or returns ``output``),
-    and gives the KV cache a placeholder entry of the right length (batch × 1 × positions × 1)."""
+    and gives the KV cache the recorded keys and values ``kv``, or else a placeholder entry of the right
+    length (batch × 1 × positions × 1)."""
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cache = _find_cache(args, kwargs)
         if cache is not None:
-            b, t = hidden_states.shape[:2]
-            placeholder = hidden_states.new_zeros((b, 1, t, 1))
-            cache.update(placeholder, placeholder, index)
+            if kv is not None:
+                cache.update(kv[0], kv[1], index)
+            else:
+                b, t = hidden_states.shape[:2]
+                placeholder = hidden_states.new_zeros((b, 1, t, 1))
+                cache.update(placeholder, placeholder, index)
         return output if output is not None else hidden_states
 
     previous = block.__dict__.get("forward")  # accelerate's hooks, for one, live there

@@ -7,7 +7,8 @@ stored in ``RUN/config.yaml`` with its hash; resuming with another config is ref
 Both models are loaded once; each grid point is an in-memory transplant and restore, never a reload.
 For scoring tasks (choice, perplexity — the retention set too) the activations below a point's lowest
 transplanted layer are recorded once per item set and replayed (:mod:`analysis.prefix`): they cannot
-change, and the results are bit-identical to full forwards. For generation tasks each dev point
+change, and the results are bit-identical to full forwards; generation replays its prompts the same
+way (keys and values included) wherever it decodes without drafts. For generation tasks each dev point
 verifies the previous point's outputs as drafts in one forward (speculative decoding with a
 neighbour as the draft model) and decodes step by step only where they part — as long as
 neighbouring points agree on most items (a row that parts runs its prompt again, so drafts that mostly
