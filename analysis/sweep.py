@@ -79,7 +79,8 @@ class SweepConfig(BaseModel):
     retention_limit: int | None = 100
     batch_size: int = 32
     reuse_memory_gb: float = Field(2.0, ge=0, description="memory (on the device) for the activations below the transplant, "
-                                   "kept across points of scoring tasks (choice, perplexity); 0 turns reuse off")
+                                   "kept across points (scoring tasks; the prompts of generation tasks, with "
+                                   "their keys and values); 0 turns reuse off")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description="where the models run: cpu, cuda, cuda:1, mps")
     seed: int = 0
