@@ -134,9 +134,10 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
                        _retention_change(ret, target_retention))
 
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
-    methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in same if r["phase"] == "chosen"]
+    chosen_rows = [r for r in same if r["phase"] == "chosen"]
+    methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in chosen_rows]
     control_rows = [r for r in same if r["phase"] == "control"]
-    for f, r in zip(methods, [r for r in same if r["phase"] == "chosen"], strict=True):
+    for f, r in zip(methods, chosen_rows, strict=True):
         f.vs_random = _vs_random(r, [c for c in control_rows if c["method"] == "random"
                                      and (c["top_k"], c["alpha"]) == (f.k, f.alpha)])
     controls = [finding(r, _control_label(r)) for r in control_rows]

@@ -280,7 +280,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         the_task = eval_task or task
         drafts = None  # what an earlier dev point generated: verified in one forward, not decoded again
         if drafts_from is not None and the_task.kind == "generate":
-            drafts = {it["id"]: it["tokens"] for it in results[drafts_from]["items"] if "tokens" in it}
+            drafts = _tokens(results[drafts_from])
         prefix = None
         with contextlib.ExitStack() as stack:
             if plan is not None:
@@ -416,10 +416,14 @@ def plan_file(method: str, max_new_tokens: int | None, lengths: list[int | None]
 DRAFT_AGREEMENT = 0.5  # below it, a draft's extra forward and re-run prompts cost more than its saved steps
 
 
+def _tokens(row: dict[str, Any]) -> dict[str, list[int]]:
+    """Item id → the token ids a generation result kept (dev and baselines keep them)."""
+    return {it["id"]: it["tokens"] for it in row.get("items") or () if "tokens" in it}
+
+
 def _agreement(row: dict[str, Any], other: dict[str, Any]) -> float:
     """The share of items on which two generation results produced the same tokens (0 without tokens)."""
-    mine = {it["id"]: it["tokens"] for it in row.get("items") or () if "tokens" in it}
-    theirs = {it["id"]: it["tokens"] for it in other.get("items") or () if "tokens" in it}
+    mine, theirs = _tokens(row), _tokens(other)
     shared = mine.keys() & theirs.keys()
     return sum(mine[i] == theirs[i] for i in shared) / len(shared) if shared else 0.0
 
