@@ -1,8 +1,10 @@
 """Causal evidence: the donor's activations patched into the target's run on the same tokens.
 
-The metric is the *receiver's* log-probability of the reference answer (summed over its tokens), or a
-logit difference: the reference token's logit minus that of the receiver's own best other token (fixed
-from the unpatched run, so the metric is a fixed linear read-out). Per prompt, per component:
+The metric is the *receiver's* log-probability of the answer the probe forces (:mod:`analysis.probe`:
+by default the donor's own correct outputs; for choice items, the right choice normalised over the
+item's choices), or a logit difference: each forced token's logit minus that of the receiver's own best
+other token (fixed from the unpatched run, so the metric is a fixed linear read-out). Per item, per
+component:
 
 - :func:`attribute` — attribution patching, (a_source − a_receiver) · ∂metric/∂a summed over positions
   and the component's features: every head, MLP and neuron at once from one forward + backward of the
@@ -23,47 +25,21 @@ input both agree (tests/test_patching.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.errors import GraftError
-from analysis.shifts import Batch, Running, Site, by_hook, forward, hooked
+from analysis.probe import METRICS, Batch, Metric, alternatives, forward, metric_values, per_item
+from analysis.shifts import Running, Site, by_hook, hooked
+
+__all__ = ["METRICS", "Metric", "attribute", "metric_values", "patch", "patch_positions"]
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from analysis.models import LoadedModel
-
-Metric = Literal["logprob", "logit_diff"]
-METRICS: tuple[str, ...] = ("logprob", "logit_diff")
-
-
-def alternatives(logits: Float[Tensor, "b p v"], batch: Batch) -> Tensor:
-    """Per position, the receiver's best token other than the reference (for ``logit_diff``)."""
-    masked = logits.detach().clone()
-    masked.scatter_(-1, batch.target.to(logits.device)[..., None], float("-inf"))
-    return masked.argmax(-1)
-
-
-def metric_values(logits: Float[Tensor, "b p v"], batch: Batch, metric: Metric = "logprob",
-                  alt: Tensor | None = None) -> Float[Tensor, " b"]:
-    """The metric per prompt, summed over the answer positions."""
-    ans = batch.answer.to(logits.device)
-    tgt = batch.target.to(logits.device)[..., None]
-    if metric == "logprob":
-        per = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt)[..., 0]
-    elif metric == "logit_diff":
-        if alt is None:
-            raise ValueError("logit_diff needs the alternative tokens of the unpatched run")
-        per = (logits.gather(-1, tgt) - logits.gather(-1, alt.to(logits.device)[..., None]))[..., 0].float()
-    else:
-        raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(METRICS)}")
-    return (per * ans).sum(-1)
-
 
 def _capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
     """The activations at ``hooks`` (detached, whole batch) and the logits of one forward."""
@@ -75,7 +51,7 @@ def _capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[d
         return fn
 
     with torch.no_grad(), hooked(loaded, [(h, keep(h)) for h in hooks]):
-        logits = forward(loaded, batch)
+        logits = forward(loaded, batch, logits_to_keep=batch.keep)
     return cache, logits
 
 
@@ -108,20 +84,20 @@ def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batc
               metric: Metric = "logprob", column: str = "attribution", progress: bool = True) -> pd.DataFrame:
     """Attribution patching of ``source`` into ``receiver`` for every component of ``site_list``.
 
-    Columns ``{column}`` (mean over prompts of the estimated metric change) and ``{column}_sd``.
+    Columns ``{column}`` (mean over items of the estimated metric change) and ``{column}_sd``.
     ``df.attrs`` holds the receiver's and the source's mean metric (the gap patching could close).
     """
     import pandas as pd
 
     groups = by_hook(site_list)
     run, gap = Running(), Running()
-    bar = tqdm(total=sum(len(b) for b in batches), desc=column, disable=not progress, leave=False)
+    bar = tqdm(total=sum(b.n_items for b in batches), desc=column, disable=not progress, leave=False)
     for batch in batches:
         src, src_logits = _capture(source, batch, list(groups))
         acts: dict[str, Tensor] = {}
         with torch.enable_grad(), hooked(receiver, [("hook_embed", _leaf)] + [(h, _keeper(acts, h)) for h in groups]):
-            logits = forward(receiver, batch)
-            alt = alternatives(logits, batch) if metric == "logit_diff" else None
+            logits = forward(receiver, batch, logits_to_keep=batch.keep)
+            alt = alternatives(logits, batch) if metric == "logit_diff" and batch.single else None
             values = metric_values(logits, batch, metric, alt)
             names = list(acts)
             grads = torch.autograd.grad(values.sum(), [acts[n] for n in names], allow_unused=True)
@@ -132,12 +108,12 @@ def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batc
             for s in groups[name]:
                 delta = s.view(src[name]).float() - s.view(acts[name].detach()).float()
                 contrib = (delta * s.view(grad).float()).sum(-1)  # [b, p, g]
-                run.add(s.key, **{column: torch.einsum("bpg,bp->bg", contrib, mask)})
+                run.add(s.key, **{column: per_item(torch.einsum("bpg,bp->bg", contrib, mask), batch)})
         src_values = metric_values(src_logits, batch, metric, alt)
         gap.add("metric", receiver=values.detach()[:, None], source=src_values[:, None])
-        run.n += len(batch)
-        gap.n += len(batch)
-        bar.update(len(batch))
+        run.n += batch.n_items
+        gap.n += batch.n_items
+        bar.update(batch.n_items)
     bar.close()
     df = pd.DataFrame(_rows(site_list, run, column)).set_index("id")
     df.attrs = {"receiver_metric": float(gap.mean_sd("metric", "receiver")[0][0]),
@@ -151,7 +127,7 @@ def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], 
     """Activation patching of ``source`` into ``receiver``, one component at a time, all positions.
 
     Components run side by side: copy c of the batch patches component c, up to ``max_rows`` rows per
-    forward. Columns ``{column}`` (mean over prompts of metric(patched) − metric(receiver)) and
+    forward. Columns ``{column}`` (mean over items of metric(patched) − metric(receiver)) and
     ``{column}_sd``.
     """
     import pandas as pd
@@ -163,27 +139,28 @@ def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], 
     for batch in batches:
         src, _ = _capture(source, batch, list(groups))
         with torch.no_grad():
-            clean = forward(receiver, batch)
-            alt = alternatives(clean, batch) if metric == "logit_diff" else None
+            clean = forward(receiver, batch, logits_to_keep=batch.keep)
+            alt = alternatives(clean, batch) if metric == "logit_diff" and batch.single else None
             base = metric_values(clean, batch, metric, alt)
-        effects = {s.key: torch.zeros(len(batch), len(s.ids)) for s in site_list}
+        m = batch.n_items
+        effects = {s.key: torch.zeros(m, len(s.ids)) for s in site_list}
         per = max(1, max_rows // len(batch))
         for start in range(0, len(units), per):
             chunk = units[start:start + per]
             delta = _patched_metric(receiver, batch, chunk, src, metric, alt) - base.repeat(len(chunk)).cpu()
             for c, (s, g) in enumerate(chunk):
-                effects[s.key][:, g] = delta[c * len(batch):(c + 1) * len(batch)]
+                effects[s.key][:, g] = delta[c * m:(c + 1) * m]
             bar.update(len(chunk))
         for s in site_list:
             run.add(s.key, **{column: effects[s.key]})
-        run.n += len(batch)
+        run.n += m
     bar.close()
     return pd.DataFrame(_rows(site_list, run, column)).set_index("id")
 
 
 def _patched_metric(receiver: LoadedModel, batch: Batch, chunk: Sequence[tuple[Site, int]], src: dict[str, Tensor],
                     metric: Metric, alt: Tensor | None, column: int | None = None) -> Tensor:
-    """Metric per row of the batch repeated once per unit of ``chunk``, copy c patching unit c (at
+    """Metric per item of the batch repeated once per unit of ``chunk``, copy c patching unit c (at
     every position, or only at ``column``)."""
     b = len(batch)
     at: dict[str, list[tuple[int, Site, int]]] = {}
@@ -206,15 +183,15 @@ def _patched_metric(receiver: LoadedModel, batch: Batch, chunk: Sequence[tuple[S
 
     big = batch.repeat(len(chunk))
     with torch.no_grad(), hooked(receiver, [(h, setter(h)) for h in at]):
-        logits = forward(receiver, big)
+        logits = forward(receiver, big, logits_to_keep=big.keep)
     return metric_values(logits, big, metric, None if alt is None else alt.repeat(len(chunk), 1)).cpu()
 
 
 def patch_positions(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], site_list: Sequence[Site],
                     *, metric: Metric = "logprob", max_rows: int = 32, progress: bool = True) -> pd.DataFrame:
     """Activation patching per component and position, positions counted from the end (−1 = the last
-    token; left padding aligns them). Rows: component ids; columns: −n … −1; mean over the prompts
-    long enough to have that position."""
+    token; left padding aligns them). Rows: component ids; columns: −n … −1; mean over the items whose
+    right answer is long enough to have that position."""
     import pandas as pd
 
     units = [(s, g) for s in site_list for g in range(len(s.ids))]
@@ -227,21 +204,22 @@ def patch_positions(receiver: LoadedModel, source: LoadedModel, batches: Sequenc
         groups = by_hook(site_list)
         src, _ = _capture(source, batch, list(groups))
         with torch.no_grad():
-            clean = forward(receiver, batch)
-            alt = alternatives(clean, batch) if metric == "logit_diff" else None
+            clean = forward(receiver, batch, logits_to_keep=batch.keep)
+            alt = alternatives(clean, batch) if metric == "logit_diff" and batch.single else None
             base = metric_values(clean, batch, metric, alt).cpu()
         w = int(batch.ids.shape[1])
+        m = batch.n_items
         per = max(1, max_rows // len(batch))
-        real = batch.mask.bool()
+        real = batch.mask.bool() & batch.correct[:, None]
         for col in range(w):
             k = width - w + col  # the same distance from the end in every batch
-            present = real[:, col]
+            present = per_item(real[:, col].float(), batch) > 0
             counts[k] += float(present.sum())
             for start in range(0, len(units), per):
                 chunk = units[start:start + per]
                 delta = _patched_metric(receiver, batch, chunk, src, metric, alt, column=col) - base.repeat(len(chunk))
                 for c in range(len(chunk)):
-                    sums[start + c, k] += float((delta[c * len(batch):(c + 1) * len(batch)] * present).sum())
+                    sums[start + c, k] += float((delta[c * m:(c + 1) * m] * present).sum())
                 bar.update(len(chunk))
     bar.close()
     mean = sums / counts.clamp(min=1)

@@ -27,22 +27,23 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from analysis import units
 from analysis.errors import GraftError
+from analysis.probe import Probe, forward, probe_items
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from analysis.models import LoadedModel
-    from analysis.tasks import Item, Task
+    from analysis.tasks import Task
 
 Mode = Literal["teacher", "generate"]
 Positions = Literal["answer", "all", "last"]
@@ -127,113 +128,6 @@ def hooked(loaded: LoadedModel, fwd: list[tuple[str, Callable[..., Any]]]) -> It
     with bridge.hooks(fwd_hooks=fwd):
         yield
 
-
-# --- probe sequences and batches ------------------------------------------------------------------
-
-def reference(task: Task, item: Item) -> str:
-    """The text that follows the prompt when the model answers correctly."""
-    if task.kind == "choice":
-        return task.continuations(item)[int(item.answer)]
-    return task.config.target.format(**item.fields)
-
-
-def encode_items(task: Task, tokenizer: Any, items: Sequence[Item]) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + reference, number of prompt tokens) per item, as the evaluator encodes them."""
-    from analysis.evaluate import encode, encode_pair
-
-    seqs = []
-    for it in items:
-        if task.kind == "perplexity":
-            ids = encode(tokenizer, it.text)
-            seqs.append((ids, 1))  # every token after the first is "answer"
-            continue
-        ctx, cont = encode_pair(tokenizer, task.render(it, tokenizer), reference(task, it))
-        if not cont:
-            raise GraftError(f"{it.where}: the reference answer encodes to no tokens", "check the item's answer")
-        seqs.append((ctx + cont, len(ctx)))
-    return seqs
-
-
-@dataclass
-class Batch:
-    """Left-padded token ids with the position masks the statistics and metrics need."""
-
-    ids: Int[Tensor, "b p"]
-    mask: Int[Tensor, "b p"]
-    pos: Int[Tensor, "b p"]
-    answer: Bool[Tensor, "b p"]  # positions that predict an answer token
-    target: Int[Tensor, "b p"]  # the answer token each answer position predicts (0 elsewhere)
-    last: Bool[Tensor, "b p"]  # the last prompt token
-    index: list[int] = field(default_factory=list)  # which probe items, in order
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def weights(self, positions: Positions) -> Float[Tensor, "b p"]:
-        sel = {"answer": self.answer, "all": self.mask.bool(), "last": self.last}[positions]
-        return sel.float()
-
-    def repeat(self, n: int) -> Batch:
-        """The batch stacked ``n`` times (copy c in rows c·b … c·b + b − 1)."""
-        r = lambda t: t.repeat(n, 1)  # noqa: E731
-        return Batch(r(self.ids), r(self.mask), r(self.pos), r(self.answer), r(self.target), r(self.last),
-                     self.index * n)
-
-
-def make_batches(seqs: Sequence[tuple[list[int], int]], pad: int, batch_size: int) -> list[Batch]:
-    """Left-padded batches, longest first (less padding), each row knowing its answer positions."""
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
-    out = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(seqs[i][0]) for i in chunk)
-        n = len(chunk)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        answer = torch.zeros((n, width), dtype=torch.bool)
-        target = torch.zeros((n, width), dtype=torch.long)
-        last = torch.zeros((n, width), dtype=torch.bool)
-        for r, i in enumerate(chunk):
-            toks, n_prompt = seqs[i]
-            off = width - len(toks)
-            ids[r, off:] = torch.tensor(toks)
-            mask[r, off:] = 1
-            # position j predicts token j + 1: the answer tokens n_prompt.. are predicted from n_prompt − 1..
-            answer[r, off + n_prompt - 1: width - 1] = True
-            target[r, off + n_prompt - 1: width - 1] = torch.tensor(toks[n_prompt:])
-            last[r, off + n_prompt - 1] = True
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out.append(Batch(ids, mask, pos, answer, target, last, list(chunk)))
-    return out
-
-
-def probe_batches(task: Task, loaded: LoadedModel, batch_size: int, limit: int | None = None,
-                  split: str = "probe") -> list[Batch]:
-    """The task's probe items as teacher-forced batches (prompt + reference answer)."""
-    from analysis.evaluate import _pad_id
-
-    items = probe_items(task, limit, split)
-    return make_batches(encode_items(task, loaded.tokenizer, items), _pad_id(loaded.tokenizer), batch_size)
-
-
-def probe_items(task: Task, limit: int | None = None, split: str = "probe") -> list[Item]:
-    if task.has_splits and split not in task.splits:
-        raise GraftError(f"{task.source}: no {split!r} split (splits: {', '.join(task.splits) or 'none'})",
-                         f"give the task items with \"split\": \"{split}\", or name the split to probe on "
-                         "(--split, or splits: in a sweep config)")
-    items = task.items(split if task.has_splits else None, limit)
-    if not items:
-        raise GraftError(f"{task.source}: the {split} split is empty", "add probe items")
-    return items
-
-
-def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], **kwargs: Any) -> Tensor:
-    """Logits of the HF model whose modules the bridge wraps (so bridge hooks fire)."""
-    ids, mask, pos = (batch.ids, batch.mask, batch.pos) if isinstance(batch, Batch) else batch
-    dev = loaded.model.device
-    out = loaded.hooked(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False,
-                        **kwargs)
-    return out.logits
 
 
 # --- per-batch recording --------------------------------------------------------------------------
@@ -325,9 +219,12 @@ def measure(
     max_new_tokens: int | None = None,
     progress: bool = True,
     split: str = "probe",
+    answers: str = "donor",
+    probe: Probe | None = None,
 ) -> pd.DataFrame:
     """Per-component activation statistics of donor and target on the probe items (see the module doc;
-    ``split`` names the task split that serves as the probe).
+    ``split`` names the task split that serves as the probe). Teacher mode reads the prompts with the
+    answers a :class:`~analysis.probe.Probe` forces (built here from ``answers`` when not given).
 
     Columns: ``donor``, ``target`` (mean |activation|), ``shift`` = donor − target with ``shift_sd`` and
     ``effect``; teacher mode adds ``rel_dist`` and ``rel_dist_sd``; ``n_prompts``. One row per component.
@@ -336,14 +233,14 @@ def measure(
 
     lay = layout_of(target)
     site_list = sites(lay, kinds)
-    items = probe_items(task, limit, split)
     run = Running()
     if mode == "teacher":
-        from analysis.evaluate import _pad_id
+        from analysis import probe as probe_mod
 
-        batches = make_batches(encode_items(task, target.tokenizer, items), _pad_id(target.tokenizer), batch_size)
-        total = len(items)
-        bar = tqdm(total=total, desc="shifts (teacher)", disable=not progress, leave=False)
+        probe = probe or probe_mod.build(task, donor, split=split, limit=limit, answers=answers,
+                                         batch_size=batch_size, max_new_tokens=max_new_tokens)
+        batches = probe.batches(batch_size, choices=False)
+        bar = tqdm(total=len(probe.items), desc="shifts (teacher)", disable=not progress, leave=False)
         with torch.no_grad():
             for batch in batches:
                 w = batch.weights(positions)
@@ -364,6 +261,7 @@ def measure(
                 bar.update(len(batch))
         bar.close()
     elif mode == "generate":
+        items = probe_items(task, limit, split)
         prompts = [task.render(it, target.tokenizer) for it in items]
         new = max_new_tokens or task.max_new_tokens
         bar = tqdm(total=len(items), desc="shifts (generate)", disable=not progress, leave=False)

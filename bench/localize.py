@@ -59,16 +59,17 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
     import psutil
     import torch
 
-    from analysis import shifts, tasks
+    from analysis import probe, shifts, tasks
     from analysis.models import load
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t = tasks.load(task)
     d_model, t_model = load(donor, dtype="float32"), load(target, dtype="float32")
-    batches = shifts.probe_batches(t, t_model, batch, limit=n)
+    built = probe.build(t, d_model, limit=n, batch_size=batch)  # the answers every variant reads
+    batches = built.batches(batch)
     d_model.bridge, t_model.bridge  # boot both before timing  # noqa: B018
     with torch.no_grad():  # warm-up
-        shifts.forward(t_model, batches[0])
+        probe.forward(t_model, batches[0])
     base = psutil.Process().memory_info().rss
     lay = shifts.layout_of(t_model)
 
@@ -76,10 +77,11 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
         if name == "plain":
             with torch.no_grad():
                 for b in batches:
-                    shifts.forward(d_model, b, logits_to_keep=1)
-                    shifts.forward(t_model, b, logits_to_keep=1)
+                    probe.forward(d_model, b, logits_to_keep=1)
+                    probe.forward(t_model, b, logits_to_keep=1)
         elif name == "streaming":
-            shifts.measure(d_model, t_model, t, kinds=("head", "mlp"), batch_size=batch, limit=n, progress=False)
+            shifts.measure(d_model, t_model, t, kinds=("head", "mlp"), batch_size=batch, limit=n, progress=False,
+                           probe=built)
         else:
             hooks = {s.hook for s in shifts.sites(lay, ("head", "mlp"))}
             names_filter = (lambda h: h in hooks) if name == "filtered" else None
@@ -110,13 +112,13 @@ def attribution_vs_patching(donor: str, target: str, task: str, n: int, batch: i
     import torch
     from scipy.stats import spearmanr
 
-    from analysis import patching, shifts, tasks
+    from analysis import patching, probe, shifts, tasks
     from analysis.models import load
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t = tasks.load(task)
     d_model, t_model = load(donor, dtype="float32"), load(target, dtype="float32")
-    batches = shifts.probe_batches(t, t_model, batch, limit=n)
+    batches = probe.build(t, d_model, limit=n, batch_size=batch).batches(batch)
     heads = shifts.sites(shifts.layout_of(t_model), ("head",))
     patching.attribute(t_model, d_model, batches[:1], heads, progress=False)  # warm-up (boots bridges)
     t_attr = t_patch = float("inf")

@@ -8,7 +8,7 @@ import torch
 from test_shifts import arith_task
 from transformer_lens import patching as tl_patching
 
-from analysis import patching, shifts, tasks
+from analysis import patching, probe, shifts, tasks
 from analysis.evaluate import loglikelihoods
 from analysis.models import load
 
@@ -33,12 +33,12 @@ def near_pair(tiny_pairs):
 def test_metric_is_the_evaluators_loglikelihood(pair, task) -> None:
     _, target = pair
     items = task.items("probe")
-    (batch,) = shifts.probe_batches(task, target, batch_size=len(items))
+    (batch,) = probe.reference_batches(task, target.tokenizer, batch_size=len(items))
     with torch.no_grad():
-        values = patching.metric_values(shifts.forward(target, batch), batch)
+        values = patching.metric_values(probe.forward(target, batch), batch)
     ref = loglikelihoods(target.model, target.tokenizer,
-                         [(task.render(it), [shifts.reference(task, it)]) for it in items])
-    got = dict(zip(batch.index, values.tolist(), strict=True))
+                         [(task.render(it), [probe.reference(task, it)]) for it in items])
+    got = dict(zip(batch.items, values.tolist(), strict=True))
     for i, (expected,) in enumerate(ref):
         assert got[i] == pytest.approx(expected, abs=1e-4)
 
@@ -46,7 +46,8 @@ def test_metric_is_the_evaluators_loglikelihood(pair, task) -> None:
 def test_head_patching_equals_transformer_lens(pair) -> None:
     donor, target = pair
     lay = shifts.layout_of(target)
-    (batch,) = shifts.make_batches([([5, 6, 7, 8, 9, 10], 3), ([11, 12, 13, 14, 15, 16], 4)], pad=2, batch_size=2)
+    (batch,) = probe.make_batches([probe.Row((5, 6, 7, 8, 9, 10), 3, 0), probe.Row((11, 12, 13, 14, 15, 16), 4, 1)],
+                                  pad=2, batch_size=2)
     _, cache = donor.bridge.run_with_cache(batch.ids)
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,8 @@ def test_padding_does_not_change_patching(pair, task) -> None:
     donor, target = pair
     lay = shifts.layout_of(target)
     site_list = shifts.sites(lay, ("head", "mlp"))
-    one = patching.patch(target, donor, shifts.probe_batches(task, target, 1), site_list, progress=False)
-    many = patching.patch(target, donor, shifts.probe_batches(task, target, 8), site_list, max_rows=24,
+    one = patching.patch(target, donor, probe.reference_batches(task, target.tokenizer, 1), site_list, progress=False)
+    many = patching.patch(target, donor, probe.reference_batches(task, target.tokenizer, 8), site_list, max_rows=24,
                           progress=False)
     torch.testing.assert_close(torch.tensor(one["patching"].to_numpy()), torch.tensor(many["patching"].to_numpy()),
                                rtol=1e-4, atol=1e-6)
@@ -77,7 +78,7 @@ def test_attribution_tracks_activation_patching(near_pair, task, metric: str) ->
     donor, target = near_pair
     lay = shifts.layout_of(target)
     site_list = shifts.sites(lay, ("head", "mlp", "attn"))
-    batches = shifts.probe_batches(task, target, 4)
+    batches = probe.reference_batches(task, target.tokenizer, 4)
     attr = patching.attribute(target, donor, batches, site_list, metric=metric, progress=False)["attribution"]
     act = patching.patch(target, donor, batches, site_list, metric=metric, progress=False)["patching"]
     big = act.abs() > 0.2 * act.abs().max()
@@ -91,7 +92,7 @@ def test_converse_and_neurons_in_one_backward(pair, task) -> None:
     donor, target = pair
     lay = shifts.layout_of(target)
     site_list = shifts.sites(lay, ("neuron", "mlp"))
-    batches = shifts.probe_batches(task, target, 4)
+    batches = probe.reference_batches(task, target.tokenizer, 4)
     df = patching.attribute(target, donor, batches, site_list, progress=False)
     conv = patching.attribute(donor, target, batches, site_list, column="converse", progress=False)
     assert df.attrs["receiver_metric"] == pytest.approx(conv.attrs["source_metric"], abs=1e-4)
@@ -102,7 +103,7 @@ def test_converse_and_neurons_in_one_backward(pair, task) -> None:
 def test_patch_positions_last_token_has_no_effect(pair, task) -> None:
     donor, target = pair
     lay = shifts.layout_of(target)
-    batches = shifts.probe_batches(task, target, 8)[:1]
+    batches = probe.reference_batches(task, target.tokenizer, 8)[:1]
     table = patching.patch_positions(target, donor, batches, shifts.sites(lay, ("mlp",)), progress=False)
     assert list(table.columns)[-1] == "-1"
     assert (table["-1"].abs() < 1e-6).all()  # the last token predicts nothing of the answer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import shifts, tasks
+from analysis import probe, shifts, tasks
 
 
 def arith_task(folder: Path, n: int = 10) -> Path:
@@ -32,9 +32,10 @@ def by_hand(donor, target, task, positions: str = "answer") -> dict[str, tuple[f
     """(donor mean|z|, target mean|z|, rel_dist) per head of layer 1 and L1.mlp, one unpadded prompt at a
     time through TransformerLens run_with_cache — the reference the streaming hooks must equal."""
     items = task.items("probe")
-    seqs = shifts.encode_items(task, target.tokenizer, items)
+    seqs = [row for i, it in enumerate(items) for row in probe.item_rows_of(task, target.tokenizer, it, i)]
     per: dict[str, list[tuple[float, float, float]]] = {}
-    for toks, n_prompt in seqs:
+    for row in seqs:
+        toks, n_prompt = row.ids, row.n_prompt
         ids = torch.tensor([toks])
         _, cd = donor.bridge.run_with_cache(ids)
         _, ct = target.bridge.run_with_cache(ids)
@@ -54,7 +55,7 @@ def by_hand(donor, target, task, positions: str = "answer") -> dict[str, tuple[f
 @pytest.mark.parametrize("positions", ["answer", "all"])
 def test_streaming_statistics_equal_a_full_cache(pair, task, positions: str) -> None:
     donor, target = pair
-    df = shifts.measure(donor, target, task, kinds=("head", "mlp"), positions=positions, batch_size=4,
+    df = shifts.measure(donor, target, task, answers="reference", kinds=("head", "mlp"), positions=positions, batch_size=4,
                         progress=False)
     expected = by_hand(donor, target, task, positions)
     for cid, (d, t, rel) in expected.items():
@@ -67,8 +68,8 @@ def test_streaming_statistics_equal_a_full_cache(pair, task, positions: str) -> 
 
 def test_batch_size_and_padding_do_not_change_the_numbers(pair, task) -> None:
     donor, target = pair
-    one = shifts.measure(donor, target, task, kinds=("head", "neuron"), batch_size=1, progress=False)
-    many = shifts.measure(donor, target, task, kinds=("head", "neuron"), batch_size=6, progress=False)
+    one = shifts.measure(donor, target, task, answers="reference", kinds=("head", "neuron"), batch_size=1, progress=False)
+    many = shifts.measure(donor, target, task, answers="reference", kinds=("head", "neuron"), batch_size=6, progress=False)
     cols = ["donor", "target", "shift", "shift_sd", "rel_dist", "rel_dist_sd"]
     torch.testing.assert_close(torch.tensor(one[cols].to_numpy()), torch.tensor(many[cols].to_numpy()),
                                rtol=1e-4, atol=1e-6)
@@ -77,8 +78,8 @@ def test_batch_size_and_padding_do_not_change_the_numbers(pair, task) -> None:
 def test_first_generated_token_is_the_last_prompt_token(pair, task) -> None:
     """generate mode, one step: the statistic sits at the last prompt token, as teacher mode 'last'."""
     donor, target = pair
-    gen = shifts.measure(donor, target, task, kinds=("linear",), mode="generate", max_new_tokens=1, progress=False)
-    last = shifts.measure(donor, target, task, kinds=("linear",), positions="last", progress=False)
+    gen = shifts.measure(donor, target, task, answers="reference", kinds=("linear",), mode="generate", max_new_tokens=1, progress=False)
+    last = shifts.measure(donor, target, task, answers="reference", kinds=("linear",), positions="last", progress=False)
     torch.testing.assert_close(torch.tensor(gen["shift"].to_numpy()), torch.tensor(last["shift"].to_numpy()),
                                rtol=1e-4, atol=1e-7)
     assert "rel_dist" not in gen.columns  # different tokens: no position-by-position pairing
@@ -95,7 +96,7 @@ def test_hooks_are_removed_also_on_error(pair, task, monkeypatch) -> None:
 
     monkeypatch.setattr(shifts.Site, "view", boom)
     with pytest.raises(RuntimeError, match="inside a hook"):
-        shifts.measure(donor, target, task, progress=False)
+        shifts.measure(donor, target, task, answers="reference", progress=False)
     monkeypatch.undo()
     for loaded in (donor, target):
         assert not any(hp.fwd_hooks for hp in loaded.bridge.hook_dict.values())

@@ -1,0 +1,407 @@
+"""What a localization forces: the probe items, the answer each counts as right, as batches of token rows.
+
+A causal score (attribution, patching, the weight-space methods) measures how much a change moves the
+target towards "the answer". That answer must be what the *evaluation* counts as right, tokenized as the
+model generates it — a template that renders ``" 74"`` where the models write ``"74"`` turns every score
+into noise, silently. So, by default (``answers="donor"``):
+
+- generation tasks force the donor's own greedy output (its token ids, cut where the evaluation cuts the
+  text) on the probe items the donor gets right; the items it gets wrong are left out and counted;
+- choice tasks force the correct choice among all of an item's choices, on the items the donor gets
+  right; the metric is the choice's log-probability normalised over the item's choices (lengths
+  normalised as ``acc_norm`` does when that is the task's metric) — what the evaluation's argmax reads;
+- perplexity tasks force the text itself.
+
+``answers="reference"`` renders the gold answer through the task's ``target`` template instead (every
+item kept). Either way :func:`build` checks before anything is ranked that the forced answers are what
+the donor produces: per probe item, "every forced token is the donor's argmax" must agree with "the
+evaluation counts the donor right" on at least :data:`MIN_AGREEMENT` of the items, or localization stops
+with one line naming the template and the fix. The counts and the check go into the rankings' metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from analysis.errors import GraftError
+
+if TYPE_CHECKING:
+    from analysis.models import LoadedModel
+    from analysis.tasks import Item, Task
+
+AnswerSource = Literal["donor", "reference"]
+ANSWER_SOURCES: tuple[str, ...] = ("donor", "reference")
+# Below this share of probe items on which "the forced answer is the donor's greedy one" and "the
+# evaluation counts the donor right" agree, the forced answers are not the evaluation's: stop.
+MIN_AGREEMENT = 0.8
+
+
+# --- token rows and batches -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    """One token sequence: prompt + forced continuation. ``item``: its probe item (a choice item has one
+    row per choice, ``correct`` on the right one); ``scale`` multiplies its summed log-probability
+    (1, or 1/characters for ``acc_norm``)."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+    item: int
+    correct: bool = True
+    scale: float = 1.0
+
+
+@dataclass
+class Batch:
+    """Left-padded token rows with the position masks the statistics and metrics need. Rows of one item
+    share a ``group`` (0 … n_items − 1 within the batch); a metric gives one value per group."""
+
+    ids: Int[Tensor, "b p"]
+    mask: Int[Tensor, "b p"]
+    pos: Int[Tensor, "b p"]
+    answer: Bool[Tensor, "b p"]  # positions that predict an answer token
+    target: Int[Tensor, "b p"]  # the answer token each answer position predicts (0 elsewhere)
+    last: Bool[Tensor, "b p"]  # the last prompt token
+    group: Int[Tensor, " b"]  # the item slot of each row
+    correct: Bool[Tensor, " b"]  # the row whose answer the evaluation counts right
+    scale: Float[Tensor, " b"]
+    index: list[int] = field(default_factory=list)  # which probe item, per row
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.group.max()) + 1 if len(self) else 0
+
+    @property
+    def items(self) -> list[int]:
+        """The probe item of each group, in group order."""
+        out = [0] * self.n_items
+        for g, i in zip(self.group.tolist(), self.index, strict=True):
+            out[g] = i
+        return out
+
+    @property
+    def single(self) -> bool:
+        """One row per item (generation, perplexity): the metric needs no grouping."""
+        return self.n_items == len(self)
+
+    @property
+    def keep(self) -> int:
+        """How many trailing positions hold every answer position (left padding puts answers last):
+        the logits a metric needs (``logits_to_keep``)."""
+        cols = self.answer.any(0).nonzero()
+        return int(self.ids.shape[1] - cols[0]) if len(cols) else 1
+
+    def weights(self, positions: str) -> Float[Tensor, "b p"]:
+        sel = {"answer": self.answer, "all": self.mask.bool(), "last": self.last}[positions]
+        return sel.float()
+
+    def repeat(self, n: int) -> Batch:
+        """The batch stacked ``n`` times (copy c in rows c·b … c·b + b − 1, items c·m … c·m + m − 1)."""
+        r = lambda t: t.repeat(n, 1)  # noqa: E731
+        groups = torch.cat([self.group + c * self.n_items for c in range(n)])
+        return Batch(r(self.ids), r(self.mask), r(self.pos), r(self.answer), r(self.target), r(self.last), groups,
+                     self.correct.repeat(n), self.scale.repeat(n), self.index * n)
+
+
+def make_batches(rows: Sequence[Row], pad: int, batch_size: int) -> list[Batch]:
+    """Left-padded batches of at most ``batch_size`` rows (an item's rows are never split, so a choice item
+    may exceed it alone), longest items first (less padding)."""
+    by_item: dict[int, list[Row]] = {}
+    for row in rows:
+        by_item.setdefault(row.item, []).append(row)
+    order = sorted(by_item, key=lambda i: (-max(len(r.ids) for r in by_item[i]), i))
+    chunks: list[list[int]] = []
+    for item in order:
+        if chunks and sum(len(by_item[i]) for i in chunks[-1]) + len(by_item[item]) <= batch_size:
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    out = []
+    for chunk in chunks:
+        chunk_rows = [(slot, r) for slot, i in enumerate(chunk) for r in by_item[i]]
+        width = max(len(r.ids) for _, r in chunk_rows)
+        n = len(chunk_rows)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        answer = torch.zeros((n, width), dtype=torch.bool)
+        target = torch.zeros((n, width), dtype=torch.long)
+        last = torch.zeros((n, width), dtype=torch.bool)
+        for b, (_, r) in enumerate(chunk_rows):
+            off = width - len(r.ids)
+            ids[b, off:] = torch.tensor(r.ids)
+            mask[b, off:] = 1
+            # position j predicts token j + 1: the answer tokens n_prompt.. are predicted from n_prompt − 1..
+            answer[b, off + r.n_prompt - 1: width - 1] = True
+            target[b, off + r.n_prompt - 1: width - 1] = torch.tensor(r.ids[r.n_prompt:])
+            last[b, off + r.n_prompt - 1] = True
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out.append(Batch(ids, mask, pos, answer, target, last,
+                         torch.tensor([slot for slot, _ in chunk_rows]),
+                         torch.tensor([r.correct for _, r in chunk_rows]),
+                         torch.tensor([r.scale for _, r in chunk_rows], dtype=torch.float32),
+                         [r.item for _, r in chunk_rows]))
+    return out
+
+
+def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], *, hooked: bool = True,
+            **kwargs: Any) -> Tensor:
+    """Logits of the HF model (``hooked``: the copy whose modules the bridge wraps, so bridge hooks fire)."""
+    ids, mask, pos = (batch.ids, batch.mask, batch.pos) if isinstance(batch, Batch) else batch
+    model = loaded.hooked if hooked else loaded.model
+    dev = loaded.model.device
+    out = model(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False, **kwargs)
+    return out.logits
+
+
+# --- the metric -----------------------------------------------------------------------------------
+
+Metric = Literal["logprob", "logit_diff"]
+METRICS: tuple[str, ...] = ("logprob", "logit_diff")
+
+
+def _tail(t: Tensor, p: int) -> Tensor:
+    return t[:, t.shape[1] - p:]
+
+
+def alternatives(logits: Float[Tensor, "b p v"], batch: Batch) -> Tensor:
+    """Per position, the model's best token other than the forced one (``logit_diff``, one row per item)."""
+    masked = logits.detach().clone()
+    masked.scatter_(-1, _tail(batch.target, logits.shape[1]).to(logits.device)[..., None], float("-inf"))
+    return masked.argmax(-1)
+
+
+def metric_values(logits: Float[Tensor, "b p v"], batch: Batch, metric: Metric = "logprob",
+                  alt: Tensor | None = None) -> Float[Tensor, " items"]:
+    """The metric per item (``logits`` may cover only the batch's last positions, see :attr:`Batch.keep`).
+
+    One row per item: ``logprob`` sums the forced tokens' log-probabilities; ``logit_diff`` sums each
+    forced token's logit minus the best other token's (``alt``, fixed from an unpatched run). Choice
+    items: ``logprob`` is the correct choice's log-probability normalised over the item's choices;
+    ``logit_diff`` the correct choice's score minus the best wrong one's.
+    """
+    p = logits.shape[1]
+    ans = _tail(batch.answer, p).to(logits.device)
+    tgt = _tail(batch.target, p).to(logits.device)[..., None]
+    if metric == "logit_diff" and batch.single:
+        if alt is None:
+            raise ValueError("logit_diff needs the alternative tokens of the unpatched run")
+        per = (logits.gather(-1, tgt) - logits.gather(-1, alt.to(logits.device)[..., None]))[..., 0].float()
+    elif metric in METRICS:
+        per = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt)[..., 0]
+    else:
+        raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(METRICS)}")
+    score = (per * ans).sum(-1) * batch.scale.to(logits.device)
+    if batch.single:
+        return score
+    group, correct = batch.group.to(logits.device), batch.correct.to(logits.device)
+    n = batch.n_items
+    right = torch.zeros(n, device=score.device, dtype=score.dtype).index_add(0, group[correct], score[correct])
+    if metric == "logprob":  # log-softmax over each item's choices
+        top = torch.full((n,), -torch.inf, device=score.device).scatter_reduce(0, group, score.detach(), "amax")
+        total = torch.zeros(n, device=score.device, dtype=score.dtype).index_add(0, group, (score - top[group]).exp())
+        return right - (top + total.log())
+    wrong = ~correct
+    best = torch.full((n,), -torch.inf, device=score.device, dtype=score.dtype).scatter_reduce(
+        0, group[wrong], score[wrong], "amax")
+    return right - best
+
+
+def per_item(values: Float[Tensor, "b ..."], batch: Batch) -> Float[Tensor, "items ..."]:
+    """Row values summed per item (an item's choices together)."""
+    if batch.single:
+        return values
+    out = torch.zeros((batch.n_items, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch.group.to(values.device), values)
+
+
+# --- the probe ------------------------------------------------------------------------------------
+
+@dataclass
+class Probe:
+    """The probe items a localization reads, the rows that force their answers, and what was checked."""
+
+    task: str
+    kind: str
+    split: str
+    answers: str  # "donor", "reference" or "text" (perplexity)
+    items: list[Item]
+    rows: list[Row]
+    n_read: int
+    pad: int  # the tokenizer's padding id
+    dropped: dict[str, int] = field(default_factory=dict)  # why → how many items were left out
+    check: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, batch_size: int, *, choices: bool = True) -> list[Batch]:
+        """Batches of the rows; ``choices=False`` keeps only each item's correct row (activation statistics
+        read the text that follows a right answer)."""
+        rows = self.rows if choices else [r for r in self.rows if r.correct]
+        return make_batches(rows, self.pad, batch_size)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the rankings record: where the forced answers came from, how many items, the check."""
+        return {"answers": self.answers, "n_probe_read": self.n_read, "n_probe_used": len(self.items),
+                "dropped": dict(self.dropped), "check": dict(self.check)}
+
+
+def probe_items(task: Task, limit: int | None = None, split: str = "probe") -> list[Item]:
+    if task.has_splits and split not in task.splits:
+        raise GraftError(f"{task.source}: no {split!r} split (splits: {', '.join(task.splits) or 'none'})",
+                         f"give the task items with \"split\": \"{split}\", or name the split to probe on "
+                         "(--split, or splits: in a sweep config)")
+    items = task.items(split if task.has_splits else None, limit)
+    if not items:
+        raise GraftError(f"{task.source}: the {split} split is empty", "add probe items")
+    return items
+
+
+def reference(task: Task, item: Item) -> str:
+    """The text the task's templates say follows the prompt when the answer is right."""
+    if task.kind == "choice":
+        return task.continuations(item)[int(item.answer)]
+    return task.config.target.format(**item.fields)
+
+
+def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | None = None,
+          answers: str = "donor", batch_size: int = 8, max_new_tokens: int | None = None,
+          check: bool = True) -> Probe:
+    """The probe of ``task``'s ``split`` with the answers to force (see the module doc); the donor is
+    evaluated on it once, as the evaluation would, to know which items it gets right."""
+    from analysis.evaluate import _pad_id, encode
+
+    if answers not in ANSWER_SOURCES:
+        raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(ANSWER_SOURCES)}")
+    items = probe_items(task, limit, split)
+    tok = donor.tokenizer
+    if task.kind == "perplexity":
+        rows = [r for i, it in enumerate(items) for r in item_rows_of(task, tok, it, i)]
+        return Probe(task.name, task.kind, split, "text", items, rows, len(items), _pad_id(tok))
+    evaluation = _evaluate(task, donor, items, split, limit, batch_size, max_new_tokens)
+    right = [bool(r["correct"]) for r in evaluation]
+    kept: list[int] = []
+    rows: list[Row] = []
+    dropped: dict[str, int] = {}
+    for i, (it, rec) in enumerate(zip(items, evaluation, strict=True)):
+        if answers == "donor" and not rec["correct"]:
+            dropped["donor wrong"] = dropped.get("donor wrong", 0) + 1
+            continue
+        if answers == "donor" and task.kind == "generate":
+            ctx = encode(tok, task.render(it, tok))
+            own = _answer_tokens(tok, rec["tokens"], rec["output"])
+            item_rows = [Row(tuple(ctx + own), len(ctx), len(kept))] if own else []
+        else:
+            item_rows = item_rows_of(task, tok, it, len(kept))
+        if not item_rows:
+            dropped["empty answer"] = dropped.get("empty answer", 0) + 1
+            continue
+        rows += item_rows
+        kept.append(i)
+    probe = Probe(task.name, task.kind, split, answers, [items[i] for i in kept], rows, len(items), _pad_id(tok),
+                  dropped)
+    if not kept:
+        why = "the donor answers none of them correctly" if answers == "donor" else "no answer has tokens"
+        raise GraftError(f"{task.source}: nothing to localize on the {split} split ({len(items)} items): {why}",
+                         "check that the donor is the better model on this task (auto_order), or its prompts")
+    if check:
+        probe.check = _check(task, donor, probe, [right[i] for i in kept], evaluation, kept, batch_size)
+    return probe
+
+
+def item_rows_of(task: Task, tokenizer: Any, item: Item, slot: int) -> list[Row]:
+    """The rows of one item with the task's own answers: its choices (choice), the ``target`` template's
+    rendering of the gold answer (generate), the text (perplexity); tokenized as the evaluator does."""
+    from analysis.evaluate import encode, encode_pair
+
+    if task.kind == "perplexity":
+        return [Row(tuple(encode(tokenizer, item.text)), 1, slot)]  # every token after the first is "answer"
+    prompt = task.render(item, tokenizer)
+    if task.kind == "choice":
+        norm = task.metric == "acc_norm"
+        rows = []
+        for j, cont in enumerate(task.continuations(item)):
+            ctx, ids = encode_pair(tokenizer, prompt, cont)
+            rows.append(Row(tuple(ctx + ids), len(ctx), slot, j == int(item.answer),
+                            1.0 / max(1, len(cont)) if norm else 1.0))
+        return rows if all(len(r.ids) > r.n_prompt for r in rows) else []
+    ctx, ids = encode_pair(tokenizer, prompt, reference(task, item))
+    return [Row(tuple(ctx + ids), len(ctx), slot)] if ids else []
+
+
+def reference_batches(task: Task, tokenizer: Any, batch_size: int, limit: int | None = None,
+                      split: str = "probe") -> list[Batch]:
+    """The probe items with the task's own answers (``answers="reference"``), without the donor's check:
+    for studies that bring their own prompts and answers."""
+    from analysis.evaluate import _pad_id
+
+    rows = [r for i, it in enumerate(probe_items(task, limit, split)) for r in item_rows_of(task, tokenizer, it, i)]
+    return make_batches(rows, _pad_id(tokenizer), batch_size)
+
+
+def _evaluate(task: Task, donor: LoadedModel, items: list[Item], split: str, limit: int | None, batch_size: int,
+              max_new_tokens: int | None) -> list[dict[str, Any]]:
+    """The donor's per-item results on the probe items, exactly as ``graftlm eval`` computes them."""
+    from analysis.evaluate import run
+
+    records = run(donor.model, donor.tokenizer, task, split=split if task.has_splits else "all", limit=limit,
+                  batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False).records
+    assert [r["id"] for r in records] == [it.id for it in items]
+    return records
+
+
+def _answer_tokens(tokenizer: Any, tokens: Sequence[int], output: str) -> list[int]:
+    """The fewest generated tokens whose text covers ``output`` (the generation cut at its stop string):
+    what the donor wrote, without the stop string or end-of-sequence token that followed."""
+    if not output:
+        return []
+    for n in range(1, len(tokens) + 1):
+        if len(tokenizer.decode(list(tokens[:n]), skip_special_tokens=True)) >= len(output):
+            return list(tokens[:n])
+    return list(tokens)
+
+
+@torch.no_grad()
+def _check(task: Task, donor: LoadedModel, probe: Probe, right: list[bool], evaluation: list[dict[str, Any]],
+           kept: list[int], batch_size: int) -> dict[str, Any]:
+    """Does the donor, teacher-forced on the probe rows, produce the forced answers exactly where the
+    evaluation counts it right? (See the module doc.) Raises when it does not."""
+    greedy = torch.zeros(len(probe.items), dtype=torch.bool)
+    forced_lp = torch.zeros(len(probe.items), dtype=torch.float64)
+    for batch in probe.batches(batch_size):
+        logits = forward(donor, batch, hooked=False, logits_to_keep=batch.keep)
+        p = logits.shape[1]
+        ans, tgt = _tail(batch.answer, p), _tail(batch.target, p)
+        top = logits.argmax(-1) == tgt
+        if batch.single:
+            hits = (top | ~ans).all(-1)
+        else:  # the correct choice scores highest among the item's choices
+            hits = metric_values(logits, batch, "logit_diff") > 0
+        idx = torch.tensor(batch.items)
+        greedy[idx] = hits.cpu()
+        forced_lp[idx] = metric_values(logits, batch, "logprob").double().cpu()
+    agree = sum(bool(g) == r for g, r in zip(greedy.tolist(), right, strict=True))
+    result = {"agreement": round(agree / len(right), 4), "donor_right": sum(right), "n": len(right),
+              "forced_greedy": int(greedy.sum()), "forced_logprob_mean": round(float(forced_lp.mean()), 4),
+              "min_agreement": MIN_AGREEMENT}
+    if agree / len(right) >= MIN_AGREEMENT:
+        return result
+    bad = next(i for i, (g, r) in enumerate(zip(greedy.tolist(), right, strict=True)) if bool(g) != r)
+    item, rec = probe.items[bad], evaluation[kept[bad]]
+    forced = reference(task, item) if probe.answers == "reference" else rec.get("output")
+    seen = f"; item {item.id}: forced {forced!r}, donor wrote {rec.get('output', rec.get('extracted'))!r}"
+    if probe.answers == "reference":
+        fix = ("leave answers at donor (the default: the donor's own correct outputs are forced), or fix the task's "
+               f"target template {task.config.target!r} (e.g. no leading space) so it renders what the model writes")
+    else:
+        fix = "check the tokenizer: its encoding of prompt + output does not round-trip what the donor generated"
+    raise GraftError(f"{task.source}: the forced answers are not the evaluation's — the donor is right on "
+                     f"{sum(right)}/{len(right)} probe items but its greedy continuation is the forced answer on "
+                     f"{int(greedy.sum())}, agreeing on {agree / len(right):.0%} (< {MIN_AGREEMENT:.0%}){seen}", fix)
