@@ -207,13 +207,18 @@ def localize_cmd(
     task: Annotated[str, typer.Option("--task", help="Task YAML, JSONL file, built-in or demo:NAME (probe split only).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores.csv/json, figures and plan-top{K}.yaml.")],
     method: Annotated[str, typer.Option(
-        "--method", "-m", help="shifts | lae | attribution | patching | weight | random.")] = "attribution",
+        "--method", "-m",
+        help="shifts | lae | attribution | patching | gradient | greedy | mask | weight | random.")] = "attribution",
     components: Annotated[str | None, typer.Option(
         "--components", "-c", help="Kinds to rank: head,mlp (default; lae: linear), attn, group, neuron, linear, layer.")] = None,
     mode: Annotated[str | None, typer.Option(
         "--mode", help="teacher (same text, default) | generate (each decodes; default for lae).")] = None,
     positions: Annotated[str, typer.Option("--positions", help="Teacher mode: answer | all | last.")] = "answer",
-    metric: Annotated[str, typer.Option("--metric", help="Attribution/patching: logprob | logit_diff.")] = "logprob",
+    metric: Annotated[str, typer.Option(
+        "--metric", help="Causal methods: logprob | logit_diff of the forced answer.")] = "logprob",
+    answers: Annotated[str, typer.Option(
+        "--answers", help="What is forced as the answer: donor (its own correct outputs) | reference (the "
+        "task's target template).")] = "donor",
     top: Annotated[list[int] | None, typer.Option("--top", "-k", help="Plan size K (repeat for several).")] = None,
     alpha: Annotated[float, typer.Option("--alpha", "-a", help="Strength α written into the plans.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random method.")] = 0,
@@ -232,7 +237,7 @@ def localize_cmd(
     from analysis.localize import localize
 
     result = localize(donor, target, task, method=method, components=components, mode=mode, positions=positions,
-                      metric=metric, top=top or [8], alpha=alpha, seed=seed, limit=limit, split=split,
+                      metric=metric, answers=answers, top=top or [8], alpha=alpha, seed=seed, limit=limit, split=split,
                       batch_size=batch_size,
                       converse=converse, per_position=per_position, out=out, dtype=dtype,
                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis import probe as probe_mod
 from analysis import select, shifts, units
 from analysis.errors import GraftError
 from analysis.plan import Plan, now
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from analysis.models import LoadedModel
+    from analysis.probe import Probe
     from analysis.tasks import Task
 
 KIND_ALIASES = {"heads": "head", "mlps": "mlp", "neurons": "neuron", "linears": "linear", "groups": "group",
@@ -86,6 +88,7 @@ def localize(
     mode: str | None = None,
     positions: str = "answer",
     metric: str = "logprob",
+    answers: str = "donor",
     top: int | Sequence[int] = 8,
     alpha: float = 1.0,
     seed: int = 0,
@@ -101,19 +104,25 @@ def localize(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    probe: Probe | None = None,
 ) -> Localization:
     """Score every component of the asked kinds by ``method`` on the task's probe split, rank them,
     and make a plan of the top K (for each K in ``top``) at strength ``alpha``.
 
-    ``mode`` (shifts and lae only): ``teacher`` (both models read prompt + reference answer; default
+    What the causal methods and teacher-mode shifts force as "the answer" is the evaluation's
+    (:mod:`analysis.probe`): ``answers="donor"`` (default) the donor's own outputs on the probe items it
+    gets right, ``"reference"`` the gold answer through the task's ``target`` template; either way a check
+    that the donor produces the forced answers where it is counted right runs first.
+    ``mode`` (shifts and lae only): ``teacher`` (both models read prompt + forced answer; default
     for shifts) or ``generate`` (each decodes greedily; default for lae). ``positions`` (teacher mode):
-    ``answer``, ``all`` or ``last``. ``metric`` (attribution, patching): ``logprob`` of the reference
-    answer or ``logit_diff``. ``converse`` adds the target → donor study (necessity) beside donor →
-    target; ``per_position`` adds block patching per position. Models may be passed already loaded.
-    ``split``: the task split read as the probe (``probe``; e.g. ``train`` for a task that has one) —
-    never the split a study chooses or reports on.
+    ``answer``, ``all`` or ``last``. ``metric`` (attribution, patching, gradient, greedy, mask):
+    ``logprob`` of the forced answer or ``logit_diff``. ``greedy`` selects max(``top``) components and
+    ``mask`` learns strengths under a budget of max(``top``). ``converse`` adds the target → donor study
+    (necessity) beside donor → target; ``per_position`` adds block patching per position. Models may be
+    passed already loaded, and a probe already built. ``split``: the task split read as the probe
+    (``probe``; e.g. ``train`` for a task that has one) — never the split a study chooses or reports on.
     """
-    from analysis import patching
+    from analysis import patching, weightspace
 
     method = select.check_method(method)
     kinds = parse_kinds(components, method)
@@ -124,12 +133,14 @@ def localize(
         mode = "generate" if method == "lae" else "teacher"
     if mode not in ("teacher", "generate"):
         raise GraftError(f"unknown mode {mode!r}", "use teacher or generate")
-    if mode == "generate" and method in ("attribution", "patching"):
+    if mode == "generate" and method not in ("shifts", "lae"):
         raise GraftError(f"{method} needs both models on the same tokens", "use --mode teacher")
     if positions not in ("answer", "all", "last"):
         raise GraftError(f"unknown positions {positions!r}", "use answer, all or last")
     if metric not in patching.METRICS:
         raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(patching.METRICS)}")
+    if answers not in probe_mod.ANSWER_SOURCES:
+        raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(probe_mod.ANSWER_SOURCES)}")
     dataless = method in ("weight", "random")
     start = time.perf_counter()
 
@@ -141,11 +152,12 @@ def localize(
         if task is None:
             raise GraftError(f"method {method} needs a task", "pass --task")
         loaded_task = task if isinstance(task, Task) else tasks_mod.load(task)
-        shifts.probe_items(loaded_task, limit, split)  # fails early on a task without probe items
+        probe_mod.probe_items(loaded_task, limit, split)  # fails early on a task without probe items
 
-    # Measured kinds: the asked ones, plus attn/mlp blocks for the layer × {attn, mlp} view.
+    # Measured kinds: the asked ones, plus (activation methods) attn/mlp blocks for the layer × {attn, mlp}
+    # view; the weight-space methods score exactly the candidates, whose shares add up.
     context = [k for k in ("attn", "mlp") if k not in kinds and ({"head", "group", "mlp", "attn"} & set(kinds))]
-    measured = kinds + context
+    measured = kinds + (context if method not in weightspace.METHODS else [])
     if not dataless or not isinstance(donor, str | os.PathLike):
         d_model = _load(donor, dtype, allow_pickle, trust_remote_code)
         t_model = _load(target, dtype, allow_pickle, trust_remote_code)
@@ -171,20 +183,43 @@ def localize(
     meta: dict[str, Any] = {"method": method, "donor": names[0], "target": names[1], "components": kinds,
                             "created": now(), **({} if dataless else {"split": split})}
     position_table = None
+    explicit: list[str] | None = None  # a ranking given as an order (greedy), not by sorting a score
 
+    if not dataless and mode == "teacher":
+        if probe is None:
+            probe = probe_mod.build(loaded_task, d_model, split=split, limit=limit, answers=answers,  # type: ignore[arg-type]
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens)
+        meta.update(probe.meta)
     if method in ("shifts", "lae"):
         df = shifts.measure(d_model, t_model, loaded_task, kinds=measured, mode=mode,  # type: ignore[arg-type]
                             positions=positions, batch_size=batch_size, limit=limit,  # type: ignore[arg-type]
-                            max_new_tokens=max_new_tokens, progress=progress, split=split)
+                            max_new_tokens=max_new_tokens, progress=progress, split=split, probe=probe)
         table = table.join(df.drop(columns=["kind", "layer", "index"]))
         meta.update(mode=mode, positions=positions if mode == "teacher" else "last generated",
                     n_prompts=int(df["n_prompts"].iloc[0]))
+    elif method in weightspace.METHODS:
+        batches = probe.batches(batch_size)  # type: ignore[union-attr]
+        ids = [cid for s in site_list for cid in s.ids]
+        blend = weightspace.Blend(t_model, d_model, ids, lay)
+        if method == "gradient":
+            values, info = weightspace.gradient(blend, batches, metric=metric, progress=progress)  # type: ignore[arg-type]
+        elif method == "greedy":
+            order, values, info = weightspace.greedy(blend, batches, max(tops), metric=metric,  # type: ignore[arg-type]
+                                                     progress=progress)
+            explicit = [ids[i] for i in order]
+            table["greedy_step"] = math.nan
+            table.loc[explicit[:info["k"]], "greedy_step"] = range(1, info["k"] + 1)
+        else:
+            values, info = weightspace.mask(blend, batches, max(tops), metric=metric, progress=progress)  # type: ignore[arg-type]
+        table[method] = math.nan
+        table.loc[ids, method] = values
+        meta.update(mode="teacher", metric=metric, n_prompts=sum(b.n_items for b in batches), **{method: info})
     elif method in ("attribution", "patching"):
-        batches = shifts.probe_batches(loaded_task, t_model, batch_size, limit, split)  # type: ignore[arg-type]
+        batches = probe.batches(batch_size)  # type: ignore[union-attr]
         run = patching.attribute if method == "attribution" else patching.patch
         df = run(t_model, d_model, batches, site_list, metric=metric, column=method, progress=progress)  # type: ignore[arg-type]
         table = table.join(df[[method, f"{method}_sd"]])
-        meta.update(mode="teacher", metric=metric, n_prompts=sum(len(b) for b in batches))
+        meta.update(mode="teacher", metric=metric, n_prompts=sum(b.n_items for b in batches))
         if method == "attribution":
             meta.update(target_metric=df.attrs["receiver_metric"], donor_metric=df.attrs["source_metric"])
         if converse:
@@ -208,7 +243,7 @@ def localize(
         table.loc[candidates.index, "random"] = select.random_scores(list(candidates.index), seed)
         candidates = table[table["ranked"]]
     score = select.score_of(candidates, method, mode)
-    ranking = select.order(score)
+    ranking = explicit if explicit is not None else select.order(score)
     table["score"] = select.score_of(table, method, mode)
     table["rank"] = math.nan
     table.loc[ranking, "rank"] = range(1, len(ranking) + 1)

@@ -9,6 +9,10 @@ lae           ``|shift|``: the paper's |donor − target| of the mean |activatio
               token (signed vs absolute is unknown in the paper; we rank by size)
 attribution   ``attribution``, signed: the donor's component raises the target's metric the most first
 patching      ``patching``, signed, as attribution
+gradient      ``gradient``, signed: the component's share of the metric change from target to copy-all,
+              integrated along the weight path (``analysis.weightspace``)
+greedy        the order of forward selection (``greedy_step``); ``greedy`` holds each one's verified gain
+mask          ``mask``: the strength learned for it under a budget
 weight        ``weight`` = ‖W_d − W_t‖ / ‖W_t‖ over the component's slices (dataless)
 random        ``random``: a seeded permutation — the control for every claim
 ============  ==========================================================================================
@@ -37,9 +41,10 @@ if TYPE_CHECKING:
     from analysis.models import LoadedModel
 
 Getter = Callable[[str], torch.Tensor]
-Method = Literal["shifts", "lae", "attribution", "patching", "weight", "random"]
-METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "weight", "random")
-DATA_METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching")
+Method = Literal["shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask", "weight", "random"]
+METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask", "weight",
+                            "random")
+DATA_METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask")
 
 
 def check_method(method: str) -> Method:

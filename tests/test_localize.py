@@ -62,7 +62,8 @@ def models(constructed):
 
 @pytest.mark.parametrize(("method", "options"), [
     ("shifts", {}), ("shifts", {"mode": "generate"}), ("lae", {"components": "head"}), ("attribution", {}),
-    ("attribution", {"metric": "logit_diff"}), ("patching", {}), ("weight", {})])
+    ("attribution", {"metric": "logit_diff"}), ("patching", {}), ("gradient", {}), ("gradient", {"metric": "logit_diff"}),
+    ("greedy", {}), ("mask", {}), ("weight", {})])
 def test_every_method_ranks_the_known_head_first(constructed, models, method: str, options: dict) -> None:
     _, _, task = constructed
     donor, target = models
