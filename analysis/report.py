@@ -3,7 +3,10 @@
 ``summarize(run)`` turns RUN/results.jsonl into per-method findings (test accuracy with k/n and a 95%
 interval, TIR, gap recovery, McNemar against the target) beside every control; ``write(run)`` writes
 RUN/report.md and a self-contained RUN/report.html with the figures. The verdict comes first: when no
-method beats the random control beyond its interval, or the donor is not better, the report says so.
+method beats the random control beyond its interval, or the donor is not better, the report says so; a
+method that misses that strict test but beats random components item by item is said to, with its margin.
+Notes follow: the grid's K (shares resolved, values clipped, a choice at the top of the grid), the
+donor that auto_order picked, items that overlap: drop removed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,26 @@ import yaml
 
 from analysis import metrics
 from analysis.errors import GraftError
-from analysis.sweep import plan_file, short_name
+from analysis.sweep import KGrid, dropped_line, plan_file, short_name, swapped
+
+# What each localization method measures, for sentences that name it (a method not listed is named bare).
+METHOD_DESCRIPTIONS = {
+    "shifts": "activation statistics",
+    "lae": "activation statistics, the paper's LAE",
+    "attribution": "attribution patching, causal",
+    "patching": "activation patching, causal",
+    "gradient": "weight-space attribution",
+    "greedy": "greedy forward selection",
+    "mask": "learned sparse mask",
+    "weight": "weight difference, dataless",
+    "random": "random ranking, the control",
+}
+
+
+def named(method: str) -> str:
+    """A method's name with what it measures: ``weight (weight difference, dataless)``."""
+    about = METHOD_DESCRIPTIONS.get(method)
+    return f"{method} ({about})" if about else method
 
 
 @dataclass
@@ -58,6 +80,7 @@ class Summary:
     controls: list[Finding]
     random_pooled: dict[tuple[int, float], metrics.Accuracy]
     verdict: list[str]
+    notes: list[str] = field(default_factory=list)  # what qualifies the numbers: K grid, auto_order, dropped items
 
 
 def read_rows(run: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -100,7 +123,7 @@ def summarize(run: str | Path) -> list[Summary]:
     orders = [r for r in rows if r.get("phase") == "order"]
     if not orders:
         raise GraftError(f"{run}: the sweep has not finished its baselines yet", "run or resume `graftlm sweep`")
-    summaries = [_summary(order, rows, config.get("task", "?")) for order in orders]
+    summaries = [_summary(order, rows, (config or {}).get("task", "?")) for order in orders]
     return [s for s in summaries if s is not None]
 
 
@@ -145,6 +168,9 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
                       retention, _retention_change(get("baseline", "retention", d), target_retention), methods,
                       controls, _pool_random(control_rows), [])
     summary.verdict = verdict(summary)
+    grid = [r for r in rows if r.get("phase") == "grid" and r.get("max_new_tokens") == mnt]
+    summary.notes = notes(summary, order, {m: {r["top_k"] for r in grid if r["method"] == m} for m in
+                                           {f.method for f in methods}})
     return summary
 
 
@@ -208,7 +234,9 @@ def beats_random(f: Finding, pooled: dict[tuple[int, float], metrics.Accuracy]) 
 
 
 def verdict(s: Summary) -> list[str]:
-    """The first lines of the report: what a reader must know before any table."""
+    """The first lines of the report: what a reader must know before any table. Each method gets one line:
+    beyond the pooled random control's interval (the strict test), or else its paired margin over random
+    components at the same budget — above zero, below, or not distinguishable from it."""
     lines = []
     gap = s.donor["test"].accuracy - s.target["test"].accuracy
     if gap <= 0:
@@ -217,22 +245,74 @@ def verdict(s: Summary) -> list[str]:
     elif s.donor_vs_target.p_value >= 0.05:
         lines.append(f"The donor–target gap on test is within noise (McNemar p = {s.donor_vs_target.p_value:.3g}): "
                      "recovery figures are unstable.")
-    winners = [f for f in s.methods if beats_random(f, s.random_pooled)]
     if not s.methods:
         lines.append("No method has a chosen point on test yet.")
-    elif not winners:
-        lines.append("No method beats the random control beyond its 95% interval: activation-based selection is "
-                     "not shown to be better than chance on this pair.")
-    else:
-        for f in winners:
-            cost = f", retention perplexity {f.retention_change}" if f.retention_change is not None else ""
-            margin = f" by {_points(f.vs_random)}" if f.vs_random is not None else ""
-            lines.append(f"{f.method} beats the random control beyond its interval{margin}: test {f.acc} vs target "
-                         f"{s.target['test']}, gap recovery {f.recovery}, McNemar p = {f.vs_target.p_value:.3g}{cost}.")
-        losers = [f.method for f in s.methods if f not in winners]
-        if losers:
-            lines.append(f"{', '.join(losers)}: not better than the random control beyond its interval.")
+        return lines
+    winners = [f for f in s.methods if beats_random(f, s.random_pooled)]
+    if not winners:
+        names = ", ".join(f.method for f in s.methods)
+        if any(_margin_above_zero(f) for f in s.methods):
+            lines.append(f"No method ({names}) beats the random control beyond its 95% interval (the strict test); "
+                         "the margins over random components at the same budget, paired over test items, follow.")
+        else:
+            lines.append(f"No method ({names}) beats the random control beyond its 95% interval: the localized "
+                         "components are not shown to be better than chance on this pair.")
+    ordered = [*winners, *(f for f in s.methods if f not in winners and _margin_above_zero(f)),
+               *(f for f in s.methods if f not in winners and not _margin_above_zero(f))]
+    for f in ordered:
+        lines.append(_method_line(f, s, f in winners))
     return lines
+
+
+def _margin_above_zero(f: Finding) -> bool:
+    return f.vs_random is not None and f.vs_random.ci_low > 0
+
+
+def _method_line(f: Finding, s: Summary, wins: bool) -> str:
+    """One method's verdict: the strict test, else its margin over random components at its budget."""
+    cost = f", retention perplexity {f.retention_change}" if f.retention_change is not None else ""
+    numbers = f"test {f.acc} vs target {s.target['test']}, gap recovery {f.recovery}"
+    m = f.vs_random
+    if wins:
+        margin = f" by {_points(m)}" if m is not None else ""
+        return (f"{named(f.method)} beats the random control beyond its interval{margin}: {numbers}, "
+                f"McNemar p = {f.vs_target.p_value:.3g}{cost}.")
+    if m is not None and m.ci_low > 0:
+        return (f"{named(f.method)} does not clear the random control's interval, but beats random components at "
+                f"the same budget by {_points(m)}: {numbers}{cost}.")
+    if m is not None and m.ci_high < 0:
+        return f"{named(f.method)} does worse than random components at the same budget: {_points(m)}."
+    if m is not None:
+        return (f"{named(f.method)} is not distinguishable from random components at the same budget (margin "
+                f"{_points(m, paired=False)}).")
+    if beats_random(f, s.random_pooled) is None:
+        return f"{named(f.method)}: no random control at its budget (K={f.k}, α={f.alpha}), so not compared with chance."
+    return f"{named(f.method)}: not better than the random control beyond its interval."
+
+
+def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> list[str]:
+    """What qualifies the numbers, after the verdict: the donor auto_order picked, items overlap: drop
+    removed, the grid's K as resolved and clipped, and a chosen K at the top of the grid."""
+    said = []
+    if order.get("donor") == "b":  # the config's target: only auto_order swaps
+        said.append(swapped(short_name(s.donor_ref), (s.donor["dev"].k, s.donor["dev"].n),
+                            (s.target["dev"].k, s.target["dev"].n)) + ".")
+    if order.get("overlap_dropped"):
+        dropped = order["overlap_dropped"]
+        said.append(dropped_line(dropped["counts"], dropped["overlaps"]) + ".")
+    k_grid = KGrid(**order["k_grid"]) if order.get("k_grid") else None
+    if k_grid is not None and k_grid.describe():
+        said.append(f"k: {k_grid.describe()}.")
+    n = k_grid.n_components if k_grid is not None else None
+    at_top: dict[int, list[str]] = {}  # K → the methods that chose it at the top of their grid
+    for f in s.methods:
+        ks = grid_ks.get(f.method) or set()
+        if ks and f.k == max(ks) and (n is None or f.k < n):  # K = every component: nothing larger to try
+            at_top.setdefault(f.k, []).append(f.method)
+    for k, methods in at_top.items():
+        of = f" (of {n} components)" if n is not None else ""
+        said.append(f"{', '.join(methods)}: chosen K={k} is the top of the grid{of}: a larger K might do better.")
+    return said
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -288,6 +368,8 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
         length = f" (max_new_tokens = {s.max_new_tokens})" if s.max_new_tokens else ""
         parts += [f"**Task {s.task}{length}, donor {s.donor_ref} → target {s.target_ref}.**", ""]
         parts += [f"> {line}" for line in s.verdict] + [""]
+        if s.notes:
+            parts += ["Notes:", "", *(f"- {line}" for line in s.notes), ""]
         parts += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         parts += ["| " + " | ".join(r) + " |" for r in headline(s)]
         parts += ["", f"Baselines on dev: donor {_fmt_acc(s.donor['dev'])}, target {_fmt_acc(s.target['dev'])}. "
@@ -316,10 +398,10 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
     return "\n".join(parts)
 
 
-def _points(change: metrics.Change) -> str:
-    """An accuracy difference in percentage points with its interval."""
-    return (f"{change.value * 100:+.1f} points (95% CI {change.ci_low * 100:+.1f} to {change.ci_high * 100:+.1f}, "
-            "paired over test items)")
+def _points(change: metrics.Change, paired: bool = True) -> str:
+    """An accuracy difference in percentage points with its interval (in brackets, or after a comma)."""
+    interval = f"95% CI {change.ci_low * 100:+.1f} to {change.ci_high * 100:+.1f}, paired over test items"
+    return f"{change.value * 100:+.1f} points ({interval})" if paired else f"{change.value * 100:+.1f} points, {interval}"
 
 
 def _flips(vs_target: metrics.McNemar) -> str:
@@ -348,7 +430,8 @@ def _ship(run: Path, summaries: list[Summary]) -> list[str]:
                           "the target). The source models are never modified: rolling back is using the target.",
                           ""]
             why = "beats the random control" if beats_random(f, s.random_pooled) else \
-                "does NOT beat the random control"
+                f"beats random components by {_points(f.vs_random)}, not the random control's interval" \
+                if _margin_above_zero(f) and f.vs_random is not None else "does NOT beat the random control"
             lines += [f"- {f.label}{' for max_new_tokens ' + str(s.max_new_tokens) if len(lengths) > 1 else ''}: "
                       f"{why}; gap recovery {f.recovery}", "",
                       f"      graftlm transplant -d {s.donor_ref} -t {s.target_ref} --plan {plan} --out "

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,9 @@ from analysis.plan import Plan
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"  # examples/demo.yaml links here
 Method = Literal["shifts", "lae", "attribution", "patching", "weight", "random"]
 DEFAULT_SPLITS = {"probe": "probe", "dev": "dev", "test": "test"}
+# Keys added after runs were written: at these values they are left out of the hash, so those runs resume.
+LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error"}
+SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")  # a K given as a share of the components, e.g. "5%"
 
 
 class Controls(BaseModel):
@@ -65,7 +69,8 @@ class SweepConfig(BaseModel):
     methods: list[Method] = Field(default_factory=lambda: ["attribution"])
     components: list[Literal["head", "group", "mlp", "attn", "neuron", "linear", "layer"]] = Field(
         default_factory=lambda: ["head", "mlp"])
-    k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
+                               description="numbers of components, or shares of them such as 5%")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     max_new_tokens: list[int | None] = Field(default_factory=lambda: [None])
     controls: Controls = Field(default_factory=Controls)
@@ -73,6 +78,9 @@ class SweepConfig(BaseModel):
         default_factory=lambda: dict(DEFAULT_SPLITS),
         description="which of the task's splits plays each role, e.g. {probe: train}; unnamed roles keep "
                     "their own name")
+    overlap: Literal["error", "drop"] = Field(
+        "error", description="items shared by probe, dev and test: refuse the task, or drop them from probe "
+                             "and dev (test stays whole); drop here wins over the task's own overlap")
     probe_limit: int | None = None
     dev_limit: int | None = None
     test_limit: int | None = None
@@ -87,10 +95,15 @@ class SweepConfig(BaseModel):
 
     @field_validator("k")
     @classmethod
-    def _positive_k(cls, ks: list[int]) -> list[int]:
-        if not ks or any(k < 1 for k in ks):
-            raise ValueError("k must be a non-empty list of positive integers")
-        return sorted(set(ks))
+    def _positive_k(cls, ks: list[int | str]) -> list[int | str]:
+        if not ks or any(isinstance(k, int) and k < 1 for k in ks):
+            raise ValueError("k must be a non-empty list of positive integers (or shares such as 5%)")
+        shares: dict[float, str] = {}
+        for k in ks:
+            if isinstance(k, str):
+                shares.setdefault(share_of(k), k.strip())
+        # integers first, in order (a list of integers alone keeps its old form and hash), then shares
+        return [*sorted({k for k in ks if isinstance(k, int)}), *(shares[v] for v in sorted(shares))]
 
     @field_validator("alpha")
     @classmethod
@@ -130,9 +143,52 @@ class SweepConfig(BaseModel):
 
     def digest(self) -> str:
         data = self.model_dump(mode="json")
-        if data["splits"] == DEFAULT_SPLITS:
-            del data["splits"]  # runs written before the field existed keep their hash
+        for key, default in LATER_DEFAULTS.items():
+            if data[key] == default:
+                del data[key]  # runs written before the key existed keep their hash
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def share_of(text: str) -> float:
+    """``"5%"`` → 0.05; a share must lie in (0, 100%]."""
+    m = SHARE.fullmatch(text)
+    if not m or not 0 < float(m.group(1)) <= 100:
+        raise ValueError(f"k: {text!r} is neither a positive integer nor a share in (0%, 100%] such as 5%")
+    return float(m.group(1)) / 100
+
+
+@dataclass(frozen=True)
+class KGrid:
+    """The config's K values resolved against the number of components of the ranked kinds."""
+
+    requested: list[int | str]
+    resolved: list[int]  # sorted, duplicates merged
+    clipped: list[int]  # integers above n_components, transplanted as all n_components
+    n_components: int
+
+    def describe(self) -> str | None:
+        """What a reader should know about the grid's K (None when it is the config's integers as given)."""
+        n = self.n_components
+        said = []
+        shares = [k for k in self.requested if isinstance(k, str)]
+        if shares:
+            said.append(", ".join(f"{k} → K={resolve_share(k, n)}" for k in shares) + f" of {n} components")
+        if self.clipped:
+            ks = ", ".join(str(k) for k in self.clipped)
+            said.append(f"K={ks} {'exceeds' if len(self.clipped) == 1 else 'exceed'} the {n} components and "
+                        f"{'was' if len(self.clipped) == 1 else 'were'} clipped to K={n}")
+        return "; ".join(said) if said else None
+
+
+def resolve_share(share: str, n: int) -> int:
+    """K for a share of ``n`` components: rounded half up, at least 1."""
+    return max(1, min(n, math.floor(share_of(share) * n + 0.5)))
+
+
+def resolve_k(ks: list[int | str], n: int) -> KGrid:
+    """The grid's K values for ``n`` candidate components: shares resolved, integers above n clipped."""
+    resolved = {resolve_share(k, n) if isinstance(k, str) else min(k, n) for k in ks}
+    return KGrid(list(ks), sorted(resolved), [k for k in ks if isinstance(k, int) and k > n], n)
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -246,7 +302,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     torch.manual_seed(cfg.seed)
     # Everything that can be wrong with the inputs is found before RUN is created.
     task = tasks.load(cfg.task)
-    splits = _check_splits(task, cfg)
+    splits, task, dropped = _check_splits(task, cfg)  # from here on, probe and dev without what test holds
     retention_task = tasks.load(cfg.retention) if cfg.retention else (task if task.retention is not None else None)
     retention_split = "retention" if cfg.retention is None else None
     # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
@@ -257,8 +313,15 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     lay = units.layout(models["a"].model.config,
                        {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
     lengths = cfg.max_new_tokens if task.kind == "generate" else [None]
-    plan_total = _count_points(cfg, lengths, retention_task is not None)
+    all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
+    k_grid = resolve_k(cfg.k, len(all_ids))
+    ks = k_grid.resolved
+    plan_total = _count_points(cfg, len(ks), lengths, retention_task is not None)
     bar = _Bar(plan_total, progress, {who: short_name(models[who].name) for who in models})
+    if dropped.said:
+        bar.note(dropped.said)
+    if k_grid.describe():
+        bar.note(f"k: {k_grid.describe()}")
 
     prefixes: dict[int, Prefix] = {}  # per target model: what lies below each transplant, computed once
     wanted: set[int] = set()  # the lowest layers of the plans to come: one full evaluation records them all
@@ -268,7 +331,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
 
     def grid_lows(ranking: dict[str, list[tuple[str, float]]]) -> set[int]:
         """The layers the grid's points start from (α does not move them)."""
-        return {low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in cfg.k}
+        return {low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in ks}
 
     def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
                        limit: int | None = None, plan: Plan | None = None, donor: Any = None,
@@ -324,11 +387,16 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                                                        models[name], splits[split], limit=limits[split],
                                                        record=name == "b" and bool(wanted))
             donor_name, target_name = _order(cfg, base)
+            if donor_name == "b":
+                dev = {w: (base[w, "dev"]["k"], base[w, "dev"]["n"]) for w in ("a", "b")}
+                bar.note(swapped(short_name(models["b"].name), dev["b"], dev["a"]))
             order_key = f"order|{mnt}"
             if order_key not in results:
+                # the study's header: who is the donor, and what a reader must know about its K and splits
                 results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
                              "target": target_name, "donor_ref": models[donor_name].name,
-                             "target_ref": models[target_name].name})
+                             "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
+                             "overlap_dropped": dropped.__dict__ if dropped.counts else None})
             donor, target = models[donor_name], models[target_name]
             if retention_task is not None:
                 for name in (donor_name, target_name):
@@ -345,7 +413,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             # before it on at least DRAFT_AGREEMENT of the items.
             for method in cfg.methods:
                 before, previous = None, Point("baseline", "dev", target_name, max_new_tokens=mnt).key
-                for k in cfg.k:
+                for k in ks:
                     for alpha in cfg.alpha:
                         plan = _plan(ranking[method], k, alpha, method, cfg.task)
                         point = Point("grid", "dev", "transplant", method, k, alpha, mnt)
@@ -356,12 +424,11 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             # The chosen point per method on test, with retention.
             chosen: dict[str, tuple[int, float]] = {}
             for method in cfg.methods:
-                rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in cfg.k for a in cfg.alpha]
+                rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in ks for a in cfg.alpha]
                 best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
                 chosen[method] = (best["top_k"], best["alpha"])
             budgets = sorted(set(chosen.values()))
             bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
-            all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
             wanted.clear()
             wanted.update(low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
             wanted.update(low(Plan.of(_random_ids(all_ids, k, seed))) for k, _ in budgets for seed in cfg.controls.random_seeds)
@@ -447,23 +514,65 @@ def _order(cfg: SweepConfig, base: dict[tuple[str, str], dict[str, Any]]) -> tup
     return ("a", "b") if base["a", "dev"]["accuracy"] >= base["b", "dev"]["accuracy"] else ("b", "a")
 
 
-def _check_splits(task: Any, cfg: SweepConfig) -> dict[str, str]:
-    """The task split of each role (probe, dev, test); they must exist and share no item (id or
-    prompt): asserted, not assumed."""
+def swapped(name: str, better: tuple[int, int], other: tuple[int, int]) -> str:
+    """The line that says auto_order made the config's target (``name``) the donor: its dev accuracy
+    (k, n) beside the config's donor's."""
+    def acc(k: int, n: int) -> str:
+        return f"{k / n:.1%}, {k}/{n}" if n else "no items"
+    return f"auto_order: {name} was better on dev ({acc(*better)} vs {acc(*other)}), so it is the donor here"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What ``overlap: drop`` removed: items per role (probe, dev) and the overlaps found."""
+
+    counts: dict[str, int]
+    overlaps: list[str]
+
+    @property
+    def said(self) -> str:
+        """One line for the log and the report ('' when nothing was dropped)."""
+        return dropped_line(self.counts, self.overlaps)
+
+
+def dropped_line(counts: dict[str, int], overlaps: list[str]) -> str:
+    """E.g. ``overlap: drop removed 12 probe and 3 dev items also in a later split; test is whole (…)``."""
+    if not counts:
+        return ""
+    what = " and ".join(f"{n} {role}" for role, n in counts.items())
+    return (f"overlap: drop removed {what} item{'s' if sum(counts.values()) > 1 else ''} also in a later split; "
+            f"test is whole ({'; '.join(overlaps)})")
+
+
+def _check_splits(task: Any, cfg: SweepConfig) -> tuple[dict[str, str], Any, Dropped]:
+    """The task split of each role (probe, dev, test), the task to study and what was dropped from it.
+    The roles must exist and share no item (id or prompt): asserted, not assumed. With ``overlap: drop``
+    (sweep config or task) shared items leave probe and dev — never test — in the returned task, which
+    localization and every evaluation then read."""
     missing = [s for s in cfg.splits.values() if s not in task.splits]
     if missing:
         raise GraftError(f"task {task.name} has no {', '.join(missing)} split (splits: {', '.join(task.splits) or 'none'})",
                          "a sweep needs disjoint probe, dev and test splits (a 'split' field in the items, or one "
                          "file per split); name others with splits: {probe: ..., dev: ..., test: ...}")
-    seen: dict[str, str] = {}
-    for split in cfg.splits.values():
-        for item in task.items(split):
-            for key in (f"id:{item.id}", f"prompt:{task.prompt_text(item)}"):
-                if key in seen and seen[key] != split:
-                    raise GraftError(f"task {task.name}: item {item.id} is in both {seen[key]} and {split}",
-                                     "make probe, dev and test disjoint")
-                seen[key] = split
-    return dict(cfg.splits)
+    roles = ("probe", "dev", "test")
+    overlaps = task.overlaps([cfg.splits[r] for r in roles])
+    if not overlaps:
+        return dict(cfg.splits), task, Dropped({}, [])
+    found = [o.describe() for o in overlaps]
+    if "drop" not in (cfg.overlap, task.config.overlap):
+        raise GraftError(f"task {task.name}: {', '.join(found)}",
+                         "make probe, dev and test disjoint, or set overlap: drop (sweep config or task YAML) to "
+                         "drop these items from probe and dev (test stays whole)")
+    role_of = {cfg.splits[r]: r for r in roles}
+    gone: dict[str, dict[str, Any]] = {}  # role → item id → item
+    for o in overlaps:
+        gone.setdefault(role_of[o.split], {}).update({it.id: it for it, _ in o.pairs})
+    cleaned = task.without(it for items in gone.values() for it in items.values())
+    for role in ("probe", "dev"):
+        if not cleaned.items(cfg.splits[role], limit=None):
+            raise GraftError(f"task {task.name}: every {role} item also occurs in a later split ({', '.join(found)})",
+                             "give the task items of its own for each of probe, dev and test")
+    return dict(cfg.splits), cleaned, Dropped({r: len(gone[r]) for r in roles if r in gone}, found)
 
 
 def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig,
@@ -501,9 +610,9 @@ def _random_ids(all_ids: list[str], k: int, seed: int) -> list[str]:
     return random.Random(seed).sample(all_ids, min(k, len(all_ids)))
 
 
-def _count_points(cfg: SweepConfig, lengths: list[int | None], retention: bool) -> int:
+def _count_points(cfg: SweepConfig, n_k: int, lengths: list[int | None], retention: bool) -> int:
     per_length = 4 + (2 if retention else 0)
-    per_length += len(cfg.methods) * len(cfg.k) * len(cfg.alpha)
+    per_length += len(cfg.methods) * n_k * len(cfg.alpha)
     per_length += len(cfg.methods) * (1 + int(retention))
     per_length += len(cfg.methods) * _controls_per_budget(cfg)  # at most one budget per method
     per_length += int(cfg.controls.copy_all)

@@ -20,18 +20,21 @@ def row(phase: str, split: str, who: str, correct: list[bool], method: str | Non
             "plan": plan, "items": [{"id": f"i{i}", "correct": c} for i, c in enumerate(correct)]}
 
 
-def write_run(folder: Path, method_correct: list[bool]) -> Path:
+def write_run(folder: Path, method_correct: list[bool], method: str = "attribution", **order: object) -> Path:
+    """A finished study: baselines, a 2 × 2 grid, the chosen point (K=2, α=1) and its controls; ``order``
+    adds fields to the study's order row (k_grid, overlap_dropped, or a swapped donor)."""
     n = 100
     donor = [i % 10 < 8 for i in range(n)]  # 80%
     target = [i % 10 < 2 for i in range(n)]  # 20%
-    rows = [row("baseline", s, w, c) for s in ("dev", "test") for w, c in (("a", donor), ("b", target))]
+    d, t = str(order.get("donor", "a")), str(order.get("target", "b"))
+    rows = [row("baseline", s, w, c) for s in ("dev", "test") for w, c in ((d, donor), (t, target))]
     rows.append({"key": "order|None", "phase": "order", "max_new_tokens": None, "donor": "a", "target": "b",
-                 "donor_ref": "demo:gen1", "target_ref": "demo:gen2"})
+                 "donor_ref": "demo:gen1", "target_ref": "demo:gen2", **order})
     for k in (1, 2):
         for a in (0.5, 1.0):
             rows.append(row("grid", "dev", "transplant", method_correct if (k, a) == (2, 1.0) else target,
-                            "attribution", k, a, plan=["L1.mlp", "L0.H2"][:k]))
-    rows.append(row("chosen", "test", "transplant", method_correct, "attribution", 2, 1.0, plan=["L1.mlp", "L0.H2"]))
+                            method, k, a, plan=["L1.mlp", "L0.H2"][:k]))
+    rows.append(row("chosen", "test", "transplant", method_correct, method, 2, 1.0, plan=["L1.mlp", "L0.H2"]))
     for seed in (0, 1, 2):
         rows.append(row("control", "test", "transplant", target, "random", 2, 1.0, seed))
     rows.append(row("control", "test", "transplant", donor, "copy-all", 20, 1.0))
@@ -49,14 +52,74 @@ def test_a_method_that_beats_random_is_named_with_its_numbers(tmp_path: Path) ->
     assert finding.recovery.value == pytest.approx(2 / 3) and finding.vs_target.p_value < 1e-6
     assert finding.recovery.ci_low < 2 / 3 < finding.recovery.ci_high  # paired bootstrap over the test items
     assert report.beats_random(finding, summary.random_pooled)
-    assert summary.verdict[0].startswith("attribution beats the random control")
+    assert summary.verdict[0].startswith("attribution (attribution patching, causal) beats the random control "
+                                         "beyond its interval by +40.0 points (95% CI +")
 
 
 def test_no_win_over_random_is_said_first(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", [i % 10 < 2 or i == 3 for i in range(100)])  # 21%: noise
     md = report.markdown(run)
-    first = [line for line in md.splitlines() if line.startswith(">")][0]
-    assert "No method beats the random control" in first
+    verdict = [line for line in md.splitlines() if line.startswith(">")]
+    assert verdict[0] == ("> No method (attribution) beats the random control beyond its 95% interval: the localized "
+                          "components are not shown to be better than chance on this pair.")
+    assert verdict[1].startswith("> attribution (attribution patching, causal) is not distinguishable from random "
+                                 "components at the same budget (margin +1.0 points, 95% CI ")
+
+
+def test_a_positive_margin_is_said_when_the_strict_test_fails(tmp_path: Path) -> None:
+    """27% against random's pooled 20% (300 items): the intervals overlap, but the transplant fixes 7 items
+    and breaks none, so the paired margin over random components is above zero — and the verdict says so."""
+    run = write_run(tmp_path / "run", [i % 10 < 2 or i % 10 == 9 and i < 70 for i in range(100)])
+    (summary,) = report.summarize(run)
+    (finding,) = summary.methods
+    assert not report.beats_random(finding, summary.random_pooled)
+    assert finding.vs_random is not None and finding.vs_random.ci_low > 0
+    assert summary.verdict[0].startswith("No method (attribution) beats the random control beyond its 95% interval "
+                                         "(the strict test); the margins")
+    assert summary.verdict[1].startswith("attribution (attribution patching, causal) does not clear the random "
+                                         "control's interval, but beats random components at the same budget by "
+                                         "+7.0 points (95% CI +")
+    assert "not shown to be better than chance" not in " ".join(summary.verdict)
+    (run / "plan-attribution.yaml").write_text("components: [L1.mlp, L0.H2]\n")
+    assert "beats random components by +7.0 points" in report.markdown(run)  # the ship section agrees
+
+
+def test_a_dataless_method_is_not_called_activation_based(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", [i % 10 < 2 for i in range(100)], method="weight")
+    (summary,) = report.summarize(run)
+    text = " ".join(summary.verdict)
+    assert "activation" not in text
+    assert summary.verdict[0].startswith("No method (weight) beats the random control")
+    assert summary.verdict[1].startswith("weight (weight difference, dataless) is not distinguishable from random")
+    assert report.named("a-new-method") == "a-new-method"  # methods added later are named bare
+
+
+def test_notes_state_the_grid_the_donor_and_dropped_items(tmp_path: Path) -> None:
+    """After the verdict: a chosen K at the top of the grid, K values clipped to the components there are,
+    shares resolved, the donor auto_order picked, and the items overlap: drop removed."""
+    correct = [i % 10 < 6 for i in range(100)]
+    plain = write_run(tmp_path / "plain", correct)
+    (summary,) = report.summarize(plain)
+    assert summary.notes == ["attribution: chosen K=2 is the top of the grid: a larger K might do better."]
+    counted = write_run(tmp_path / "counted", correct,
+                        k_grid={"requested": [1, 2], "resolved": [1, 2], "clipped": [], "n_components": 20})
+    assert report.summarize(counted)[0].notes == [
+        "attribution: chosen K=2 is the top of the grid (of 20 components): a larger K might do better."]
+    k_grid = {"requested": [1, 50, "5%"], "resolved": [1, 2], "clipped": [50], "n_components": 2}
+    dropped = {"counts": {"probe": 12, "dev": 3},
+               "overlaps": ["12 items of probe also in test (a.jsonl:3 = a.jsonl:812, …)"]}
+    run = write_run(tmp_path / "run", correct, donor="b", target="a", donor_ref="demo:gen2", target_ref="demo:gen1",
+                    k_grid=k_grid, overlap_dropped=dropped)
+    (summary,) = report.summarize(run)
+    assert summary.notes == [
+        "auto_order: demo:gen2 was better on dev (80.0%, 80/100 vs 20.0%, 20/100), so it is the donor here.",
+        "overlap: drop removed 12 probe and 3 dev items also in a later split; test is whole "
+        "(12 items of probe also in test (a.jsonl:3 = a.jsonl:812, …)).",
+        "k: 5% → K=1 of 2 components; K=50 exceeds the 2 components and was clipped to K=2.",
+    ]  # K=2 is every component: no larger K to try, so no top-of-grid note
+    md = report.markdown(run)
+    assert "Notes:\n\n- auto_order: demo:gen2 was better on dev" in md
+    assert md.index("> ") < md.index("Notes:") < md.index("| model / point")
 
 
 def test_figures_command_regenerates_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

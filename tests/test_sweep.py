@@ -128,11 +128,107 @@ def test_task_splits_can_play_other_roles(study: tuple[Path, SweepConfig], tmp_p
 
 
 def test_overlapping_splits_are_refused(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """The error counts the shared items per pair of splits and names the first three by file and line."""
+    from test_tasks import write_overlapping
+
     _, cfg = study
     task = write_task(tmp_path, overlap=True)
-    with pytest.raises(GraftError, match="both probe and test"):
+    with pytest.raises(GraftError, match=r"task task: 1 item of probe also in test \(task.jsonl:1 = task.jsonl:35\)"):
         sweep(cfg.model_copy(update={"task": str(task)}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # bad input creates no run folder
+    with pytest.raises(GraftError) as err:
+        sweep(cfg.model_copy(update={"task": str(write_overlapping(tmp_path))}), tmp_path / "run", progress=False)
+    assert str(err.value).startswith(
+        "task o: 1 item of probe also in dev (o.jsonl:15 = o.jsonl:20), 4 items of probe also in test (o.jsonl:11 = "
+        "o.jsonl:1, o.jsonl:12 = o.jsonl:2, o.jsonl:13 = o.jsonl:3, …), 2 items of dev also in test (o.jsonl:17 = "
+        "o.jsonl:9, o.jsonl:18 = o.jsonl:10)")
+    assert "overlap: drop" in str(err.value)  # the fix names the way out
+    assert not (tmp_path / "run").exists()
+
+
+def test_overlap_drop_cleans_probe_and_dev_never_test(study: tuple[Path, SweepConfig], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """overlap: drop (sweep config, or the task's own key) drops shared items from probe and dev before
+    localization and the grid read them; test keeps every item; the log and the report say how many."""
+    from test_tasks import write_overlapping
+
+    from analysis import report, select, tasks
+    from analysis.sweep import _check_splits
+
+    _, cfg = study
+    for task, overlap in ((write_overlapping(tmp_path), "drop"), (write_overlapping(tmp_path, "drop"), "error")):
+        roles, cleaned, dropped = _check_splits(tasks.load(task), cfg.model_copy(update={"overlap": overlap}))
+        assert [it.id for it in cleaned.items("probe")] == ["p5"] and len(cleaned.items("test")) == 10
+        assert dropped.counts == {"probe": 5, "dev": 2}
+    seen: list[list[str]] = []
+    rank = select.rank
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([it.id for it in kwargs["task"].items(kwargs["split"])])
+        return rank(*args, **kwargs)
+
+    monkeypatch.setattr(select, "rank", recording)
+    dropping = cfg.model_copy(update={"task": str(write_task(tmp_path, overlap=True)), "overlap": "drop",
+                                      "controls": Controls(random_seeds=[0], copy_all=False, weight=False)})
+    run = sweep(dropping, tmp_path / "run", progress=True)
+    said = "overlap: drop removed 1 probe item also in a later split; test is whole " \
+           "(1 item of probe also in test (task.jsonl:1 = task.jsonl:35))"
+    assert said in capsys.readouterr().err.splitlines()
+    assert seen == [[f"q{i}" for i in range(1, 6)]]  # localization read probe without q0
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert {r["n"] for r in rows if r.get("split") == "dev"} == {12}
+    assert {r["n"] for r in rows if r.get("split") == "test"} == {17}  # test keeps the repeated prompt
+    (summary,) = report.summarize(run)
+    assert said + "." in summary.notes
+
+
+def test_k_as_shares_of_the_components(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """k: [10%, 20%, 50] over the tiny pair's 10 heads and MLPs is K = 1, 2 and 10 (50 clipped); the grid
+    runs those, and the report states what the shares became and the clip."""
+    from analysis import report
+    from analysis.sweep import resolve_k
+
+    assert resolve_k(SweepConfig.model_validate({**study[1].model_dump(), "k": ["5%", "10%", "20%", 50]}).k, 20) \
+        .__dict__ == {"requested": [50, "5%", "10%", "20%"], "resolved": [1, 2, 4, 20], "clipped": [50],
+                      "n_components": 20}
+    assert resolve_k(["1%", "2.5%", 3], 20).resolved == [1, 3]  # at least 1; half up; duplicates merged
+    with pytest.raises(ValueError, match="neither a positive integer nor a share"):
+        SweepConfig.model_validate({**study[1].model_dump(), "k": ["0%"]})
+    _, cfg = study
+    shares = cfg.model_copy(update={"k": ["10%", "20%", 50], "alpha": [1.0],
+                                    "controls": Controls(random_seeds=[0], copy_all=False, weight=False)})
+    run = sweep(SweepConfig.model_validate(shares.model_dump()), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["top_k"] for r in rows if r.get("phase") == "grid") == [1, 2, 10]
+    (summary,) = report.summarize(run)
+    assert "k: 10% → K=1, 20% → K=2 of 10 components; K=50 exceeds the 10 components and was clipped to K=10." \
+        in summary.notes
+
+
+def test_the_hash_of_an_integer_k_config_is_unchanged() -> None:
+    """Runs written before k shares and overlap existed resume: their config hash is what it was."""
+    cfg = SweepConfig(donor="demo:gen1", target="demo:gen2", task="demo:arith", methods=["attribution", "weight"],
+                      k=[8, 1, 2, 4], alpha=[1.0, 0.5])
+    assert cfg.k == [1, 2, 4, 8] and cfg.digest() == "241660348230e5e0"
+    assert cfg.model_copy(update={"overlap": "drop"}).digest() != cfg.digest()
+
+
+def test_auto_order_says_when_the_target_became_the_donor(study: tuple[Path, SweepConfig], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis import report
+    from analysis import sweep as sweep_module
+
+    _, cfg = study
+    monkeypatch.setattr(sweep_module, "_order", lambda cfg, base: ("b", "a"))  # as if the target did better
+    swapped = cfg.model_copy(update={"auto_order": True, "k": [1], "alpha": [1.0],
+                                     "controls": Controls(random_seeds=[0], copy_all=False, weight=False)})
+    run = sweep(swapped, tmp_path / "run", progress=True)
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("auto_order:"))
+    assert line.startswith("auto_order: target was better on dev (") and line.endswith("so it is the donor here")
+    (summary,) = report.summarize(run)
+    assert summary.donor_ref == cfg.target and line + "." in summary.notes
 
 
 def test_a_pair_of_other_shapes_is_refused_before_any_work(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,45 @@ def test_splits_from_a_split_field_are_disjoint(tmp_path: Path) -> None:
     plain = tasks.load(write(tmp_path / "plain.jsonl", [{"prompt": "1+1=", "answer": 2}]))
     with pytest.raises(GraftError, match=r"plain\.jsonl: has no splits"):
         tasks.load(plain, split="test")
+
+
+def write_overlapping(folder: Path, overlap: str | None = None) -> Path:
+    """test t0–t9 (lines 1–10); probe p0–p5 (lines 11–16): p0–p3 repeat test prompts, p4 a dev prompt;
+    dev d0–d3 (lines 17–20): d0–d1 repeat test prompts."""
+    rows = [{"id": f"t{n}", "prompt": f"{n}+1=", "answer": n + 1, "split": "test"} for n in range(10)]
+    rows += [{"id": f"p{n}", "prompt": f"{p}+1=", "answer": p + 1, "split": "probe"}
+             for n, p in enumerate([0, 1, 2, 3, 53, 60])]
+    rows += [{"id": f"d{n}", "prompt": f"{p}+1=", "answer": p + 1, "split": "dev"} for n, p in enumerate([8, 9, 52, 53])]
+    write(folder / "o.jsonl", rows)
+    (folder / "o.yaml").write_text("data: o.jsonl\n" + (f"overlap: {overlap}\n" if overlap else ""))
+    return folder / "o.yaml"
+
+
+def test_overlaps_are_counted_per_pair_of_splits_and_named_by_file_and_line(tmp_path: Path) -> None:
+    task = tasks.load(write_overlapping(tmp_path))
+    assert task.config.overlap == "error"
+    found = task.overlaps(["probe", "dev", "test"])
+    assert [(o.split, o.other, len(o.pairs)) for o in found] == [("probe", "dev", 1), ("probe", "test", 4),
+                                                                  ("dev", "test", 2)]
+    assert found[1].describe() == ("4 items of probe also in test (o.jsonl:11 = o.jsonl:1, o.jsonl:12 = o.jsonl:2, "
+                                   "o.jsonl:13 = o.jsonl:3, …)")
+    assert found[0].describe() == "1 item of probe also in dev (o.jsonl:15 = o.jsonl:20)"
+    assert tasks.load(write_overlapping(tmp_path, "drop")).config.overlap == "drop"
+    with pytest.raises(GraftError, match="overlap"):
+        tasks.load(write_overlapping(tmp_path, "maybe"))
+
+
+def test_without_drops_items_from_their_own_split_only(tmp_path: Path) -> None:
+    task = tasks.load(write_overlapping(tmp_path))
+    cleaned = task.without(it for o in task.overlaps(["probe", "dev", "test"]) for it, _ in o.pairs)
+    assert [it.id for it in cleaned.items("probe")] == ["p5"]
+    assert [it.id for it in cleaned.items("dev")] == ["d2", "d3"]
+    assert cleaned.items("test") == task.items("test") and len(cleaned.items("all")) == 13
+    assert [it.id for it in tasks.load(cleaned, split="dev").items()] == ["d2", "d3"]  # a reload keeps it
+    assert len(task.items("probe")) == 6  # the original is untouched
+    twin = replace(task.items("test")[0], split="dev")  # the same id in another split stays where it is
+    assert task.without([twin]).items("test") == task.items("test")
+    assert not cleaned.overlaps(["probe", "dev", "test"])
 
 
 # -- task YAML --------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,7 @@ class TaskConfig(BaseModel):
     chat_template: bool = False
     system: str | None = None
     retention: str | None = None
+    overlap: Literal["error", "drop"] = "error"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,28 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Overlap:
+    """Items of ``split`` that also occur in ``other`` (same id or prompt): (the item, its twin) pairs."""
+
+    split: str
+    other: str
+    pairs: list[tuple[Item, Item]]
+
+    def describe(self, shown: int = 3) -> str:
+        """E.g. ``5 items of probe also in test (arith.jsonl:3 = arith.jsonl:812, …)``."""
+        where = ", ".join(f"{_short(a.where or a.id)} = {_short(b.where or b.id)}" for a, b in self.pairs[:shown])
+        more = ", …" if len(self.pairs) > shown else ""
+        noun = "item" if len(self.pairs) == 1 else "items"
+        return f"{len(self.pairs)} {noun} of {self.split} also in {self.other} ({where}{more})"
+
+
+def _short(where: str) -> str:
+    """An item's place without its folders: ``/data/arith.jsonl:3`` → ``arith.jsonl:3``, ``/data/ds [test 4]`` →
+    ``ds [test 4]``."""
+    return re.sub(r"^[^\s\[]*/(?=[^/\s\[]+(?::\d+$| \[))", "", where)
+
+
+@dataclass(frozen=True)
 class Example:
     """A fixed few-shot example: a prompt (already formatted) and what follows it."""
 
@@ -100,6 +124,7 @@ class Task:
     default_split: str | None = None
     limit: int | None = None
     fixed_fewshot: list[Example] = field(default_factory=list)
+    excluded: frozenset[tuple[str | None, str]] = frozenset()  # (split, id) of items dropped by ``without``
 
     # -- items ----------------------------------------------------------------------------------
     @property
@@ -139,7 +164,31 @@ class Task:
             )
         else:
             chosen = [it for it in self.all_items if it.split == split]
+        if self.excluded:
+            chosen = [it for it in chosen if (it.split, it.id) not in self.excluded]
         return chosen[:limit] if limit is not None else chosen
+
+    def without(self, items: Iterable[Item]) -> Task:
+        """A copy whose ``items()`` skip ``items`` — each in its own split only, so an id shared by two
+        splits leaves the other split's item in place."""
+        return replace(self, excluded=self.excluded | {(it.split, it.id) for it in items})
+
+    def overlaps(self, splits: Sequence[str]) -> list[Overlap]:
+        """Items of each split that also occur in a later one of ``splits`` (same id or the same rendered
+        prompt), one :class:`Overlap` per pair of splits that share any, in the order of ``splits``."""
+        found: list[Overlap] = []
+        for i, split in enumerate(splits):
+            mine = self.items(split, limit=None)
+            for other in splits[i + 1:]:
+                theirs: dict[str, Item] = {}
+                for it in self.items(other, limit=None):
+                    theirs.setdefault(f"id:{it.id}", it)
+                    theirs.setdefault(f"prompt:{self.prompt_text(it)}", it)
+                pairs = [(it, match) for it in mine
+                         if (match := theirs.get(f"id:{it.id}") or theirs.get(f"prompt:{self.prompt_text(it)}"))]
+                if pairs:
+                    found.append(Overlap(split, other, pairs))
+        return found
 
     # -- scoring options ------------------------------------------------------------------------
     @property
