@@ -269,6 +269,8 @@ def _finish_run(run: Path) -> None:
         out_console.print(table)
         for line in summary.verdict:
             out_console.print(f"[bold]{line}[/bold]")
+        for line in summary.notes:
+            out_console.print(f"- {line}", highlight=False)
     out_console.print(f"report: {path}  (and report.html, figures/)")
 
 

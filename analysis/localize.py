@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from analysis import probe as probe_mod
 from analysis import select, shifts, units
 from analysis.errors import GraftError
+from analysis.methods import WEIGHT_SPACE
 from analysis.plan import Plan, now
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def localize(
     # Measured kinds: the asked ones, plus (activation methods) attn/mlp blocks for the layer × {attn, mlp}
     # view; the weight-space methods score exactly the candidates, whose shares add up.
     context = [k for k in ("attn", "mlp") if k not in kinds and ({"head", "group", "mlp", "attn"} & set(kinds))]
-    measured = kinds + (context if method not in weightspace.METHODS else [])
+    measured = kinds + (context if method not in WEIGHT_SPACE else [])
     if not dataless or not isinstance(donor, str | os.PathLike):
         d_model = _load(donor, dtype, allow_pickle, trust_remote_code)
         t_model = _load(target, dtype, allow_pickle, trust_remote_code)
@@ -197,7 +198,7 @@ def localize(
         table = table.join(df.drop(columns=["kind", "layer", "index"]))
         meta.update(mode=mode, positions=positions if mode == "teacher" else "last generated",
                     n_prompts=int(df["n_prompts"].iloc[0]))
-    elif method in weightspace.METHODS:
+    elif method in WEIGHT_SPACE:
         batches = probe.batches(batch_size)  # type: ignore[union-attr]
         ids = [cid for s in site_list for cid in s.ids]
         blend = weightspace.Blend(t_model, d_model, ids, lay)

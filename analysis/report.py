@@ -23,26 +23,8 @@ import yaml
 
 from analysis import metrics
 from analysis.errors import GraftError
-from analysis.sweep import KGrid, dropped_line, plan_file, short_name, swapped
-
-# What each localization method measures, for sentences that name it (a method not listed is named bare).
-METHOD_DESCRIPTIONS = {
-    "shifts": "activation statistics",
-    "lae": "activation statistics, the paper's LAE",
-    "attribution": "attribution patching, causal",
-    "patching": "activation patching, causal",
-    "gradient": "weight-space attribution",
-    "greedy": "greedy forward selection",
-    "mask": "learned sparse mask",
-    "weight": "weight difference, dataless",
-    "random": "random ranking, the control",
-}
-
-
-def named(method: str) -> str:
-    """A method's name with what it measures: ``weight (weight difference, dataless)``."""
-    about = METHOD_DESCRIPTIONS.get(method)
-    return f"{method} ({about})" if about else method
+from analysis.methods import named
+from analysis.sweep import KGrid, dropped_line, length_suffix, plan_file, rankings_meta, short_name, swapped
 
 
 @dataclass
@@ -124,7 +106,42 @@ def summarize(run: str | Path) -> list[Summary]:
     if not orders:
         raise GraftError(f"{run}: the sweep has not finished its baselines yet", "run or resume `graftlm sweep`")
     summaries = [_summary(order, rows, (config or {}).get("task", "?")) for order in orders]
+    localized = rankings_meta(run)
+    for s, order in zip(summaries, orders, strict=True):
+        if s is not None:
+            s.notes += localization_notes(localized, order, [f.method for f in s.methods], several=len(orders) > 1)
     return [s for s in summaries if s is not None]
+
+
+ANSWER_SOURCES = {"donor": "the donor's own outputs", "reference": "the task's reference answers (its target "
+                  "template)", "text": "the texts themselves"}
+
+
+def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, Any], methods: list[str],
+                       several: bool) -> list[str]:
+    """What localization forced as the answer and measured (from RUN/rankings), for the notes: the answer
+    source with the probe items used and left out, the donor check, the metric; gradient's completeness."""
+    name = "-reversed" if order.get("donor") == "b" else ""
+    suffix = length_suffix(order.get("max_new_tokens"), several)
+    metas = {m: localized.get(f"{m}{name}{suffix}") or localized.get(f"{m}{name}") or {} for m in methods}
+    said = []
+    forced = next((meta for meta in metas.values() if "answers" in meta), None)
+    if forced is not None:
+        left = ", ".join(f"{n} {why}" for why, n in forced.get("dropped", {}).items())
+        check = forced.get("check") or {}
+        agrees = (f"; where the evaluation counts the donor right, its greedy output is the forced answer "
+                  f"(agreement {check['agreement']:.0%})") if "agreement" in check else ""
+        metric = forced.get("metric")
+        said.append(f"Localization forced {ANSWER_SOURCES.get(forced['answers'], forced['answers'])} on "
+                    f"{forced['n_probe_used']} of {forced['n_probe_read']} probe items"
+                    f"{f' ({left} left out)' if left else ''}{agrees}"
+                    f"{f'; metric: {metric} of the forced answer' if metric else ''}.")
+    info = metas.get("gradient", {}).get("gradient")
+    if info:
+        said.append(f"gradient: its shares sum to {info['sum_of_scores']:.4g} per item against a measured change of "
+                    f"{info['metric_change']:.4g} from the target to copy-all ({info['relative_error']:.2%} apart, "
+                    f"{info['steps']} path nodes).")
+    return said
 
 
 def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Summary | None:

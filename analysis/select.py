@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from analysis import units
 from analysis.errors import GraftError
+from analysis.methods import METHODS, Method
 from analysis.plan import Plan, PlanItem, Provenance, now
 
 if TYPE_CHECKING:
@@ -41,10 +42,6 @@ if TYPE_CHECKING:
     from analysis.models import LoadedModel
 
 Getter = Callable[[str], torch.Tensor]
-Method = Literal["shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask", "weight", "random"]
-METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask", "weight",
-                            "random")
-DATA_METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask")
 
 
 def check_method(method: str) -> Method:

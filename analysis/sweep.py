@@ -37,13 +37,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from analysis.errors import GraftError
+from analysis.methods import Method
 from analysis.plan import Plan
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"  # examples/demo.yaml links here
-Method = Literal["shifts", "lae", "attribution", "patching", "weight", "random"]
 DEFAULT_SPLITS = {"probe": "probe", "dev": "dev", "test": "test"}
 # Keys added after runs were written: at these values they are left out of the hash, so those runs resume.
-LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error"}
+LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error", "answers": "donor",
+                                  "metric": "logprob"}
 SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")  # a K given as a share of the components, e.g. "5%"
 
 
@@ -67,6 +68,11 @@ class SweepConfig(BaseModel):
     task: str
     retention: str | None = Field(None, description="off-task set (perplexity); default: the task's own")
     methods: list[Method] = Field(default_factory=lambda: ["attribution"])
+    answers: Literal["donor", "reference"] = Field(
+        "donor", description="what localization forces as the answer: the donor's own outputs on the probe items "
+                             "it gets right, or the task's target template rendered with the gold answer")
+    metric: Literal["logprob", "logit_diff"] = Field(
+        "logprob", description="the causal methods' metric on the forced answers")
     components: list[Literal["head", "group", "mlp", "attn", "neuron", "linear", "layer"]] = Field(
         default_factory=lambda: ["head", "mlp"])
     k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
@@ -290,6 +296,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     """Run (or resume) the study of ``config`` into folder ``out``; returns ``out``."""
     import torch
 
+    from analysis import probe as probe_mod
     from analysis import tasks, units
     from analysis.evaluate import run as evaluate
     from analysis.models import load, require_same_shapes
@@ -375,9 +382,25 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         for mnt in lengths:
             ranking: dict[str, list[tuple[str, float]]] = {}
             wanted.clear()
+            suffix = length_suffix(mnt, len(lengths) > 1)
+
+            def _probe_of(donor: Any, mnt: int | None = mnt) -> Callable[[], Any]:
+                """The probe with the answers localization forces, built once for all methods (the donor's
+                outputs depend on it and on the decoding length)."""
+                built: list[Any] = []
+
+                def get() -> Any:
+                    if not built:
+                        built.append(probe_mod.build(task, donor, split=splits["probe"], limit=cfg.probe_limit,
+                                                     answers=cfg.answers, batch_size=cfg.batch_size,
+                                                     max_new_tokens=mnt))
+                    return built[0]
+                return get
             if not cfg.auto_order:
                 # The target is known: localize first, so that its baselines record what the grid replays.
-                ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, lay, say=bar.note) for m in needed}
+                probe = _probe_of(models["a"])
+                ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, top=ks[-1], probe=probe,
+                                       suffix=suffix, say=bar.note) for m in needed}
                 wanted.update(grid_lows(ranking))
             # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
             base = {}
@@ -404,8 +427,9 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
                                    retention_split, retention_task, cfg.retention_limit,
                                    record=name == target_name and bool(wanted))
             if not ranking:
-                reverse = donor_name == "b"
-                ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, lay, reverse, bar.note) for m in needed}
+                probe = _probe_of(donor)
+                ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, top=ks[-1], probe=probe,
+                                       reverse=donor_name == "b", suffix=suffix, say=bar.note) for m in needed}
                 wanted.update(grid_lows(ranking))
             # The grid on dev; a point verifies the previous point's generations as drafts, which spares
             # sequential decoding steps where neighbouring points generate the same tokens. Elsewhere drafts
@@ -575,25 +599,50 @@ def _check_splits(task: Any, cfg: SweepConfig) -> tuple[dict[str, str], Any, Dro
     return dict(cfg.splits), cleaned, Dropped({r: len(gone[r]) for r in roles if r in gone}, found)
 
 
-def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig,
-             lay: Any, reverse: bool = False, say: Callable[[str], None] = print) -> list[tuple[str, float]]:
-    """Component ids with scores, best first; cached in RUN/rankings/ so a resumed run reuses them
-    (``reverse``: 'auto' made the config's target the donor)."""
-    from analysis import select
+def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig, *,
+             top: int, probe: Callable[[], Any], reverse: bool = False, suffix: str = "",
+             say: Callable[[str], None] = print) -> list[tuple[str, float]]:
+    """Component ids with scores, best first; cached with what localization forced and measured in
+    RUN/rankings/METHOD[-reversed][-tokensN].json, so a resumed run reuses them (``reverse``: 'auto' made
+    the config's target the donor; ``probe()``: the probe this donor and decoding length share)."""
+    from analysis.localize import localize
+    from analysis.methods import WEIGHT_SPACE
 
-    cache = run_dir / "rankings" / f"{method}{'-reversed' if reverse else ''}.json"
-    if cache.is_file():
-        return [tuple(x) for x in json.loads(cache.read_text())]  # type: ignore[misc]
+    name = f"{method}{'-reversed' if reverse else ''}"
+    for cache in (run_dir / "rankings" / f"{name}{suffix}.json", run_dir / "rankings" / f"{name}.json"):
+        if cache.is_file():
+            data = json.loads(cache.read_text())
+            # runs written before rankings kept their metadata hold the list alone, for every length
+            if isinstance(data, list) or cache.stem == f"{name}{suffix}":
+                return [tuple(x) for x in (data if isinstance(data, list) else data["ranking"])]  # type: ignore[misc]
+    cache = run_dir / "rankings" / f"{name}{suffix}.json"
     started = time.perf_counter()
-    ranked = select.rank(method, donor=donor, target=target, task=task, kinds=cfg.components,
-                         seed=cfg.seed, limit=cfg.probe_limit, split=cfg.splits["probe"])
+    forced = method in ("attribution", "patching", "shifts", *WEIGHT_SPACE)
+    result = localize(donor, target, task, method=method, components=cfg.components, seed=cfg.seed,
+                      limit=cfg.probe_limit, split=cfg.splits["probe"], top=top, answers=cfg.answers,
+                      metric=cfg.metric, batch_size=cfg.batch_size, probe=probe() if forced else None,
+                      progress=False)
+    ranked = [(cid, float(result.scores.loc[cid, "score"])) for cid in result.ranking]
+    meta = {**result.meta, "wall_s": round(time.perf_counter() - started, 3)}
     cache.parent.mkdir(exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps([[cid, float(score)] for cid, score in ranked]))
+    tmp.write_text(json.dumps({"method": method, "ranking": [[cid, score] for cid, score in ranked],
+                               "meta": meta}, default=str))
     os.replace(tmp, cache)
-    say(f"localized by {method} on the probe split in {time.perf_counter() - started:.1f} s; "
+    say(f"localized by {method} on the probe split in {meta['wall_s']:.1f} s; "
         f"top 3: {', '.join(cid for cid, _ in ranked[:3])}")
     return ranked
+
+
+def rankings_meta(run: str | Path) -> dict[str, dict[str, Any]]:
+    """RUN/rankings/*.json → their metadata by file stem (``attribution``, ``gradient-tokens64``, ...):
+    what each localization forced, on how many probe items, its metric and checks, its wall."""
+    out = {}
+    for path in sorted((Path(run) / "rankings").glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            out[path.stem] = data.get("meta", {})
+    return out
 
 
 def _plan(ranking: list[tuple[str, float]], k: int, alpha: float, method: str, task: str) -> Plan:

@@ -48,7 +48,6 @@ from analysis.probe import Batch, Metric, alternatives, metric_values
 if TYPE_CHECKING:
     from analysis.models import LoadedModel
 
-METHODS: tuple[str, ...] = ("gradient", "greedy", "mask")
 GRADIENT_STEPS = 8  # Gauss–Legendre nodes: exact for a metric polynomial of degree 15 along the path
 GREEDY_VERIFY = 3  # candidates verified by a real forward at each greedy step
 MASK_STEPS = 40

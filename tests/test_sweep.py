@@ -151,9 +151,11 @@ def test_overlap_drop_cleans_probe_and_dev_never_test(study: tuple[Path, SweepCo
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """overlap: drop (sweep config, or the task's own key) drops shared items from probe and dev before
     localization and the grid read them; test keeps every item; the log and the report say how many."""
+    import importlib
+
     from test_tasks import write_overlapping
 
-    from analysis import report, select, tasks
+    from analysis import report, tasks
     from analysis.sweep import _check_splits
 
     _, cfg = study
@@ -162,13 +164,14 @@ def test_overlap_drop_cleans_probe_and_dev_never_test(study: tuple[Path, SweepCo
         assert [it.id for it in cleaned.items("probe")] == ["p5"] and len(cleaned.items("test")) == 10
         assert dropped.counts == {"probe": 5, "dev": 2}
     seen: list[list[str]] = []
-    rank = select.rank
+    localize_module = importlib.import_module("analysis.localize")  # the module (analysis.localize is the verb)
+    localize = localize_module.localize
 
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append([it.id for it in kwargs["task"].items(kwargs["split"])])
-        return rank(*args, **kwargs)
+    def recording(donor, target, task, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([it.id for it in task.items(kwargs["split"])])
+        return localize(donor, target, task, **kwargs)
 
-    monkeypatch.setattr(select, "rank", recording)
+    monkeypatch.setattr(localize_module, "localize", recording)
     dropping = cfg.model_copy(update={"task": str(write_task(tmp_path, overlap=True)), "overlap": "drop",
                                       "controls": Controls(random_seeds=[0], copy_all=False, weight=False)})
     run = sweep(dropping, tmp_path / "run", progress=True)
@@ -400,7 +403,7 @@ def test_a_study_of_a_real_pair(tmp_path: Path) -> None:
         "methods": ["weight", "attribution"], "k": [1, 4], "alpha": [1.0], "probe_limit": 8,
         "controls": Controls(random_seeds=[0], copy_all=True, weight=True)})
     run = sweep(cfg, tmp_path / "run", progress=False)
-    weight = json.loads((run / "rankings" / "weight.json").read_text())
+    weight = json.loads((run / "rankings" / "weight.json").read_text())["ranking"]
     assert {cid for cid, _ in weight[:10]} == {f"L{layer}.mlp" for layer in range(20, 30)}
     assert all(score == 0 for _, score in weight[10:])
     (summary,) = report.summarize(run)
