@@ -1,0 +1,49 @@
+"""bench/pairs.py: a drastically shrunk pair builds into the layout the benchmark reads, and is reused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "pairs.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_pairs", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_pairs"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_pair_layout_and_cache(tmp_path, monkeypatch):
+    pairs = _load_bench()
+    size = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seq_len=32, batch=4)
+    mix = {"arith:plain": 0.5, "reverse:plain": 0.3, "text": 0.2}
+    recipe = pairs.Recipe(seed=5, threads=1, **size, phases=(pairs.Phase("tiny", None, mix, 3, 3e-3, 1, 6),))
+    base = pairs.Base("tiny", "llama", recipe, held_seed=5)
+    spec = pairs.PairSpec("tiny-forget", "a smoke test", base, "forget", pairs.TaskSpec("reverse", kind="choice"),
+                          phase=pairs.Phase("tiny-forget", "tiny", {"arith:plain": 1.0}, 2, 1e-3, 1, 7))
+    monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
+    monkeypatch.setattr(pairs, "SPLIT_SIZES", {"probe": 4, "dev": 6, "test": 8})
+
+    folder = pairs.build(spec.name, cache=tmp_path, log=False)
+    assert folder == tmp_path / spec.name
+    info = json.loads((folder / "pair.json").read_text())
+    assert {"name", "recipe", "recipe_hash", "arch", "kind", "task", "components", "sha256", "baseline",
+            "build_s", "threads", "torch"} <= set(info)
+    assert info["kind"] == "choice" and info["components"] == 2 * (2 + 1) and info["threads"] == 1
+    for role in ("donor", "target"):
+        assert (folder / role / "config.json").is_file()
+        assert info["sha256"][role] == pairs.demo_build.sha256(folder / role / "model.safetensors")
+        assert info["baseline"][role]["test"]["n"] == 8 and info["baseline"][role]["dev"]["n"] == 6
+    rows = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+    assert sorted({r["split"] for r in rows}) == ["dev", "probe", "retention", "test"]
+    assert all(len(r["choices"]) == 4 and r["choices"][r["answer"]] for r in rows if r["split"] != "retention")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    stamp = (folder / "pair.json").stat().st_mtime_ns
+    assert pairs.build(spec.name, cache=tmp_path, log=False) == folder  # reused: the recipe hash matches
+    assert (folder / "pair.json").stat().st_mtime_ns == stamp
