@@ -210,7 +210,7 @@ def localize_cmd(
         "--method", "-m",
         help="shifts | lae | attribution | patching | gradient | greedy | mask | weight | random.")] = "attribution",
     components: Annotated[str | None, typer.Option(
-        "--components", "-c", help="Kinds to rank: head,mlp (default; lae: linear), attn, group, neuron, linear, layer.")] = None,
+        "--components", "-c", help="Kinds to rank: head,kv,mlp (default; lae: linear), attn, group, neuron, linear, layer.")] = None,
     mode: Annotated[str | None, typer.Option(
         "--mode", help="teacher (same text, default) | generate (each decodes; default for lae).")] = None,
     positions: Annotated[str, typer.Option("--positions", help="Teacher mode: answer | all | last.")] = "answer",
@@ -247,6 +247,12 @@ def localize_cmd(
     for i, cid in enumerate(result.ranking[:10], start=1):
         table.add_row(str(i), cid, f"{result.scores.loc[cid, 'score']:.4g}")
     out_console.print(table)
+    meta = result.meta
+    if "answers" in meta:
+        left = ", ".join(f"{n} {why}" for why, n in meta["dropped"].items())
+        out_console.print(f"forced answers: {meta['answers']}, on {meta['n_probe_used']} of {meta['n_probe_read']} "
+                          f"probe items{f' ({left} left out)' if left else ''}; donor check "
+                          f"{meta['check'].get('agreement', 1.0):.0%} agreement", highlight=False)
     out_console.print(f"wrote {out}: scores.csv, scores.json, " + ", ".join(f"plan-top{k}.yaml" for k in result.plans))
 
 

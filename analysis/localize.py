@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from analysis.tasks import Task
 
 KIND_ALIASES = {"heads": "head", "mlps": "mlp", "neurons": "neuron", "linears": "linear", "groups": "group",
+                "kvs": "kv",
                 "layers": "layer"}
 
 
@@ -61,7 +62,7 @@ class Localization:
 def parse_kinds(components: str | Sequence[str] | None, method: str) -> list[str]:
     """``head,mlp`` (or a list) → kinds; the default is the method's natural unit."""
     if components is None:
-        return ["linear"] if method == "lae" else ["head", "mlp"]
+        return ["linear"] if method == "lae" else list(units.DEFAULT_KINDS)
     raw = components.split(",") if isinstance(components, str) else [p for c in components for p in c.split(",")]
     kinds = [KIND_ALIASES.get(k.strip(), k.strip()) for k in raw if k.strip()]
     for k in kinds:
@@ -157,7 +158,7 @@ def localize(
 
     # Measured kinds: the asked ones, plus (activation methods) attn/mlp blocks for the layer × {attn, mlp}
     # view; the weight-space methods score exactly the candidates, whose shares add up.
-    context = [k for k in ("attn", "mlp") if k not in kinds and ({"head", "group", "mlp", "attn"} & set(kinds))]
+    context = [k for k in ("attn", "mlp") if k not in kinds and ({"head", "kv", "group", "mlp", "attn"} & set(kinds))]
     measured = kinds + (context if method not in WEIGHT_SPACE else [])
     if not dataless or not isinstance(donor, str | os.PathLike):
         d_model = _load(donor, dtype, allow_pickle, trust_remote_code)
@@ -200,7 +201,7 @@ def localize(
                     n_prompts=int(df["n_prompts"].iloc[0]))
     elif method in WEIGHT_SPACE:
         batches = probe.batches(batch_size)  # type: ignore[union-attr]
-        ids = [cid for s in site_list for cid in s.ids]
+        ids = [cid for s in shifts.unique(site_list) for cid in s.ids]
         blend = weightspace.Blend(t_model, d_model, ids, lay)
         if method == "gradient":
             values, info = weightspace.gradient(blend, batches, metric=metric, progress=progress)  # type: ignore[arg-type]

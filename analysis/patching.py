@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analysis.probe import METRICS, Batch, Metric, alternatives, forward, metric_values, per_item
-from analysis.shifts import Running, Site, by_hook, hooked
+from analysis.shifts import Running, Site, by_hook, by_key, hooked, unique
 
 __all__ = ["METRICS", "Metric", "attribute", "metric_values", "patch", "patch_positions"]
 
@@ -57,7 +57,7 @@ def _capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[d
 
 def _rows(site_list: Sequence[Site], run: Running, column: str) -> list[dict[str, Any]]:
     rows = []
-    for s in site_list:
+    for s in unique(site_list):
         mean, sd = run.mean_sd(s.key, column)
         for g, cid in enumerate(s.ids):
             rows.append({"id": cid, "kind": s.kind, "layer": s.layer, "index": g if len(s.ids) > 1 else None,
@@ -102,13 +102,17 @@ def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batc
             names = list(acts)
             grads = torch.autograd.grad(values.sum(), [acts[n] for n in names], allow_unused=True)
         mask = batch.mask.to(logits.device).float()
+        per_key: dict[str, Tensor] = {}  # a KV head's keys and values add up to one estimate
         for name, grad in zip(names, grads, strict=True):
             if grad is None:  # the hook point does not reach the metric (e.g. after the last answer)
                 grad = torch.zeros_like(acts[name])
             for s in groups[name]:
                 delta = s.view(src[name]).float() - s.view(acts[name].detach()).float()
                 contrib = (delta * s.view(grad).float()).sum(-1)  # [b, p, g]
-                run.add(s.key, **{column: per_item(torch.einsum("bpg,bp->bg", contrib, mask), batch)})
+                part = per_item(torch.einsum("bpg,bp->bg", contrib, mask), batch)
+                per_key[s.key] = per_key[s.key] + part if s.key in per_key else part
+        for key, value in per_key.items():
+            run.add(key, **{column: value})
         src_values = metric_values(src_logits, batch, metric, alt)
         gap.add("metric", receiver=values.detach()[:, None], source=src_values[:, None])
         run.n += batch.n_items
@@ -133,7 +137,7 @@ def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], 
     import pandas as pd
 
     groups = by_hook(site_list)
-    units = [(s, g) for s in site_list for g in range(len(s.ids))]
+    units = _units(site_list)
     run = Running()
     bar = tqdm(total=len(batches) * len(units), desc=column, disable=not progress, leave=False)
     for batch in batches:
@@ -148,24 +152,31 @@ def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], 
         for start in range(0, len(units), per):
             chunk = units[start:start + per]
             delta = _patched_metric(receiver, batch, chunk, src, metric, alt) - base.repeat(len(chunk)).cpu()
-            for c, (s, g) in enumerate(chunk):
-                effects[s.key][:, g] = delta[c * m:(c + 1) * m]
+            for c, (parts, g) in enumerate(chunk):
+                effects[parts[0].key][:, g] = delta[c * m:(c + 1) * m]
             bar.update(len(chunk))
-        for s in site_list:
-            run.add(s.key, **{column: effects[s.key]})
+        for key, value in effects.items():
+            run.add(key, **{column: value})
         run.n += m
     bar.close()
     return pd.DataFrame(_rows(site_list, run, column)).set_index("id")
 
 
-def _patched_metric(receiver: LoadedModel, batch: Batch, chunk: Sequence[tuple[Site, int]], src: dict[str, Tensor],
-                    metric: Metric, alt: Tensor | None, column: int | None = None) -> Tensor:
+def _units(site_list: Sequence[Site]) -> list[tuple[list[Site], int]]:
+    """Every component once, as (the sites that make it up, its index along them): a KV head is patched
+    at its keys and its values together."""
+    return [(parts, g) for parts in by_key(site_list) for g in range(len(parts[0].ids))]
+
+
+def _patched_metric(receiver: LoadedModel, batch: Batch, chunk: Sequence[tuple[list[Site], int]],
+                    src: dict[str, Tensor], metric: Metric, alt: Tensor | None, column: int | None = None) -> Tensor:
     """Metric per item of the batch repeated once per unit of ``chunk``, copy c patching unit c (at
     every position, or only at ``column``)."""
     b = len(batch)
     at: dict[str, list[tuple[int, Site, int]]] = {}
-    for c, (s, g) in enumerate(chunk):
-        at.setdefault(s.hook, []).append((c, s, g))
+    for c, (parts, g) in enumerate(chunk):
+        for s in parts:
+            at.setdefault(s.hook, []).append((c, s, g))
 
     def setter(name: str) -> Callable[..., Tensor]:
         def fn(act: Tensor, hook: Any = None) -> Tensor:
@@ -194,7 +205,7 @@ def patch_positions(receiver: LoadedModel, source: LoadedModel, batches: Sequenc
     right answer is long enough to have that position."""
     import pandas as pd
 
-    units = [(s, g) for s in site_list for g in range(len(s.ids))]
+    units = _units(site_list)
     width = max(int(b.ids.shape[1]) for b in batches)
     sums = torch.zeros(len(units), width, dtype=torch.float64)
     counts = torch.zeros(width, dtype=torch.float64)
@@ -225,4 +236,4 @@ def patch_positions(receiver: LoadedModel, source: LoadedModel, batches: Sequenc
     mean = sums / counts.clamp(min=1)
     mean[:, counts == 0] = float("nan")
     cols = [f"{k - width}" for k in range(width)]
-    return pd.DataFrame(mean.numpy(), index=[s.ids[g] for s, g in units], columns=cols)
+    return pd.DataFrame(mean.numpy(), index=[parts[0].ids[g] for parts, g in units], columns=cols)

@@ -47,9 +47,9 @@ if TYPE_CHECKING:
 
 Mode = Literal["teacher", "generate"]
 Positions = Literal["answer", "all", "last"]
-DEFAULT_KINDS: tuple[units.Kind, ...] = ("head", "mlp")
+DEFAULT_KINDS: tuple[units.Kind, ...] = units.DEFAULT_KINDS
 # Kinds that have a hook point of their own (tensor-level components have none).
-MEASURABLE: tuple[units.Kind, ...] = ("layer", "attn", "mlp", "head", "group", "neuron", "linear")
+MEASURABLE: tuple[units.Kind, ...] = ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear")
 
 
 # --- sites: hook points seen as rows of components ------------------------------------------------
@@ -62,10 +62,12 @@ class Site:
     kind: units.Kind
     layer: int
     ids: tuple[str, ...]
+    parts: int = 1  # how many sites make up these components together (a KV head: hook_k and hook_v)
 
     @property
     def key(self) -> str:
-        return f"{self.hook}:{self.kind}"
+        """What the components' statistics are kept under: one key for all the sites that make them up."""
+        return f"blocks.{self.layer}.{self.kind}:{self.kind}" if self.parts > 1 else f"{self.hook}:{self.kind}"
 
     def view(self, act: Tensor) -> Float[Tensor, "batch pos comp feat"]:
         """The activation as [batch, pos, component, feature] (heads, KV groups, neurons or one block)."""
@@ -87,6 +89,9 @@ def sites(lay: units.Layout, kinds: Sequence[str] = DEFAULT_KINDS) -> list[Site]
         for kind in kinds:
             if kind == "head":
                 out.append(Site(f"{b}.attn.hook_z", "head", L, tuple(f"L{L}.H{h}" for h in range(lay.n_heads))))
+            elif kind == "kv" and lay.gqa:  # a KV head is seen at its keys and at its values
+                ids = tuple(f"L{L}.KV{g}" for g in range(lay.n_kv))
+                out += [Site(f"{b}.attn.hook_{kv}", "kv", L, ids, parts=2) for kv in ("k", "v")]
             elif kind == "group" and lay.gqa:
                 out.append(Site(f"{b}.attn.hook_z", "group", L, tuple(f"L{L}.G{g}" for g in range(lay.n_kv))))
             elif kind == "neuron":
@@ -108,10 +113,23 @@ def layout_of(loaded: LoadedModel) -> units.Layout:
 def describe_ids(site_list: Sequence[Site]) -> list[dict[str, Any]]:
     """id, kind, layer, index of every component of the sites, in site order."""
     rows = []
-    for s in site_list:
+    for s in unique(site_list):
         for i, cid in enumerate(s.ids):
             rows.append({"id": cid, "kind": s.kind, "layer": s.layer, "index": i if len(s.ids) > 1 else None})
     return rows
+
+
+def unique(site_list: Sequence[Site]) -> list[Site]:
+    """One site per statistics key (the first of a KV head's two), in order: one row per component."""
+    return list({s.key: s for s in reversed(site_list)}.values())[::-1]
+
+
+def by_key(site_list: Sequence[Site]) -> list[list[Site]]:
+    """The sites grouped by statistics key, in order: each group makes up the same components."""
+    grouped: dict[str, list[Site]] = {}
+    for s in site_list:
+        grouped.setdefault(s.key, []).append(s)
+    return list(grouped.values())
 
 
 def by_hook(site_list: Sequence[Site]) -> dict[str, list[Site]]:
@@ -161,7 +179,7 @@ class _Recorder:
                 self.kept[group[0].hook] = act.detach()[sel].float()
             for s in group:
                 v = s.view(act.detach()).float()
-                self._add(self.mag, s.key, torch.einsum("bpgf,bp->bg", v.abs(), w) / v.shape[-1])
+                self._add(self.mag, s.key, torch.einsum("bpgf,bp->bg", v.abs(), w) / v.shape[-1] / s.parts)
                 if self.ref is not None:
                     r = s.view(self.ref[s.hook][None])[0]  # [n_sel, g, f]
                     here = v[sel]
@@ -253,7 +271,7 @@ def measure(
                 with hooked(target, rec_t.hooks()):
                     forward(target, batch, logits_to_keep=1)
                 count = w.sum(1, keepdim=True).clamp(min=1)
-                for s in site_list:
+                for s in unique(site_list):
                     md, mt = rec_d.mag[s.key] / count, rec_t.mag[s.key] / count
                     rel = rec_t.dist[s.key] / rec_t.norm[s.key].clamp(min=1e-30)
                     run.add(s.key, donor=md, target=mt, shift=md - mt, rel_dist=rel)
@@ -274,7 +292,7 @@ def measure(
                     with hooked(loaded, rec.hooks()):
                         steps = decode(loaded, chunk, task.stop, new, rec)
                     mags.append({k: v / steps[:, None].clamp(min=1) for k, v in rec.mag.items()})
-                for s in site_list:
+                for s in unique(site_list):
                     md, mt = mags[0][s.key], mags[1][s.key]
                     run.add(s.key, donor=md, target=mt, shift=md - mt)
                 run.n += len(chunk)
@@ -283,7 +301,7 @@ def measure(
     else:
         raise GraftError(f"unknown mode {mode!r}", "use teacher or generate")
     rows = []
-    for s in site_list:
+    for s in unique(site_list):
         d, _ = run.mean_sd(s.key, "donor")
         t, _ = run.mean_sd(s.key, "target")
         sh, sh_sd = run.mean_sd(s.key, "shift")

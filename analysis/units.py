@@ -13,7 +13,9 @@ Component ids (also the pattern syntax, with ``*`` wildcards)::
     L12.attn         the attention block (q, k, v, o and attention-internal norms)
     L12.mlp          the MLP (gate, up, down)
     L12.H3           query head 3: its rows of q and columns of o. Without GQA it has its own K/V
-                     rows too; with GQA the shared K/V is left alone (use L12.G1 to take it)
+                     rows too; with GQA the shared K/V is left alone (L12.KV1 or L12.G1 take it)
+    L12.KV1          KV head 1 (GQA only): its rows of k and v, shared by a group of query heads — with
+                     the query heads and the MLPs, the KV heads cover every attention and MLP weight
     L12.G1           KV group 1: its K/V rows and every query head that shares them
     L12.N407         MLP neuron 407: its rows of gate/up and column of down
     L12.attn.q       one projection (+ bias): attn.q / .k / .v / .o, mlp.gate / .up / .down
@@ -30,8 +32,11 @@ from typing import Literal
 
 from analysis.errors import GraftError
 
-Kind = Literal["layer", "attn", "mlp", "head", "group", "neuron", "linear", "tensor"]
-KINDS: tuple[Kind, ...] = ("layer", "attn", "mlp", "head", "group", "neuron", "linear", "tensor")
+Kind = Literal["layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear", "tensor"]
+KINDS: tuple[Kind, ...] = ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear", "tensor")
+# What "heads and MLPs" means by default: with GQA the KV heads too, so that the candidates cover every
+# attention and MLP weight and copy-all is all of them (without GQA a query head owns its K/V).
+DEFAULT_KINDS: tuple[Kind, ...] = ("head", "kv", "mlp")
 ATTN_LINEARS = ("q", "k", "v", "o")
 MLP_LINEARS = ("gate", "up", "down")
 HOOK_LINEAR = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
@@ -183,6 +188,9 @@ class Layout:
         slices += self._in(layer, "o", [(head * self.head_dim, (head + 1) * self.head_dim)])
         return slices
 
+    def kv_slices(self, layer: int, group: int) -> list[Slice]:
+        return self._out(layer, "k", self._kv_rows("k", group)) + self._out(layer, "v", self._kv_rows("v", group))
+
     def group_slices(self, layer: int, group: int) -> list[Slice]:
         per = self.n_heads // self.n_kv
         heads = range(group * per, (group + 1) * per)
@@ -275,10 +283,10 @@ def component(lay: Layout, cid: str) -> Component:
     """Build one component from its canonical id (no wildcards)."""
     if cid in lay.shapes:
         return Component(cid, "tensor", _layer_of(lay, cid), (Slice(cid),))
-    m = re.fullmatch(r"L(\d+)(?:\.(attn|mlp|H\d+|G\d+|N\d+)(?:\.(q|k|v|o|gate|up|down))?)?", cid)
+    m = re.fullmatch(r"L(\d+)(?:\.(attn|mlp|H\d+|KV\d+|G\d+|N\d+)(?:\.(q|k|v|o|gate|up|down))?)?", cid)
     if not m:
         raise GraftError(f"unknown component {cid!r}",
-                         "use L12, L12.attn, L12.mlp, L12.H3, L12.G1, L12.N407, L12.attn.q, L12.mlp.down "
+                         "use L12, L12.attn, L12.mlp, L12.H3, L12.KV1, L12.G1, L12.N407, L12.attn.q, L12.mlp.down "
                          "or an HF tensor name (see `graftlm check`)")
     layer = int(m.group(1))
     if layer >= lay.n_layers:
@@ -298,13 +306,19 @@ def component(lay: Layout, cid: str) -> Component:
         hooks = (f"{b}.hook_attn_out",) if part == "attn" else (f"{b}.hook_mlp_out",)
         params = lay.block_params(layer, part)  # type: ignore[arg-type]
         return Component(cid, part, layer, tuple(Slice(n) for n in params), hooks)  # type: ignore[arg-type]
-    kind, idx = part[0], int(part[1:])
-    limit = {"H": lay.n_heads, "G": lay.n_kv, "N": lay.d_mlp}[kind]
+    kind, idx = (part[:2], int(part[2:])) if part.startswith("KV") else (part[0], int(part[1:]))
+    if kind == "KV" and not lay.gqa:
+        raise GraftError(f"component {cid!r}: this model has no grouped-query attention, so every head owns its "
+                         "keys and values", f"use L{layer}.H{idx}")
+    limit = {"H": lay.n_heads, "KV": lay.n_kv, "G": lay.n_kv, "N": lay.d_mlp}[kind]
     if idx >= limit:
         raise GraftError(f"component {cid!r}: index out of range (0..{limit - 1})", "pick an existing one")
     if kind == "H":
         return Component(cid, "head", layer, tuple(lay.head_slices(layer, idx, with_kv=not lay.gqa)),
                          (f"{b}.attn.hook_z",), idx, (idx,))
+    if kind == "KV":
+        return Component(cid, "kv", layer, tuple(lay.kv_slices(layer, idx)), (f"{b}.attn.hook_k", f"{b}.attn.hook_v"),
+                         idx)
     if kind == "G":
         per = lay.n_heads // lay.n_kv
         heads = tuple(range(idx * per, (idx + 1) * per))
@@ -330,6 +344,8 @@ def component_ids(lay: Layout, kinds: Iterable[Kind] = ("layer", "attn", "mlp", 
             ids.append(f"L{L}.mlp")
         if "head" in kinds:
             ids += [f"L{L}.H{h}" for h in range(lay.n_heads)]
+        if "kv" in kinds and lay.gqa:
+            ids += [f"L{L}.KV{g}" for g in range(lay.n_kv)]
         if "group" in kinds and lay.gqa:
             ids += [f"L{L}.G{g}" for g in range(lay.n_kv)]
         if "neuron" in kinds:
@@ -356,7 +372,7 @@ def select(lay: Layout, patterns: Iterable[str]) -> list[Component]:
             chosen[component(lay, pattern).id] = None
             continue
         kinds: tuple[Kind, ...] = ("tensor",) if not pattern.startswith("L") else (
-            "layer", "attn", "mlp", "head", "group", "linear") + (("neuron",) if ".N" in pattern else ())
+            "layer", "attn", "mlp", "head", "kv", "group", "linear") + (("neuron",) if ".N" in pattern else ())
         hits = [cid for cid in component_ids(lay, kinds) if fnmatch.fnmatchcase(cid, pattern)]
         if not hits:
             raise GraftError(f"pattern {pattern!r} matches no component",
@@ -391,8 +407,8 @@ def match(donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[st
     # A tensor present on one side only (a bias, say) spoils the component whose weight it sits beside.
     bad = {m[0] for m in mismatched} | {m[0].removesuffix(".bias") + ".weight" for m in mismatched}
     counts: dict[Kind, int] = {}
-    for kind in ("layer", "attn", "mlp", "head", "group", "neuron", "linear"):
-        if kind == "group" and not lay.gqa:
+    for kind in ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear"):
+        if kind in ("kv", "group") and not lay.gqa:
             continue
         if kind == "neuron":
             # Neurons share their tensors: all of a layer's neurons match when its MLP tensors match.

@@ -55,6 +55,48 @@ def constructed(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
+def constructed_kv(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A GQA target and a donor that differs from it only in KV head L1.KV1 (its k and v rows); the task's
+    answers are the donor's own greedy continuations."""
+    root = tmp_path_factory.mktemp("constructed-kv")
+    target = build_model(root / "target", "llama", seed=2)  # 4 query heads over 2 KV heads
+    donor = root / "donor"
+    shutil.copytree(target, donor)
+    tl = load(target)
+    lay = units.layout(tl.model.config, {n: tuple(p.shape) for n, p in tl.parameters().items()})
+    sd = load_file(donor / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for s in units.component(lay, "L1.KV1").slices:
+        w = sd[s.param]
+        idx = s.index(w.ndim)
+        w[idx] = w[idx] * 1.5 + 0.5 * w[idx].std() * torch.randn(w[idx].shape, generator=g)
+    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+    dl = load(donor)
+    prompts = [f"{a}{b}+{c}=" for a, b, c in zip("abcdefghijkl", "mnopqrstuvwx", "0123456789ab", strict=True)]
+    outs = generate(dl.model, dl.tokenizer, prompts, stop=[], max_new_tokens=2)
+    with (root / "task.jsonl").open("w") as fh:
+        for i, (p, (o, *_)) in enumerate(zip(prompts, outs, strict=True)):
+            fh.write(json.dumps({"id": f"c{i}", "prompt": p, "answer": o, "split": "probe"}) + "\n")
+    (root / "task.yaml").write_text('data: task.jsonl\ntarget: "{answer}"\nmax_new_tokens: 2\nstop: []\n')
+    return donor, target, root / "task.yaml"
+
+
+@pytest.mark.parametrize("method", ["shifts", "attribution", "patching", "gradient", "greedy", "mask", "weight"])
+def test_every_method_sees_kv_heads_by_default(constructed_kv, method: str) -> None:
+    """With GQA the default candidates include the KV heads (their keys and values). The methods that
+    score the weight edit put the only changed one first; activation methods see its effect also in the
+    query heads that read its keys and values (L1.H2, L1.H3): one of the three comes first, and the KV head
+    is among the top three."""
+    donor, target, task = constructed_kv
+    result = localize(donor, target, task, method=method, progress=False)
+    assert set(result.scores.loc[result.scores["ranked"], "kind"]) == {"head", "kv", "mlp"}
+    if method in ("gradient", "greedy", "mask", "weight"):
+        assert result.ranking[0] == "L1.KV1"
+    else:
+        assert "L1.KV1" in result.ranking[:3] and result.ranking[0] in {"L1.KV1", "L1.H2", "L1.H3"}
+
+
+@pytest.fixture(scope="module")
 def models(constructed):
     donor, target, _ = constructed
     return load(donor), load(target)

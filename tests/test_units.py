@@ -78,6 +78,19 @@ def test_heads_and_projections_take_the_donors_activations(family: str, tmp_path
     torch.testing.assert_close(after["blocks.0.attn.hook_q"][:, :, 0], base["blocks.0.attn.hook_q"][:, :, 0])
     if lay.gqa:
         torch.testing.assert_close(after["blocks.0.attn.hook_k"], base["blocks.0.attn.hook_k"])
+        # A KV head: its keys and values become the donor's, the other KV heads' stay the target's.
+        kv = ["blocks.0.attn.hook_k", "blocks.0.attn.hook_v"]
+        with applied(t, dck, Plan.of(["L0.KV1"])):
+            after = cache(t, kv)
+        for hook in kv:
+            torch.testing.assert_close(after[hook][:, :, 1], ref[hook][:, :, 1] if hook in ref else
+                                       cache(d, [hook])[hook][:, :, 1])
+            torch.testing.assert_close(after[hook][:, :, 0], base[hook][:, :, 0] if hook in base else
+                                       cache(t, [hook])[hook][:, :, 0])
+        # Query heads and KV heads together are the whole attention block.
+        with applied(t, dck, Plan.of(["L0.H*", "L0.KV*"])):
+            out = cache(t, ["blocks.0.hook_attn_out"])["blocks.0.hook_attn_out"]
+        torch.testing.assert_close(out, ref["blocks.0.hook_attn_out"])
     # Every head together (o columns included) gives the donor's attention output.
     with applied(t, dck, Plan.of([f"L0.{unit}*"])):
         out = cache(t, ["blocks.0.hook_attn_out"])["blocks.0.hook_attn_out"]
@@ -114,6 +127,28 @@ def test_neurons_and_mlp_take_the_donors_activations(family: str, tmp_path: Path
     with applied(t, dck, Plan.of(["L0.mlp"])):
         out = cache(t, ["blocks.0.hook_mlp_out"])["blocks.0.hook_mlp_out"]
     torch.testing.assert_close(out, ref["blocks.0.hook_mlp_out"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_default_kinds_cover_every_attention_and_mlp_weight_once(family: str, tiny_pairs) -> None:
+    """head, kv, mlp — what copy-all moves — hold each element of every attention and MLP weight exactly
+    once (with GQA the KV heads are what the query heads leave out), so copy-all is all of them; the output
+    biases of attention and MLP belong to their blocks, not to any head or neuron."""
+    _, target = tiny_pairs(family)
+    ck = Checkpoint.open(target)
+    lay = units.layout(load(target).model.config, ck.shapes())
+    weights = {s.param for L in range(lay.n_layers) for part in ("attn", "mlp")
+               for s in units.component(lay, f"L{L}.{part}").slices if len(ck.shapes()[s.param]) == 2}
+    count = {n: torch.zeros(ck.shapes()[n], dtype=torch.int32) for n in weights}
+    for comp in units.components(lay, units.DEFAULT_KINDS):
+        for sl in comp.slices:
+            if sl.param in count:
+                count[sl.param][sl.index(count[sl.param].ndim)] += 1
+    assert all(bool((c == 1).all()) for c in count.values()), {n for n, c in count.items() if not (c == 1).all()}
+    if not lay.gqa:
+        assert not units.component_ids(lay, ["kv"])
+        with pytest.raises(GraftError, match="owns its keys"):
+            units.component(lay, "L0.KV0")
 
 
 def test_patterns_select_components(llama_pair: tuple[Path, Path]) -> None:

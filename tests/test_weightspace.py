@@ -102,3 +102,18 @@ def test_mask_keeps_its_budget(tiny_pairs, task) -> None:
     assert strength.shape == (blend.n,) and ((strength > 0) & (strength < 1)).all()
     assert strength.sum() <= 2 * 1.5  # held near the budget by the multiplier
     assert info["budget"] == 2
+
+
+def test_greedy_past_sixteen_adds_verified_chunks(tiny_pairs, task) -> None:
+    """K = 24 neurons: 16 single steps, then chunks of two, each chunk's gain verified as a whole."""
+    donor, target = loaded_pair(tiny_pairs, "llama")
+    blend, batches, _ = setup(donor, target, task, ("neuron",))
+    order, gains, info = weightspace.greedy(blend, batches, 24, progress=False)
+    assert info["steps"] == 16 + 4 and len(set(order[:24])) == 24
+    obj = weightspace._Objective(blend, batches, "logprob")
+    m = torch.zeros(blend.n)
+    m[order[:16]] = 1.0
+    before = obj.value(m)
+    m[order[16:18]] = 1.0
+    assert gains[order[16]] == gains[order[17]] == pytest.approx((obj.value(m) - before) / obj.n_items, rel=1e-4,
+                                                                 abs=1e-6)

