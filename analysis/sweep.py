@@ -188,8 +188,8 @@ class KGrid:
 
 
 def resolve_share(share: str, n: int) -> int:
-    """K for a share of ``n`` components: rounded half up, at least 1."""
-    return max(1, min(n, math.floor(share_of(share) * n + 0.5)))
+    """K for a share of ``n`` components: rounded down (a share is a most: "K ≤ 20%"), at least 1."""
+    return max(1, min(n, math.floor(share_of(share) * n + 1e-9)))
 
 
 def resolve_k(ks: list[int | str], n: int) -> KGrid:

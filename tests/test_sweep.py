@@ -195,7 +195,7 @@ def test_k_as_shares_of_the_components(study: tuple[Path, SweepConfig], tmp_path
     assert resolve_k(SweepConfig.model_validate({**study[1].model_dump(), "k": ["5%", "10%", "20%", 50]}).k, 20) \
         .__dict__ == {"requested": [50, "5%", "10%", "20%"], "resolved": [1, 2, 4, 20], "clipped": [50],
                       "n_components": 20}
-    assert resolve_k(["1%", "2.5%", 3], 20).resolved == [1, 3]  # at least 1; half up; duplicates merged
+    assert resolve_k(["1%", "2.5%", 3], 20).resolved == [1, 3]  # at least 1; rounded down; duplicates merged
     with pytest.raises(ValueError, match="neither a positive integer nor a share"):
         SweepConfig.model_validate({**study[1].model_dump(), "k": ["0%"]})
     _, cfg = study
@@ -210,9 +210,10 @@ def test_k_as_shares_of_the_components(study: tuple[Path, SweepConfig], tmp_path
 
 
 def test_the_hash_of_an_integer_k_config_is_unchanged() -> None:
-    """Runs written before k shares and overlap existed resume: their config hash is what it was."""
+    """Runs written before k shares and overlap existed resume: their config hash is what it was (their
+    stored config names its components; the default kinds have since gained kv)."""
     cfg = SweepConfig(donor="demo:gen1", target="demo:gen2", task="demo:arith", methods=["attribution", "weight"],
-                      k=[8, 1, 2, 4], alpha=[1.0, 0.5])
+                      k=[8, 1, 2, 4], alpha=[1.0, 0.5], components=["head", "mlp"])
     assert cfg.k == [1, 2, 4, 8] and cfg.digest() == "241660348230e5e0"
     assert cfg.model_copy(update={"overlap": "drop"}).digest() != cfg.digest()
 
