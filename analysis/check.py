@@ -66,7 +66,14 @@ def tokenizer_fingerprint(ref: ModelRef) -> str | None:
         return None
     path = ref.path / "tokenizer.json"
     if path.is_file():
-        data = json.loads(path.read_text())
+        from analysis.files import read_text
+
+        try:
+            data = json.loads(read_text(path, "tokenizer.json"))
+        except ValueError as err:
+            raise GraftError(f"{path} is not valid JSON", "repair or re-save the tokenizer") from err
+        if not isinstance(data, dict):
+            raise GraftError(f"{path} is not a tokenizer (not a JSON object)", "repair or re-save the tokenizer")
         return json.dumps({"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True)
     vocab = [p for p in (ref.path / "vocab.json", ref.path / "tokenizer.model") if p.is_file()]
     return "|".join(p.read_bytes().hex()[:4096] + str(p.stat().st_size) for p in vocab) or None

@@ -163,21 +163,52 @@ def st_dtype(dtype: torch.dtype) -> str | None:
 
 
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors header: tensor locations and the file's metadata."""
+    """Parse a safetensors header: tensor locations and the file's metadata.
+
+    Everything is checked against the file before it is trusted: the header's length, each entry's
+    dtype, shape and offsets, and that every tensor's bytes lie inside the file (a truncated download
+    is refused here, not written out as a model that does not load)."""
+    def bad(why: str) -> GraftError:
+        return GraftError(f"{file} is not a readable safetensors file ({why})", "re-download or re-save the checkpoint")
+
     try:
+        size = file.stat().st_size
         with open(file, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
+            head = fh.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, less than a header")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise bad(f"its header claims {length} bytes but the file has {size}")
             header = json.loads(fh.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GraftError(f"{file} is not a readable safetensors file ({err})", "re-save the checkpoint") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise bad(f"its header is not JSON: {err}") from err
+    except OSError as err:
+        raise bad(err.strerror or str(err)) from err
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise bad("its __metadata__ is not a JSON object")
     infos = {}
+    data_start = 8 + length
     for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        if entry["dtype"] not in ST_DTYPES:
-            raise GraftError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}",
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise bad(f"tensor {name} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in ST_DTYPES:
+            raise GraftError(f"{file}: tensor {name} has unsupported dtype {dtype}",
                              "convert the checkpoint to float weights")
-        infos[name] = TensorInfo(name, file, entry["dtype"], tuple(entry["shape"]), 8 + length + begin, end - begin)
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise bad(f"tensor {name} has a malformed shape or data_offsets")
+        begin, end = offsets
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(RAW_DTYPES[dtype]).itemsize:
+            raise bad(f"tensor {name}: {end - begin} bytes do not hold {dtype} {shape}")
+        if data_start + end > size:
+            raise bad(f"truncated: tensor {name} ends at byte {data_start + end}, the file has {size}")
+        infos[name] = TensorInfo(name, file, dtype, tuple(shape), data_start + begin, end - begin)
     return infos, metadata
 
 
@@ -277,38 +308,75 @@ class Checkpoint:
             return files
         return sorted({i.file for i in self.infos.values()})
 
-    def sha256(self) -> dict[str, str]:
-        """sha256 of each weight file (cached by path, size and mtime, so a sweep hashes once)."""
+    def sha256(self, verify: bool = False) -> dict[str, str]:
+        """sha256 of each weight file (remembered, so a sweep hashes once; ``verify``: computed anew)."""
         files = self.hashed_files()
         if len(files) > 1:
             with ThreadPoolExecutor(max_workers=2) as pool:
-                return dict(zip((f.name for f in files), pool.map(file_sha256, files), strict=True))
-        return {f.name: file_sha256(f) for f in files}
+                digests = pool.map(lambda f: file_sha256(f, verify=verify), files)
+                return dict(zip((f.name for f in files), digests, strict=True))
+        return {f.name: file_sha256(f, verify=verify) for f in files}
 
 
-def _cache_key(file: Path) -> str:
+# The files besides the weights that change what a model computes or how it reads text.
+IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def fingerprint(ref: str | os.PathLike[str] | ModelRef) -> dict[str, str]:
+    """File name → sha256 of a model's weight files and its config and tokenizer files, without loading
+    it (hashes are remembered: a second call on unchanged files reads nothing). A hub id is looked up
+    in the local hub cache; one that is not there is identified by its name only."""
+    from analysis.models import pickle_files
+
+    mref = resolve(ref)
+    folder = mref.path
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(mref.text, local_files_only=True))
+        except Exception:  # noqa: BLE001 (not in the cache, or no such id: the load reports it)
+            return {"ref": mref.text}
+        mref = ModelRef(mref.text, "folder", folder)
+    if mref.kind == "gguf" and mref.gguf_file:
+        files = [folder / mref.gguf_file]
+    else:
+        files = weight_files(mref) or pickle_files(mref)
+        files += [folder / n for n in IDENTITY_FILES if (folder / n).is_file()]
+    return {f.name: file_sha256(f) for f in files}
+
+
+def _cache_key(file: Path) -> tuple[str, int]:
+    """(path, size, inode and mtime), and the file's ctime: an entry is trusted only while the ctime it
+    was computed at is still the file's. Writing a file in place and setting its mtime back changes its
+    ctime (no program can set that), so such an edit is hashed again."""
     stat = file.stat()
-    return f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}"
+    return f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}", stat.st_ctime_ns
 
 
 def cached_sha256(file: Path) -> str | None:
     """The remembered sha256 of a file, or None when it must be computed."""
+    key, ctime = _cache_key(file)
     with _CACHE_LOCK:
-        return _read_hash_cache().get(_cache_key(file))
+        entry = _read_hash_cache().get(key)
+    if isinstance(entry, dict) and entry.get("ctime_ns") == ctime and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    return None  # unknown, changed since, or written by an older graftlm (path and mtime only)
 
 
-def file_sha256(file: Path) -> str:
-    """sha256 of a file, remembered by path, size, inode and mtime (hashing gigabytes takes seconds)."""
-    key = _cache_key(file)
-    with _CACHE_LOCK:
-        cached = _read_hash_cache().get(key)
+def file_sha256(file: Path, verify: bool = False) -> str:
+    """sha256 of a file, remembered by path, size, inode, mtime and ctime (hashing gigabytes takes
+    seconds); ``verify`` ignores what was remembered."""
+    cached = None if verify else cached_sha256(file)
     if cached:
         return cached
+    key, ctime = _cache_key(file)
     with open(file, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()  # releases the GIL: files hash in parallel
     with _CACHE_LOCK:
         cache = _read_hash_cache()
-        cache[key] = digest
+        cache[key] = {"sha256": digest, "ctime_ns": ctime}
         _write_hash_cache(cache)
     return digest
 
@@ -316,18 +384,18 @@ def file_sha256(file: Path) -> str:
 _CACHE_LOCK = threading.Lock()
 
 
-def _read_hash_cache() -> dict[str, str]:
+def _read_hash_cache() -> dict[str, object]:
     try:
-        return json.loads(HASH_CACHE.read_text()) if HASH_CACHE.is_file() else {}
-    except (OSError, json.JSONDecodeError):
+        cache = json.loads(HASH_CACHE.read_text()) if HASH_CACHE.is_file() else {}
+    except (OSError, ValueError):  # unreadable or not JSON (UnicodeDecodeError is a ValueError)
         return {}
+    return cache if isinstance(cache, dict) else {}
 
 
-def _write_hash_cache(cache: dict[str, str]) -> None:
+def _write_hash_cache(cache: dict[str, object]) -> None:
+    from analysis.files import write_file
+
     try:
-        HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = HASH_CACHE.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(HASH_CACHE)
+        write_file(HASH_CACHE, json.dumps(cache))
     except OSError:
-        pass  # a read-only home only costs a rehash next time
+        pass  # a read-only or full home only costs a rehash next time

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import os
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise GraftError(f"no such GGUF file: {text}", "check the path")
+        check_gguf_magic(path)
         return ModelRef(text, "gguf", path.parent, path.name)
     if path.exists():
         if not path.is_dir():
@@ -82,6 +84,7 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
+                check_gguf_magic(ggufs[0])
                 return ModelRef(text, "gguf", path, ggufs[0].name)
             raise GraftError(
                 f"{text} is not a model folder (no config.json)",
@@ -93,6 +96,44 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
     return ModelRef(text, "hub", None)
 
 
+def source_paths(ref: str | os.PathLike[str] | ModelRef) -> list[Path]:
+    """The files or folders a model reference reads: no output may replace them or go inside them."""
+    mref = resolve(ref)
+    if mref.kind == "gguf" and mref.path is not None and mref.gguf_file:
+        return [mref.path / mref.gguf_file]
+    if mref.path is not None:
+        return [mref.path]
+    # a hub id: its folder in the hub cache (where huggingface_hub keeps it; not imported for this)
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
+    return [cache / ("models--" + mref.text.replace("/", "--"))]
+
+
+def check_gguf_magic(path: Path) -> None:
+    """A .gguf file starts with the GGUF magic and a version this reader knows (v2, v3)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as err:
+        raise GraftError(f"cannot read {path}: {err.strerror}", "check the file") from err
+    if head[:4] != b"GGUF":
+        raise GraftError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
+                         "pass a .gguf written by llama.cpp or gguf-py, or a Hugging Face folder")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise GraftError(f"{path} is a corrupt or unsupported GGUF file (version {version}; v2 and v3 are read)",
+                         "re-download or re-export it")
+
+
+def _gguf_unreadable(mref: ModelRef, err: BaseException) -> GraftError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return GraftError(f"{mref.text} is not a readable GGUF file ({reason})", "re-download or re-export it")
+
+
+# What reading a damaged GGUF file raises in transformers' reader (besides OSError).
+GGUF_ERRORS = (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError, struct.error)
+
+
 def weight_files(ref: ModelRef) -> list[Path]:
     """The safetensors files of a folder reference (empty when it has none)."""
     if ref.path is None or ref.kind == "gguf":
@@ -101,7 +142,16 @@ def weight_files(ref: ModelRef) -> list[Path]:
     if index.is_file():
         import json
 
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        from analysis.files import read_text
+
+        try:
+            weight_map = json.loads(read_text(index, "safetensors index"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise GraftError(f"{index} is not a valid safetensors index (it needs a weight_map of tensor → file)",
+                             "re-save the model") from err
+        if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+            raise GraftError(f"{index} names weight files outside its folder", "re-save the model")
         return [ref.path / n for n in names]
     single = ref.path / "model.safetensors"
     if single.is_file():
@@ -246,17 +296,21 @@ def require_same_shapes(donor: LoadedModel, target: LoadedModel) -> None:
                              "donor and target must share architecture and shapes (run `graftlm check`)")
 
 
-def _check_device(name: str) -> None:
+def check_device(name: str) -> None:
     """A device torch can use here, or one line saying why not (before any weights are read)."""
     import torch
 
     try:
-        kind = torch.device(name).type
+        device = torch.device(name)
     except (RuntimeError, TypeError) as err:
         raise GraftError(f"unknown device {name!r}", "use cpu, cuda, cuda:N or mps") from err
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if kind in available and not available[kind]():
-        raise GraftError(f"device {name!r} is not available to this torch build", "use --device cpu")
+    if device.type in available and not available[device.type]():
+        raise GraftError(f"device {name!r} is not available to this torch build",
+                         "use cpu (in a sweep config: device: cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GraftError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                         "use cuda:0 … or cpu (in a sweep config: device: …)")
 
 
 def load(
@@ -279,7 +333,7 @@ def load(
 
     mref = resolve(ref)
     torch_dtype = _dtype(dtype)
-    _check_device(device)
+    check_device(device)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
         "trust_remote_code": trust_remote_code,
@@ -307,23 +361,38 @@ def load(
                 )
             kwargs["use_safetensors"] = False  # transformers loads .bin with torch.load(weights_only=True)
     _check_architecture(mref, trust_remote_code)
+    from analysis.checkpoint import Checkpoint
+
+    # safetensors headers are checked against their files first (a truncated download is one line here)
+    storage = Checkpoint.open(mref).dtypes() if weight_files(mref) else {}
+    import pickle
+    import warnings
+
     try:
-        with _hub(online):
+        with _hub(online), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
     except GraftError:
         raise
+    except pickle.UnpicklingError as err:  # weights_only refused something that is not a tensor
+        raise GraftError(f"{mref.text}: its pickle weights hold objects other than tensors, which could run code; "
+                         "loading them was refused", "use safetensors weights from a source you trust") from err
     except OSError as err:
         if mref.kind == "hub":
-            how = "pass a local folder, or --online to download it" if not online else "check the id"
+            how = ("download it once (`huggingface-cli download ID`, or load(..., online=True) in Python), or pass "
+                   "a local folder") if not online else "check the id"
             raise GraftError(f"model {mref.text!r} is not a local folder and not in the hub cache", how) from err
+        if mref.kind == "gguf":
+            raise _gguf_unreadable(mref, err) from err
         raise GraftError(f"could not load {mref.text}: {str(err).splitlines()[0]}", "check the folder") from err
+    except GGUF_ERRORS as err:
+        if mref.kind != "gguf":
+            raise
+        raise _gguf_unreadable(mref, err) from err
     model.to(device).eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    from analysis.checkpoint import Checkpoint
-
-    storage = Checkpoint.open(mref).dtypes() if weight_files(mref) else {}
     return LoadedModel(ref=mref, model=model, tokenizer=tokenizer, storage_dtypes=storage)
 
 
@@ -341,15 +410,10 @@ class ModelConfig(SimpleNamespace):
 
 def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bool = False) -> ModelConfig:
     """The model's configuration without loading weights; GPT-2 style keys get their common names too."""
-    import json
 
     mref = resolve(ref)
     if mref.path is not None and mref.kind != "gguf":
-        try:
-            data = json.loads((mref.path / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise GraftError(f"{mref.path / 'config.json'} is not valid JSON (line {err.lineno})",
-                             "repair or re-save the model") from err
+        data = read_config_json(mref.path / "config.json")
     else:
         from transformers import AutoConfig
 
@@ -359,7 +423,9 @@ def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bo
         try:
             with _hub(False):
                 data = AutoConfig.from_pretrained(str(mref.path or mref.text), **kwargs).to_dict()
-        except (OSError, ValueError) as err:
+        except (OSError, *GGUF_ERRORS) as err:
+            if mref.kind == "gguf":
+                raise _gguf_unreadable(mref, err) from err
             raise GraftError(f"could not read the config of {mref.text}: {str(err).splitlines()[0]}",
                              "pass a Hugging Face model folder") from err
     if isinstance(data.get("text_config"), dict):  # multimodal wrappers keep the LM's fields here
@@ -374,15 +440,24 @@ def _check_architecture(mref: ModelRef, trust_remote_code: bool) -> None:
     """Refuse custom modelling code unless asked: it would run arbitrary Python."""
     if mref.path is None or mref.kind == "gguf" or trust_remote_code:
         return
-    import json
-
-    try:
-        config = json.loads((mref.path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise GraftError(f"{mref.path / 'config.json'} is not valid JSON (line {err.lineno})",
-                         "repair or re-save the model") from err
+    config = read_config_json(mref.path / "config.json")
     if config.get("auto_map"):
         raise GraftError(
             f"{mref.text} needs custom code (auto_map in config.json)",
             "review it, then pass --trust-remote-code",
         )
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A model's config.json as a dict, or one line saying what is wrong with the file."""
+    import json
+
+    from analysis.files import read_text
+
+    try:
+        data = json.loads(read_text(path, "config.json"))
+    except json.JSONDecodeError as err:
+        raise GraftError(f"{path} is not valid JSON (line {err.lineno})", "repair or re-save the model") from err
+    if not isinstance(data, dict):
+        raise GraftError(f"{path} is not a JSON object", "repair or re-save the model")
+    return data
