@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from analysis.errors import GraftError
+from analysis.errors import GraftError, validation_problem
 
 
 class PlanItem(BaseModel):
@@ -28,7 +28,7 @@ class PlanItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str
-    alpha: float | None = None
+    alpha: float | None = Field(None, allow_inf_nan=False)
     score: float | None = None
 
 
@@ -50,7 +50,7 @@ class Plan(BaseModel):
     """Components with strengths; ``alpha`` is the default strength."""
 
     model_config = ConfigDict(extra="forbid")
-    alpha: float = 1.0
+    alpha: float = Field(1.0, allow_inf_nan=False)
     components: list[PlanItem]
     provenance: Provenance = Field(default_factory=Provenance)
 
@@ -94,34 +94,31 @@ class Plan(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_yaml())
-        return path
+        from analysis.files import write_file
+
+        return write_file(path, self.to_yaml())
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<plan>") -> Plan:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            line = getattr(getattr(err, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise GraftError(f"{source}{where}: not valid YAML", "fix the plan file") from err
+        from analysis.files import parse_yaml
+
+        data = parse_yaml(text, source, "fix the plan file")
         if not isinstance(data, dict):
             raise GraftError(f"{source}: a plan is a mapping with a 'components' list",
                              "see the example at the top of analysis/plan.py")
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise GraftError(f"{source}: {where}: {first['msg']}", "fix the plan file") from err
+            raise GraftError(f"{source}: {validation_problem(err, cls)}", "fix the plan file") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        from analysis.files import read_text
+
         path = Path(path)
         if not path.is_file():
             raise GraftError(f"no such plan file: {path}", "check the path")
-        return cls.from_yaml(path.read_text(), str(path))
+        return cls.from_yaml(read_text(path, "plan file"), str(path))
 
 
 def now() -> str:

@@ -174,7 +174,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path: Path, content: str, where: str,
     ("data: d.jsonl\nstops: []\n", "key 'stops'"),
     ("kind: generate\n", "missing key 'data'"),
     ("data: d.jsonl\nfilter: fuzzy\n", "unknown filter 'fuzzy'"),
-    ("data: d.jsonl\nkind: [\n", "malformed YAML"),
+    ("data: d.jsonl\nkind: [\n", "line 3, column 1: not valid YAML"),
     ("data: nothere.jsonl\n", "nothere.jsonl: no such file"),
 ])
 def test_bad_yaml(tmp_path: Path, yaml_text: str, words: str) -> None:

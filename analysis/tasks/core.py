@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from analysis.errors import GraftError
+from analysis.errors import GraftError, validation_problem
 from analysis.tasks.extract import Extraction, check_filter, clean_number, extract
 
 Kind = Literal["generate", "choice", "perplexity"]
@@ -275,6 +275,28 @@ class Task:
         """Generation kind: extract the answer from ``output`` and compare it with the item's."""
         return extract(output, str(item.answer), self.filter)
 
+    def fingerprint(self, with_retention: bool = True) -> str:
+        """sha256 of everything an evaluation of this task reads: its kind and config (templates,
+        filter, few-shot settings), every item of every split with its fields, the fixed few-shot
+        examples, the items dropped by :meth:`without` and (``with_retention``) the retention set's own
+        fingerprint. Two tasks with the same fingerprint score every model the same."""
+        import hashlib
+
+        digest = hashlib.sha256()
+
+        def add(value: Any) -> None:
+            digest.update(json.dumps(value, sort_keys=True, default=str, ensure_ascii=False).encode())
+            digest.update(b"\n")
+
+        add({"kind": self.kind, "config": self.config.model_dump(mode="json"), "has_splits": self.has_splits,
+             "excluded": sorted(map(list, self.excluded), key=str)})
+        for it in self.all_items:
+            add([it.split, it.id, dict(it.fields)])
+        add([[ex.prompt, ex.target] for ex in self.fixed_fewshot])
+        if with_retention:
+            add(self.retention.fingerprint() if self.retention is not None else None)
+        return digest.hexdigest()
+
     def with_options(self, **overrides: Any) -> Task:
         """A copy with config keys replaced (e.g. ``fewshot=0``), validated like a YAML."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -290,9 +312,8 @@ def _validate_config(raw: Mapping[str, Any], where: str) -> TaskConfig:
     try:
         config = TaskConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise GraftError(f"{where}: key {key!r}: {first['msg']}", "see docs/tasks.md for the task YAML schema") from None
+        raise GraftError(f"{where}: {validation_problem(err, TaskConfig)}",
+                         "see docs/tasks.md for the task YAML schema") from None
     if config.filter is not None:
         check_filter(config.filter, where)
     if config.metric is not None and config.metric not in ("strict", "flexible", "acc", "acc_norm"):
@@ -306,19 +327,21 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` pairs; bad JSON or non-objects raise naming file and line."""
     if not path.is_file():
         raise GraftError(f"{path}: no such file", "check the path (relative paths in a task YAML start at the YAML)")
+    from analysis.files import decode
+
     records: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GraftError(f"{path}:{n}: malformed JSON ({err.msg})", "write one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise GraftError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}",
-                                 "write one JSON object per line")
-            records.append((n, record))
+    text = decode(path.read_bytes(), path)
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GraftError(f"{path}:{n}: malformed JSON ({err.msg})", "write one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise GraftError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}",
+                             "write one JSON object per line")
+        records.append((n, record))
     if not records:
         raise GraftError(f"{path}: empty file", "add one JSON object per line")
     return records

@@ -6,8 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from analysis.errors import GraftError
 from analysis.tasks.builtin import BUILTINS, load_builtin
 from analysis.tasks.core import (
@@ -138,12 +136,9 @@ def _from_records(records: list[RawRecord], config: TaskConfig, *, source: str, 
 
 
 def _load_yaml(path: Path) -> Task:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise GraftError(f"{path}{line}: malformed YAML ({getattr(err, 'problem', err)})", "fix the YAML") from None
+    from analysis.files import parse_yaml, read_text
+
+    raw = parse_yaml(read_text(path, "task YAML"), path, "fix the YAML")
     if raw is None:
         raise GraftError(f"{path}: empty file", "write a task YAML (docs/tasks.md)")
     if not isinstance(raw, dict):
