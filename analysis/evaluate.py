@@ -47,16 +47,19 @@ class EvalResult:
     def accuracy(self) -> metrics.Accuracy:
         return metrics.accuracy_of(self.correct)
 
-    def save(self, out: str | Path) -> dict[str, str]:
-        """Write ``records.jsonl`` and ``summary.json`` into folder ``out``."""
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        rec_path, sum_path = folder / "records.jsonl", folder / "summary.json"
-        with rec_path.open("w", encoding="utf-8") as fh:
-            for r in self.records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        sum_path.write_text(json.dumps(self.summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        self.paths = {"records": str(rec_path), "summary": str(sum_path)}
+    def save(self, out: str | Path, *, force: bool = False, sources: Sequence[str | Path] = ()) -> dict[str, str]:
+        """Write ``records.jsonl`` and ``summary.json`` as folder ``out`` (staged: whole or not at all; an
+        existing ``out`` is replaced only with ``force``; ``out`` may not be, or lie inside, a source)."""
+        from analysis.files import staged
+
+        folder = Path(out).expanduser()
+        with staged(folder, force=force, sources=sources) as tmp:
+            with (tmp / "records.jsonl").open("w", encoding="utf-8") as fh:
+                for r in self.records:
+                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+        self.paths = {"records": str(folder / "records.jsonl"), "summary": str(folder / "summary.json")}
         return self.paths
 
 
@@ -536,19 +539,41 @@ def _window_batch(fwd: _Forward, batch: list[tuple[int, list[int]]], pad: int, t
 
 # -- the task-level entry point ---------------------------------------------------------------------
 
+def check_options(*, batch_size: int = 8, limit: int | None = None, max_new_tokens: int | None = None) -> None:
+    """The evaluation's numbers, checked before any work (one line each, naming the value)."""
+    if batch_size < 1:
+        raise GraftError(f"batch size must be at least 1, got {batch_size}", "pass a batch size of 1 or more")
+    if limit is not None and limit < 1:
+        raise GraftError(f"limit must be at least 1, got {limit}", "pass a limit of 1 or more (or none: every item)")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise GraftError(f"max_new_tokens must be at least 1, got {max_new_tokens}",
+                         "pass 1 or more (or none: the task's own)")
+
+
+def sources_of(model: Any, task: Any) -> list[Path]:
+    """The folders and files an evaluation reads (a model's folder, a task's file), where known."""
+    found = [getattr(getattr(model, "config", None), "_name_or_path", None), getattr(task, "source", task)]
+    return [Path(p) for p in found if isinstance(p, str | Path) and str(p) and Path(p).exists()]
+
+
 def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_new_tokens: int | None = None, out: str | Path | None = None,
         progress: bool = True, prefix: Prefix | None = None,
-        drafts: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
+        drafts: Mapping[str, Sequence[int]] | None = None, force: bool = False) -> EvalResult:
     """Evaluate ``model`` on ``task``'s ``split`` (None: ``test`` when the task has splits, else every
     item; ``"retention"``: the retention set, as perplexity). Writes records.jsonl + summary.json into
     ``out`` when given. A ``prefix`` (:class:`~analysis.prefix.Prefix` over ``model``) replays the
     layers it knows unchanged since an earlier evaluation of the same items (for generation, the
     prompts; not with drafts);
     ``drafts`` (item id → token ids a similar model generated) save generation tasks sequential steps
-    (see :func:`generate`)."""
-    if batch_size < 1:
-        raise GraftError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
+    (see :func:`generate`). ``out`` is written whole or not at all, and an existing one is replaced only
+    with ``force``."""
+    check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens)
+    sources = sources_of(model, task)
+    if out is not None:
+        from analysis.files import check_out
+
+        check_out(out, force=force, sources=sources)
     task = task if isinstance(task, Task) else load_task(task)
     split_name = task.resolve_split(split)
     items = task.items(split_name, limit)
@@ -581,7 +606,7 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
         summary["max_new_tokens"] = max_new_tokens or scored.max_new_tokens
     result = EvalResult(records, summary)
     if out is not None:
-        result.save(out)
+        result.save(out, force=force, sources=sources)
     return result
 
 

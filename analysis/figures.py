@@ -23,17 +23,20 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis import report  # noqa: E402
+from analysis.files import check_out, write_with  # noqa: E402
 from analysis.sweep import length_suffix  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
 
 def _save(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
+    """The figure as PNG and SVG, each file written whole or not at all."""
+    try:
+        paths = [write_with(folder / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=150,
+                                                                          bbox_inches="tight")),
+                 write_with(folder / f"{name}.svg", lambda tmp: fig.savefig(tmp, format="svg", bbox_inches="tight"))]
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -197,7 +200,8 @@ def make_all(run: str | Path, folder: str | Path | None = None) -> list[Path]:
     gets one set per length, named ``…-tokens{N}``."""
     run = Path(run)
     out = Path(folder) if folder is not None else run / "figures"
-    summaries = report.summarize(run)
+    summaries = report.summarize(run)  # a damaged run is refused before anything is written
+    check_out(out, replace=False, sources=[run / "results.jsonl", run / "config.yaml"])
     made: list[Path] = []
     for s in summaries:
         suffix = length_suffix(s.max_new_tokens, len(summaries) > 1)

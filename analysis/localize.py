@@ -16,6 +16,7 @@ for every component whatever the method, as a reference column.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -107,6 +108,7 @@ def localize(
     trust_remote_code: bool = False,
     progress: bool = True,
     probe: Probe | None = None,
+    force: bool = False,
 ) -> Localization:
     """Score every component of the asked kinds by ``method`` on the task's probe split, rank them,
     and make a plan of the top K (for each K in ``top``) at strength ``alpha``.
@@ -123,6 +125,7 @@ def localize(
     (necessity) beside donor → target; ``per_position`` adds block patching per position. Models may be
     passed already loaded, and a probe already built. ``split``: the task split read as the probe
     (``probe``; e.g. ``train`` for a task that has one) — never the split a study chooses or reports on.
+    ``out`` is written whole or not at all; an existing one is replaced only with ``force``.
     """
     from analysis import patching, weightspace
 
@@ -143,6 +146,16 @@ def localize(
         raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(patching.METRICS)}")
     if answers not in probe_mod.ANSWER_SOURCES:
         raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(probe_mod.ANSWER_SOURCES)}")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise GraftError(f"strength α={alpha} for the plans is outside [0, 1]", "pass --alpha between 0 and 1")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise GraftError(f"batch size and limit must be at least 1, got {batch_size} and {limit}",
+                         "pass 1 or more")
+    sources = _sources(donor, target, task)
+    if out is not None:
+        from analysis.files import check_out
+
+        check_out(out, force=force, sources=sources)
     dataless = method in ("weight", "random")
     start = time.perf_counter()
 
@@ -258,8 +271,35 @@ def localize(
     meta["wall_s"] = round(time.perf_counter() - start, 3)
     result = Localization(method, table, ranking, plans, meta, position_table)
     if out is not None:
-        write(result, Path(out), figures=figures)
+        from analysis.files import staged
+
+        final = Path(out).expanduser()
+        with staged(final, force=force, sources=sources) as tmp:
+            paths = write(result, tmp, figures=figures)
+        result.paths = {name: str(final / Path(path).name) for name, path in paths.items()}
     return result
+
+
+def _sources(*refs: Any) -> list[Path]:
+    """The files and folders behind model and task references (an output may not go there)."""
+    from analysis.models import LoadedModel, source_paths
+    from analysis.tasks import Task
+
+    paths: list[Path] = []
+    for ref in refs:
+        if isinstance(ref, LoadedModel):
+            paths += source_paths(ref.ref)
+            continue
+        if isinstance(ref, Task):
+            ref = ref.source
+        if ref is None:
+            continue
+        if Path(ref).exists():  # a model folder, a .gguf or a task file
+            paths.append(Path(ref))
+            continue
+        with contextlib.suppress(GraftError):  # demo:NAME, a hub id
+            paths += source_paths(ref)
+    return paths
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import struct
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,7 +55,8 @@ from analysis.checkpoint import (
     torch_dtype,
 )
 from analysis.errors import GraftError
-from analysis.models import PICKLE_SUFFIXES, LoadedModel, load_config
+from analysis.files import check_out, moment, staged
+from analysis.models import PICKLE_SUFFIXES, LoadedModel, load_config, source_paths
 from analysis.plan import Plan, now
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ def edits_for(plan: Plan, lay: units.Layout, *, allow_extrapolation: bool = Fals
     if not plan.components:
         raise GraftError("the plan has no components", "add components to the plan, or pass --components")
     for cid, alpha in plan.strengths().items():
+        if not math.isfinite(alpha):
+            raise GraftError(f"strength α={alpha} for {cid} is not a finite number", "give a number, usually in [0, 1]")
         if not (0.0 <= alpha <= 1.0) and not allow_extrapolation:
             raise GraftError(f"strength α={alpha} for {cid} is outside [0, 1]",
                              "use 0 ≤ α ≤ 1, or pass --allow-extrapolation")
@@ -250,6 +253,8 @@ def applied(
 # --- validation ----------------------------------------------------------------------------------
 
 def _resolve_plan(plan: Plan | str | Path | None, components: list[str] | None, strength: float | None) -> Plan:
+    if strength is not None and not math.isfinite(strength):
+        raise GraftError(f"strength α={strength} is not a finite number", "pass a number, usually in [0, 1]")
     if plan is not None and components:
         raise GraftError("both a plan and components were given", "pass either --plan or --components")
     if plan is None and not components:
@@ -366,10 +371,11 @@ class _Jobs:
 class _Hashes:
     """The sources' sha256: remembered ones at once, the others computed as jobs (first in the queue)."""
 
-    def __init__(self, jobs: _Jobs, *sources: Checkpoint) -> None:
+    def __init__(self, jobs: _Jobs, *sources: Checkpoint, verify: bool = False) -> None:
         self._parts: list[list[tuple[str, str | Future[str]]]] = []
         for ck in sources:
-            self._parts.append([(f.name, cached_sha256(f) or jobs.submit(file_sha256, f)) for f in ck.hashed_files()])
+            self._parts.append([(f.name, (None if verify else cached_sha256(f)) or jobs.submit(file_sha256, f, verify))
+                                for f in ck.hashed_files()])
 
     def placeholders(self) -> list[dict[str, str]]:
         """Stand-ins as long as any real answer's YAML: an all-digit hex digest gets quoted."""
@@ -528,6 +534,7 @@ def _copy_small_files(src: Path, tmp: Path) -> None:
 def _copy_gaps(file: Path, fd: int, gaps: list[tuple[int, int]]) -> None:
     for start, end in gaps:
         _copy_range(file, fd, start, start, end - start)
+    moment(f"copied {file.name}")
 
 
 def _write_folder(tmp: Path, tck: Checkpoint, outs: list[_Out], jobs: _Jobs) -> None:
@@ -539,6 +546,7 @@ def _write_folder(tmp: Path, tck: Checkpoint, outs: list[_Out], jobs: _Jobs) -> 
     """
     assert tck.infos is not None and tck.ref.path is not None
     _copy_small_files(tck.ref.path, tmp)
+    moment("small files copied")
     changed = {o.name: o for o in outs}
     by_file: dict[Path, list[TensorInfo]] = {}
     for info in tck.infos.values():
@@ -603,31 +611,6 @@ def _write_patch(tmp: Path, outs: list[_Out], plan: Plan, hashes: _Hashes, jobs:
 # --- to disk -------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _staged(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder beside ``out``, renamed to ``out`` only when the block completes."""
-    out = out.expanduser()
-    if out.exists() and not force:
-        raise GraftError(f"{out} already exists", "choose another --out, or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.graftlm-", dir=out.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output is an ordinary folder
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """One torch thread while copying and hashing: idle OpenMP workers spin and starve those otherwise."""
     import torch
@@ -655,9 +638,8 @@ def transplant(
     trust_remote_code: bool = False,
 ) -> Path:
     """Write the transplanted target to ``out``: an HF folder, or a graft patch with ``patch=True``."""
-    out = Path(out)
-    if out.exists() and not force:  # before any work: the answer does not depend on it
-        raise GraftError(f"{out} already exists", "choose another --out, or pass --force to replace it")
+    sources = [*source_paths(donor), *source_paths(target), *([Path(plan)] if isinstance(plan, str | Path) else [])]
+    out = check_out(out, force=force, sources=sources)  # before any work: the answer does not depend on it
     _resolve_plan(plan, components, strength)  # cheap argument errors first
     tck, dck = (Checkpoint.open(x, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
                 for x in (target, donor))
@@ -665,7 +647,7 @@ def transplant(
     materialize = not patch and not tck.streamable  # GGUF / pickle target: saved from the loaded model
     outs, needs_torch = ([], True) if materialize else _outs(edits, tck, dck)
     # The pool sits inside the staging folder's block: on an error, running jobs finish before the folder goes.
-    with (_staged(out, force) as tmp, _Jobs() as jobs,
+    with (staged(out, force=force, sources=sources) as tmp, _Jobs() as jobs,
           _torch_threads(1) if needs_torch else contextlib.nullcontext()):
         hashes = _Hashes(jobs, dck, tck)
         if patch:
@@ -720,18 +702,22 @@ def read_patch(patch: str | Path) -> tuple[Plan, dict[str, torch.Tensor]]:
 
 
 def apply_patch(target: str | Path, patch: str | Path, *, out: str | Path, force: bool = False,
-                allow_pickle: bool = False) -> Path:
-    """Rebuild the transplanted folder from its target and a graft patch, checking the target's hashes."""
+                allow_pickle: bool = False, verify: bool = False) -> Path:
+    """Rebuild the transplanted folder from its target and a graft patch, checking the target's hashes.
+
+    The target's sha256 are remembered between runs (by path, size, inode, mtime, and the ctime they
+    were computed at: an edit in place is hashed again); ``verify`` hashes them anew regardless."""
+    sources = [*source_paths(target), Path(patch)]
+    out = check_out(out, force=force, sources=sources)
     file, plan, infos = _patch_layout(patch)
     tck = Checkpoint.open(target, allow_pickle=allow_pickle)
     for name, info in infos.items():
         if name not in tck or tck.shape(name) != info.shape:
             raise GraftError(f"patch tensor {name} does not fit the target", "apply the patch to its own target")
     raw = tck.streamable and all(tck.st_dtype(n) == i.dtype for n, i in infos.items())
-    out = Path(out)
-    with (_staged(out, force) as tmp, _Jobs() as jobs,
+    with (staged(out, force=force, sources=sources) as tmp, _Jobs() as jobs,
           _torch_threads(1) if not raw else contextlib.nullcontext()):
-        hashes = _Hashes(jobs, tck)
+        hashes = _Hashes(jobs, tck, verify=verify)
         if raw:  # the patch holds the final bytes: the kernel copies them in like the rest
             outs = [_Out(n, i.dtype, i.shape, i.nbytes, (partial(_copy_patch_tensor, i),)) for n, i in infos.items()]
             _write_folder(tmp, tck, outs, jobs)

@@ -299,3 +299,42 @@ def test_gguf_target_is_written_as_safetensors_with_the_same_logits(tiny_pairs, 
     with torch.no_grad():  # and it is the HF target plus the transplant, not the target alone
         plain = AutoModelForCausalLM.from_pretrained(target_folder).eval()(ids).logits
         assert not torch.allclose(written(ids).logits, plain)
+
+
+def test_apply_patch_rehashes_a_target_edited_in_place(tiny_pairs, tmp_path: Path) -> None:
+    """Remembered hashes are keyed on path, size, inode and mtime — and trusted only while the file's
+    ctime is the one they were computed at: a target edited in place with its mtime set back is hashed
+    again and refused; --verify hashes anew whatever was remembered."""
+    import shutil
+    import time
+
+    from analysis.checkpoint import cached_sha256, file_sha256
+    from analysis.errors import GraftError
+
+    donor, target = tiny_pairs("llama")
+    copy = tmp_path / "target"
+    shutil.copytree(target, copy)
+    patch = transplant(donor, copy, components=["L0.mlp"], out=tmp_path / "patch", patch=True)
+    weights = copy / "model.safetensors"
+    assert cached_sha256(weights) == file_sha256(weights)
+    stat = weights.stat()
+    time.sleep(0.05)
+    with open(weights, "r+b") as fh:
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x00\x80\x3f")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached_sha256(weights) is None  # the edit changed the ctime: nothing remembered is trusted
+    with pytest.raises(GraftError, match="another target"):
+        apply_patch(copy, patch, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    # a remembered hash that is wrong although the file's stat did not change (a file system without a
+    # trustworthy ctime, say): trusted by default, not with --verify
+    from analysis import checkpoint
+
+    shutil.copytree(target, copy, dirs_exist_ok=True)
+    key, ctime = checkpoint._cache_key(weights)
+    checkpoint._write_hash_cache({**checkpoint._read_hash_cache(), key: {"sha256": "0" * 64, "ctime_ns": ctime}})
+    with pytest.raises(GraftError, match="another target"):
+        apply_patch(copy, patch, out=tmp_path / "o")
+    assert apply_patch(copy, patch, out=tmp_path / "o", verify=True).is_dir()
+    assert cached_sha256(weights) == file_sha256(target / "model.safetensors")  # and remembered right
