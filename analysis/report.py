@@ -19,12 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from analysis import metrics
 from analysis.errors import GraftError
+from analysis.files import parse_yaml, read_text, write_file
 from analysis.methods import named
-from analysis.sweep import KGrid, dropped_line, length_suffix, plan_file, rankings_meta, short_name, swapped
+from analysis.sweep import (
+    KGrid,
+    dropped_line,
+    length_suffix,
+    plan_file,
+    rankings_meta,
+    read_results,
+    short_name,
+    swapped,
+)
 
 
 @dataclass
@@ -66,18 +74,41 @@ class Summary:
 
 
 def read_rows(run: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """RUN's config (as a dict) and its results, each key once (the last line written for it)."""
     run = Path(run)
     path = run / "results.jsonl"
+    if not run.is_dir():
+        raise GraftError(f"{run} is not a run folder" if run.exists() else f"no such run folder: {run}",
+                         "pass a folder written by `graftlm sweep`")
     if not path.is_file():
         raise GraftError(f"{run} holds no results.jsonl", "pass a folder written by `graftlm sweep`")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    return config, rows
+    by_key, _, _ = read_results(path, strict=True)
+    for row in by_key.values():
+        if not _well_formed(row):
+            raise GraftError(f"{path}: the line of {row['key']!r} lacks fields a result has",
+                             "restore the file, or rerun the sweep into a new --out")
+    config = {}
+    if (run / "config.yaml").is_file():
+        config = parse_yaml(read_text(run / "config.yaml", "config.yaml"), run / "config.yaml", "restore the file")
+    return config if isinstance(config, dict) else {}, list(by_key.values())
+
+
+# What each kind of results line holds (an evaluation holds accuracy or perplexity besides).
+ROW_FIELDS = {"order": ("max_new_tokens", "donor", "target", "donor_ref", "target_ref"),
+              "evaluation": ("phase", "split", "who", "items")}
+
+
+def _well_formed(row: dict[str, Any]) -> bool:
+    kind = "order" if row.get("phase") == "order" else "evaluation"
+    if not all(f in row for f in ROW_FIELDS[kind]):
+        return False
+    if kind == "order":
+        return True
+    if row["who"] == "transplant" and not all(f in row for f in ("method", "top_k", "alpha", "seed")):
+        return False
+    numbers = ("k", "n") if row.get("perplexity") is None else ("perplexity",)
+    return (isinstance(row["items"], list) and all(isinstance(i, dict) and "id" in i for i in row["items"])
+            and all(isinstance(row.get(f), int | float) and not isinstance(row.get(f), bool) for f in numbers))
 
 
 def _acc(row: dict[str, Any]) -> metrics.Accuracy:
@@ -376,10 +407,19 @@ HEADER = ["", "model / point", "test accuracy (k/n; 95% CI)", "TIR", "gap recove
           "retention ppl (Δ, 95% CI)"]
 
 
+def _environment(run: Path) -> dict[str, Any]:
+    """RUN/environment.json (empty when missing or damaged: it only adds the command and versions)."""
+    try:
+        env = json.loads(read_text(run / "environment.json"))
+    except (GraftError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
 def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
     run = Path(run)
     summaries = summarize(run)
-    env = json.loads((run / "environment.json").read_text()) if (run / "environment.json").is_file() else {}
+    env = _environment(run)
     parts = ["# graftlm sweep report", ""]
     for s in summaries:
         length = f" (max_new_tokens = {s.max_new_tokens})" if s.max_new_tokens else ""
@@ -463,8 +503,8 @@ def write(run: str | Path) -> Path:
     run = Path(run)
     made = figs.make_all(run)
     md = markdown(run, [p for p in made if p.suffix == ".png"])
-    (run / "report.md").write_text(md)
-    (run / "report.html").write_text(_html(md, run))
+    write_file(run / "report.md", md)
+    write_file(run / "report.html", _html(md, run))
     return run / "report.md"
 
 

@@ -26,9 +26,11 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +38,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from analysis.errors import GraftError
+from analysis.errors import GraftError, validation_problem
+from analysis.files import check_out, parse_yaml, read_text, write_file
 from analysis.methods import Method
 from analysis.plan import Plan
 
@@ -67,19 +70,19 @@ class SweepConfig(BaseModel):
                                                 "per decoding length")
     task: str
     retention: str | None = Field(None, description="off-task set (perplexity); default: the task's own")
-    methods: list[Method] = Field(default_factory=lambda: ["attribution"])
+    methods: list[Method] = Field(default_factory=lambda: ["attribution"], min_length=1)
     answers: Literal["donor", "reference"] = Field(
         "donor", description="what localization forces as the answer: the donor's own outputs on the probe items "
                              "it gets right, or the task's target template rendered with the gold answer")
     metric: Literal["logprob", "logit_diff"] = Field(
         "logprob", description="the causal methods' metric on the forced answers")
     components: list[Literal["head", "kv", "group", "mlp", "attn", "neuron", "linear", "layer"]] = Field(
-        default_factory=lambda: ["head", "kv", "mlp"],
+        default_factory=lambda: ["head", "kv", "mlp"], min_length=1,
         description="kinds ranked and transplanted; kv (GQA models' KV heads) has none without GQA")
     k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
                                description="numbers of components, or shares of them such as 5%")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    max_new_tokens: list[int | None] = Field(default_factory=lambda: [None])
+    max_new_tokens: list[int | None] = Field(default_factory=lambda: [None], min_length=1)
     controls: Controls = Field(default_factory=Controls)
     splits: dict[Literal["probe", "dev", "test"], str] = Field(
         default_factory=lambda: dict(DEFAULT_SPLITS),
@@ -88,12 +91,12 @@ class SweepConfig(BaseModel):
     overlap: Literal["error", "drop"] = Field(
         "error", description="items shared by probe, dev and test: refuse the task, or drop them from probe "
                              "and dev (test stays whole); drop here wins over the task's own overlap")
-    probe_limit: int | None = None
-    dev_limit: int | None = None
-    test_limit: int | None = None
-    retention_limit: int | None = 100
-    batch_size: int = 32
-    reuse_memory_gb: float = Field(2.0, ge=0, description="memory (on the device) for the activations below the transplant, "
+    probe_limit: int | None = Field(None, ge=1)
+    dev_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    retention_limit: int | None = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)
+    reuse_memory_gb: float = Field(2.0, ge=0, allow_inf_nan=False, description="memory (on the device) for the activations below the transplant, "
                                    "kept across points (scoring tasks; the prompts of generation tasks, with "
                                    "their keys and values); 0 turns reuse off")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -111,6 +114,13 @@ class SweepConfig(BaseModel):
                 shares.setdefault(share_of(k), k.strip())
         # integers first, in order (a list of integers alone keeps its old form and hash), then shares
         return [*sorted({k for k in ks if isinstance(k, int)}), *(shares[v] for v in sorted(shares))]
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_lengths(cls, lengths: list[int | None]) -> list[int | None]:
+        if any(n is not None and n < 1 for n in lengths):
+            raise ValueError("max_new_tokens values must be at least 1 (or null: the task's own)")
+        return lengths
 
     @field_validator("alpha")
     @classmethod
@@ -133,17 +143,21 @@ class SweepConfig(BaseModel):
     def load(cls, path: str | Path) -> SweepConfig:
         path = Path(path)
         if not path.is_file():
+            if path.is_dir():
+                raise GraftError(f"{path} is a folder, not a sweep config", "pass a YAML file (see examples/demo.yaml)")
             raise GraftError(f"no such sweep config: {path}", "pass a YAML file (see examples/demo.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise GraftError(f"{path}: not valid YAML ({err})".splitlines()[0], "fix the config") from err
+        return cls.parse(read_text(path, "sweep config"), path)
+
+    @classmethod
+    def parse(cls, text: str, source: str | Path) -> SweepConfig:
+        """A config from YAML text, or one line naming what is wrong (``source`` names the file)."""
+        data = parse_yaml(text, source, "fix the config")
+        if data is not None and not isinstance(data, dict):
+            raise GraftError(f"{source}: a sweep config is a mapping of keys (see docs/sweep.md)", "fix the config")
         try:
             return cls.model_validate(data or {})
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise GraftError(f"{path}: {where}: {first['msg']}", "fix the config") from err
+            raise GraftError(f"{source}: {validation_problem(err, cls)}", "fix the config (keys: docs/sweep.md)") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -200,29 +214,40 @@ def resolve_k(ks: list[int | str], n: int) -> KGrid:
 
 # --- the run folder ------------------------------------------------------------------------------
 
+def read_results(path: Path, *, strict: bool = False) -> tuple[dict[str, dict[str, Any]], list[bytes], bool]:
+    """RUN/results.jsonl → its rows by key (a key written twice counts once: the last line wins), the
+    whole lines, and whether a torn line was left out. A kill can only cut the last line; ``strict``
+    refuses a file that is broken before that (the report's reader), otherwise everything from the
+    first broken line on is left out (and computed again by a resumed sweep)."""
+    try:
+        lines = [ln for ln in path.read_bytes().split(b"\n") if ln.strip()]
+    except FileNotFoundError:
+        return {}, [], False
+    rows: dict[str, dict[str, Any]] = {}
+    good: list[bytes] = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            if strict and n < len(lines):
+                raise GraftError(f"{path} line {n} is not a result line (a JSON object with a key)",
+                                 "restore the file, or rerun the sweep into a new --out")
+            break  # a line cut by a kill: everything after it is lost with it
+        rows[row["key"]] = row
+        good.append(line)
+    return rows, good, len(good) != len(lines)
+
+
 class Results:
     """RUN/results.jsonl: one line per finished evaluation, keyed; read back on resume."""
 
     def __init__(self, run: Path) -> None:
         self.path = run / "results.jsonl"
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            lines = self.path.read_bytes().split(b"\n")
-            good = []
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: everything after it is lost with it
-                self.rows[row["key"]] = row
-                good.append(line)
-            # rewrite without the torn tail so the next append starts on a clean line
-            if len(good) != len([ln for ln in lines if ln.strip()]):
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_bytes(b"".join(g + b"\n" for g in good))
-                os.replace(tmp, self.path)
+        self.rows, good, torn = read_results(self.path)
+        if torn:  # rewrite without the torn tail so the next append starts on a clean line
+            write_file(self.path, b"".join(g + b"\n" for g in good), fsync=True)
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -244,25 +269,125 @@ class Results:
                 yield row
 
 
-def _refuse_another_config(config: SweepConfig, out: Path) -> None:
+def _stored_config(out: Path) -> SweepConfig | None:
     stored = out / "config.yaml"
-    if stored.is_file():
-        previous = SweepConfig.model_validate(yaml.safe_load(stored.read_text()))
-        if previous.digest() != config.digest():
-            raise GraftError(f"{out} holds a run of another config (hash {previous.digest()} ≠ {config.digest()})",
-                             "use a new --out, or rerun with the config stored in it")
-
-
-def open_run(config: SweepConfig, out: Path) -> Results:
-    """Create or resume RUN (a different config stored there was refused before the inputs were loaded)."""
-    out.mkdir(parents=True, exist_ok=True)
-    stored = out / "config.yaml"
-    digest = config.digest()
     if not stored.is_file():
-        tmp = stored.with_suffix(".tmp")
-        tmp.write_text(f"# config hash {digest}\n" + config.to_yaml())
-        os.replace(tmp, stored)
+        return None
+    try:
+        return SweepConfig.parse(read_text(stored, "config.yaml"), stored)
+    except GraftError as err:
+        raise GraftError(f"{out} is not a sweep's run folder ({err.problem})",
+                         "use a new --out, or a folder written by `graftlm sweep`") from None
+
+
+def _holds_results(out: Path) -> bool:
+    """Has anything been computed in RUN (results or rankings)? Before that, its config may be replaced."""
+    results = out / "results.jsonl"
+    return (results.is_file() and results.stat().st_size > 0) or any((out / "rankings").glob("*.json"))
+
+
+def _refuse_another_config(config: SweepConfig, out: Path) -> None:
+    previous = _stored_config(out)
+    if previous is not None and previous.digest() != config.digest() and _holds_results(out):
+        raise GraftError(f"{out} holds a run of another config (hash {previous.digest()} ≠ {config.digest()})",
+                         "use a new --out, or rerun with the config stored in it")
+
+
+INPUTS = "inputs.json"  # what a run's results were computed from: content hashes, beside config.yaml
+
+
+def input_identity(task: Any, retention: Any, donor: dict[str, str], target: dict[str, str]) -> dict[str, Any]:
+    """What every result of a study depends on besides its config, by content: the task's items and
+    settings (all splits), the retention set, and the sha256 of both models' weights, config and
+    tokenizer files (``donor``, ``target``: :func:`analysis.checkpoint.fingerprint`)."""
+    return {"task": task.fingerprint(with_retention=False),
+            "retention": retention.fingerprint() if retention is not None else None, "donor": donor, "target": target}
+
+
+def _changed_inputs(stored: dict[str, Any], now: dict[str, Any], cfg: SweepConfig) -> list[str]:
+    said = []
+    if stored.get("task") != now["task"]:
+        said.append(f"the task's items or settings ({cfg.task})")
+    if stored.get("retention") != now["retention"]:
+        said.append(f"the retention set ({cfg.retention})" if cfg.retention else "the task's retention set")
+    for who, ref in (("donor", cfg.donor), ("target", cfg.target)):
+        before, after = stored.get(who) or {}, now[who]
+        files = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+        if files:
+            said.append(f"the {who}'s files ({', '.join(files)} of {ref})")
+    return said
+
+
+def _refuse_other_inputs(out: Path, identity: dict[str, Any], cfg: SweepConfig) -> bool:
+    """Refuse a run folder whose results came from other inputs; True when RUN/inputs.json is there."""
+    path = out / INPUTS
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(read_text(path, INPUTS))
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise GraftError(f"{path} is damaged", "use a new --out (its results cannot be tied to their inputs)")
+    changed = _changed_inputs(stored, identity, cfg)
+    if changed and _holds_results(out):
+        raise GraftError(f"{out} was computed from other inputs: {'; '.join(changed)} changed since",
+                         "use a new --out (resuming would mix results of two studies), or restore those inputs")
+    return not changed
+
+
+def open_run(config: SweepConfig, out: Path, identity: dict[str, Any] | None = None) -> Results:
+    """Create or resume RUN, under its lock (:func:`run_lock`): a different config or different inputs
+    stored there are refused (checked once more, now that no other sweep can write)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _refuse_another_config(config, out)
+    same_inputs = identity is not None and _refuse_other_inputs(out, identity, config)
+    previous = _stored_config(out)
+    if previous is None or previous.digest() != config.digest():
+        write_file(out / "config.yaml", f"# config hash {config.digest()}\n" + config.to_yaml())
+    if identity is not None and not same_inputs:
+        write_file(out / INPUTS, json.dumps(identity, indent=1) + "\n")
     return Results(out)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold RUN/.lock (an exclusive ``flock``, with this process's pid in it) for as long as a sweep
+    writes RUN; a second sweep on the same folder is refused, naming the first one's pid. A run folder
+    this call created is removed again when the block fails before anything was computed in it."""
+    import fcntl
+
+    fresh = not out.exists()
+    mine = False  # the lock, or (a fresh folder) nobody else's
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise GraftError(f"{out} is in use by another sweep (pid {_holder(fd)})",
+                                 "wait for it to finish, or use another --out") from None
+            mine = True
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+    except BaseException:
+        if fresh and (mine or not (out / ".lock").exists()) and not _holds_results(out):
+            shutil.rmtree(out, ignore_errors=True)  # a study that computed nothing leaves no folder behind
+        raise
+
+
+def _holder(fd: int) -> str:
+    """The pid in a lock file another sweep holds (it writes it just after taking the lock)."""
+    for _ in range(50):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
 
 
 # --- evaluation of one point ---------------------------------------------------------------------
@@ -297,27 +422,60 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     """Run (or resume) the study of ``config`` into folder ``out``; returns ``out``."""
     import torch
 
-    from analysis import probe as probe_mod
-    from analysis import tasks, units
-    from analysis.evaluate import run as evaluate
-    from analysis.models import load, require_same_shapes
-    from analysis.prefix import Prefix, lowest_layer
-    from analysis.transplant import applied
+    from analysis import tasks
+    from analysis.checkpoint import fingerprint
+    from analysis.models import check_device, load, require_same_shapes
 
     cfg = config if isinstance(config, SweepConfig) else SweepConfig.load(config)
-    run_dir = Path(out)
+    run_dir = Path(out).expanduser()
+    # Everything that can be wrong with the inputs is found before RUN is created or written.
+    check_out(run_dir, replace=False, sources=_sources(cfg, config))
+    check_device(cfg.device)
     _refuse_another_config(cfg, run_dir)
     torch.manual_seed(cfg.seed)
-    # Everything that can be wrong with the inputs is found before RUN is created.
     task = tasks.load(cfg.task)
     splits, task, dropped = _check_splits(task, cfg)  # from here on, probe and dev without what test holds
     retention_task = tasks.load(cfg.retention) if cfg.retention else (task if task.retention is not None else None)
     retention_split = "retention" if cfg.retention is None else None
-    # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
-    models = {"a": load(cfg.donor, dtype=cfg.dtype, device=cfg.device),
-              "b": load(cfg.target, dtype=cfg.dtype, device=cfg.device)}
-    require_same_shapes(models["a"], models["b"])
-    results = open_run(cfg, run_dir)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the weights hash while the models load (cached: once)
+        hashed = {who: pool.submit(fingerprint, ref) for who, ref in (("donor", cfg.donor), ("target", cfg.target))}
+
+        def identity() -> dict[str, Any]:
+            own = retention_task if cfg.retention else task.retention
+            return input_identity(task, own, hashed["donor"].result(), hashed["target"].result())
+        if (run_dir / INPUTS).is_file():  # a resumed run: changed inputs are refused before anything loads
+            _refuse_other_inputs(run_dir, identity(), cfg)
+        # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
+        models = {"a": load(cfg.donor, dtype=cfg.dtype, device=cfg.device),
+                  "b": load(cfg.target, dtype=cfg.dtype, device=cfg.device)}
+        require_same_shapes(models["a"], models["b"])
+        inputs = identity()
+    with run_lock(run_dir):
+        return _study(cfg, run_dir, open_run(cfg, run_dir, inputs), task, splits, dropped, retention_task,
+                      retention_split, models, progress, on_point)
+
+
+def _sources(cfg: SweepConfig, config: SweepConfig | str | Path) -> list[Path]:
+    """What a study reads: a run folder may not be, or lie inside, any of them."""
+    from analysis.models import source_paths
+
+    paths = [p for ref in (cfg.donor, cfg.target) for p in source_paths(ref)]
+    paths += [Path(ref) for ref in (cfg.task, cfg.retention) if ref and Path(ref).exists()]
+    if not isinstance(config, SweepConfig):
+        paths.append(Path(config))
+    return paths
+
+
+def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits: dict[str, str], dropped: Dropped,
+           retention_task: Any, retention_split: str | None, models: dict[str, Any], progress: bool,
+           on_point: Callable[[Point, dict[str, Any]], None] | None) -> Path:
+    """The study proper, in a run folder this process holds: grid, choices, controls."""
+    from analysis import probe as probe_mod
+    from analysis import units
+    from analysis.evaluate import run as evaluate
+    from analysis.prefix import Prefix, lowest_layer
+    from analysis.transplant import applied
+
     lay = units.layout(models["a"].model.config,
                        {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
     lengths = cfg.max_new_tokens if task.kind == "generate" else [None]
@@ -486,7 +644,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     env["reuse"] = {"forward_calls_replayed": sum(p.stats.replayed for p in prefixes.values()),
                     "layer_forwards_skipped": sum(p.stats.skipped_layers for p in prefixes.values()),
                     "forward_calls_full": sum(p.stats.full for p in prefixes.values())}
-    (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    write_file(run_dir / "environment.json", json.dumps(env, indent=2))
     return run_dir
 
 
@@ -612,7 +770,7 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
     name = f"{method}{'-reversed' if reverse else ''}"
     for cache in (run_dir / "rankings" / f"{name}{suffix}.json", run_dir / "rankings" / f"{name}.json"):
         if cache.is_file():
-            data = json.loads(cache.read_text())
+            data = read_ranking(cache)
             # runs written before rankings kept their metadata hold the list alone, for every length
             if isinstance(data, list) or cache.stem == f"{name}{suffix}":
                 return [tuple(x) for x in (data if isinstance(data, list) else data["ranking"])]  # type: ignore[misc]
@@ -625,14 +783,22 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
                       progress=False)
     ranked = [(cid, float(result.scores.loc[cid, "score"])) for cid in result.ranking]
     meta = {**result.meta, "wall_s": round(time.perf_counter() - started, 3)}
-    cache.parent.mkdir(exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"method": method, "ranking": [[cid, score] for cid, score in ranked],
-                               "meta": meta}, default=str))
-    os.replace(tmp, cache)
+    write_file(cache, json.dumps({"method": method, "ranking": [[cid, score] for cid, score in ranked],
+                                  "meta": meta}, default=str))
     say(f"localized by {method} on the probe split in {meta['wall_s']:.1f} s; "
         f"top 3: {', '.join(cid for cid, _ in ranked[:3])}")
     return ranked
+
+
+def read_ranking(path: Path) -> Any:
+    """A ranking file of RUN/rankings as written: a dict (a list in runs before rankings kept metadata)."""
+    try:
+        data = json.loads(read_text(path, "ranking"))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict | list) or (isinstance(data, dict) and not isinstance(data.get("ranking"), list)):
+        raise GraftError(f"{path} is not a ranking written by graftlm", "delete it (the sweep localizes again)")
+    return data
 
 
 def rankings_meta(run: str | Path) -> dict[str, dict[str, Any]]:
@@ -640,7 +806,7 @@ def rankings_meta(run: str | Path) -> dict[str, dict[str, Any]]:
     what each localization forced, on how many probe items, its metric and checks, its wall."""
     out = {}
     for path in sorted((Path(run) / "rankings").glob("*.json")):
-        data = json.loads(path.read_text())
+        data = read_ranking(path)
         if isinstance(data, dict):
             out[path.stem] = data.get("meta", {})
     return out

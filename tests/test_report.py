@@ -181,3 +181,15 @@ def test_each_decoding_length_gets_its_own_figures(tmp_path: Path) -> None:
     names = {p.name for p in figures.make_all(run)}
     assert {"recovery-tokensdefault.png", "recovery-tokens16.png", "accuracy_vs_k-tokens16.svg"} <= names
     assert not any(n.startswith("recovery.") for n in names)
+
+
+def test_a_key_written_twice_counts_once(tmp_path: Path) -> None:
+    """Two writers once doubled every line (and the pooled random control with them): a key counts once,
+    its last line wins, and the verdict is the one the single run gives."""
+    once = write_run(tmp_path / "once", [i % 10 < 6 for i in range(100)])
+    twice = write_run(tmp_path / "twice", [i % 10 < 6 for i in range(100)])
+    lines = (twice / "results.jsonl").read_text()
+    (twice / "results.jsonl").write_text(lines + lines)
+    (a,), (b,) = report.summarize(once), report.summarize(twice)
+    assert a.random_pooled == b.random_pooled and a.verdict == b.verdict
+    assert sum(1 for _ in report.read_rows(twice)[1]) == len(lines.splitlines())

@@ -73,6 +73,94 @@ def test_resume_with_another_config_is_refused(study: tuple[Path, SweepConfig], 
         sweep(changed, tmp_path / "run", progress=False)
 
 
+def small(cfg: SweepConfig, **update: object) -> SweepConfig:
+    """The study on a few items: a handful of quick evaluations."""
+    return SweepConfig.model_validate({**cfg.model_dump(), "k": [1], "alpha": [1.0], "dev_limit": 2, "test_limit": 2,
+                                       "retention_limit": 2, "probe_limit": 2,
+                                       "controls": {"random_seeds": [0], "copy_all": False, "weight": False},
+                                       **update})
+
+
+def test_resume_after_an_input_changed_is_refused(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """Resume keys on content, not paths: gold answers changed in the task file, a retention text changed,
+    a weight file edited in place — each refuses the rerun with one line naming what changed; restored,
+    the run resumes with nothing to compute."""
+    import shutil
+
+    root, cfg = study
+    for name in ("task.yaml", "task.jsonl", "ret.jsonl"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "target", tmp_path / "target")
+    mine = small(cfg, task=str(tmp_path / "task.yaml"), target=str(tmp_path / "target"))
+    run = sweep(mine, tmp_path / "run", progress=False)
+    done = per_item(run)
+    assert json.loads((run / "inputs.json").read_text())["target"]["model.safetensors"]
+    edits = {"task.jsonl": (lambda t: t.replace('"answer": "1', '"answer": "9'), "the task's items or settings"),
+             "ret.jsonl": (lambda t: t.replace("cat", "dog"), "the task's retention set")}
+    for name, (edit, said) in edits.items():
+        original = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(edit(original))
+        with pytest.raises(GraftError, match="computed from other inputs") as err:
+            sweep(mine, run, progress=False)
+        assert said in str(err.value) and "\n" not in str(err.value)
+        (tmp_path / name).write_text(original)
+    weights = tmp_path / "target" / "model.safetensors"
+    original_bytes = weights.read_bytes()
+    with open(weights, "r+b") as fh:  # the same size, the same path: only the content differs
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x00\x80\x3f")
+    with pytest.raises(GraftError, match=r"the target's files \(model.safetensors of "):
+        sweep(mine, run, progress=False)
+    weights.write_bytes(original_bytes)
+    assert per_item(sweep(mine, run, progress=False)) == done
+
+
+def test_a_study_that_stops_before_any_result_leaves_no_run_folder(study: tuple[Path, SweepConfig], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study stopped after its checks but before its first result (the donor check of the probe, say)
+    removes the folder it made; the corrected config then runs there, refused by nothing."""
+    from analysis import sweep as sweep_module
+
+    cfg = small(study[1])
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise GraftError("the donor does not write the forced answers", "fix the task")
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_module, "_ranking", stopped)
+        with pytest.raises(GraftError, match="forced answers"):
+            sweep(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a folder that holds no results yet takes a corrected config
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml())
+    per_item(sweep(cfg.model_copy(update={"batch_size": 2}), tmp_path / "run", progress=False))
+
+
+def test_two_sweeps_on_one_folder(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """While a sweep runs, a second one on the same --out is refused with one line naming the first's pid;
+    the first finishes alone, every key once."""
+    cfg = small(study[1])
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    run = tmp_path / "run"
+    script = ("import sys, time; from analysis.sweep import sweep; "
+              "sweep(sys.argv[1], sys.argv[2], progress=False, on_point=lambda *_: time.sleep(0.5))")
+    first = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.yaml"), str(run)],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (
+                (run / "results.jsonl").exists() and (run / "results.jsonl").read_text().strip()):
+            time.sleep(0.02)
+        assert first.poll() is None, "the first sweep ended before the second began"
+        with pytest.raises(GraftError, match=rf"is in use by another sweep \(pid {first.pid}\)"):
+            sweep(cfg, run, progress=False)
+    finally:
+        assert first.wait(timeout=300) == 0
+    per_item(run)  # asserts every key is there once
+    again = sweep(cfg, run, progress=False)  # the lock went with the first: the folder resumes
+    assert per_item(again) == per_item(run)
+
+
 def test_a_log_gets_a_line_per_evaluation(study: tuple[Path, SweepConfig], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """In a log file (no terminal: a batch job, `make demo > log`) a progress bar would show nothing
