@@ -6,6 +6,7 @@ stderr and exit code 2, without a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from analysis.errors import GraftError
+from analysis.errors import GraftError, Terminated
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -120,12 +121,14 @@ def apply_patch_cmd(
     patch: Annotated[Path, typer.Option("--patch", help="Patch folder written by `graftlm transplant --patch`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the transplanted model to.")],
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Hash the target's files anew instead of trusting remembered hashes.")] = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Rebuild a transplanted model from its target and a graft patch (target hashes are checked)."""
     from analysis.transplant import apply_patch
 
-    written = apply_patch(target, patch, out=out, force=force, allow_pickle=allow_pickle)
+    written = apply_patch(target, patch, out=out, force=force, allow_pickle=allow_pickle, verify=verify)
     print(f"wrote model {written}")
 
 
@@ -140,18 +143,24 @@ def eval_cmd(
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length cap.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size (speed only, never results).")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (the summary).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:
     """Evaluate a model on a task: per-item records and accuracy with k/n and a 95% Wilson interval."""
     from analysis import tasks
-    from analysis.evaluate import describe, run
-    from analysis.models import load
+    from analysis.evaluate import check_options, describe, run
+    from analysis.files import check_out
+    from analysis.models import load, source_paths
 
+    # every argument is checked before any work: numbers, --out, the task file, then the model
+    check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens)
+    task_file = [Path(task)] if Path(task).exists() else []
+    check_out(out, force=force, sources=[*source_paths(model), *task_file])
     loaded_task = tasks.load(task, split=split, limit=limit)  # a bad task file fails before the model loads
     loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     result = run(loaded.model, loaded.tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size,
-                 max_new_tokens=max_new_tokens, out=out, progress=not as_json)
+                 max_new_tokens=max_new_tokens, out=out, progress=not as_json, force=force)
     if as_json:
         print(json.dumps(result.summary))
     else:
@@ -181,7 +190,12 @@ def figures_cmd(
 ) -> None:
     """Regenerate every figure of a run (PNG and SVG) and its report.md / report.html."""
     from analysis import figures, report
+    from analysis.files import check_out
 
+    report.summarize(run)  # a run that cannot be read is refused before anything is written
+    check_out(run, replace=False, flag="RUN")
+    if out is not None:
+        check_out(out, replace=False, sources=[run / "results.jsonl", run / "config.yaml"])
     made = figures.make_all(run, out)
     report.write(run)
     out_console.print(f"{len(made)} figure files, report {run / 'report.md'}")
@@ -228,6 +242,7 @@ def localize_cmd(
     converse: Annotated[bool, typer.Option("--converse", help="Also patch target → donor (necessity).")] = False,
     per_position: Annotated[bool, typer.Option("--per-position", help="Also patch attn/mlp blocks per position.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 | bfloat16 | float16 | auto.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:
@@ -239,7 +254,7 @@ def localize_cmd(
     result = localize(donor, target, task, method=method, components=components, mode=mode, positions=positions,
                       metric=metric, answers=answers, top=top or [8], alpha=alpha, seed=seed, limit=limit, split=split,
                       batch_size=batch_size,
-                      converse=converse, per_position=per_position, out=out, dtype=dtype,
+                      converse=converse, per_position=per_position, out=out, dtype=dtype, force=force,
                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     table = Table(title=f"top {min(10, len(result.ranking))} by {result.method}")
     for col in ("rank", "component", "score"):
@@ -298,28 +313,129 @@ def _quiet_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning GraftError into one line and exit code 2."""
+    """Entry point: run the app; bad input of any kind becomes one line on stderr and exit code 2.
+
+    This is the one place that maps exceptions to that line: :class:`GraftError` from the library,
+    click's usage errors, and what the operating system says about the user's files and disks
+    (:func:`problem_of`). Anything else is a bug in graftlm and keeps its traceback. SIGTERM ends a
+    command like Ctrl-C does — staged outputs are removed on the way out — with exit code 143.
+    """
+    click = _click_exceptions()
     _quiet_progress_bars()
+    previous = _on_sigterm()
     try:
-        app(args=argv)  # standalone: usage errors already exit 2 with click's message
-    except GraftError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:  # outside the command (typer makes it exit code 130 inside)
+        code = app(args=argv, standalone_mode=False, prog_name="graftlm")
+    except click.NoArgsIsHelpError as err:  # bare `graftlm`: the help, as click prints it
+        err.show()
+        code = err.exit_code
+    except click.ClickException as err:  # usage: a missing or malformed option, an unknown command
+        where = f"graftlm {err.ctx.command.name}" if getattr(err, "ctx", None) and err.ctx.command.name else "graftlm"
+        _say_error(f"{err.format_message().rstrip('.')} — see `{where} --help`".replace("graftlm graftlm", "graftlm"))
+        code = 2
+    except (typer.Abort, KeyboardInterrupt):  # outside the command (typer: exit code 130 inside)
+        code = 130
+    except Terminated:
+        _say_interrupted("terminated")
+        code = 143
+    except Exception as err:
+        line = problem_of(err)
+        if line is None:
+            raise  # a bug: its traceback is what a report needs
+        if os.environ.get("GRAFTLM_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+        _say_error(line)
+        code = 2
+    finally:
+        _restore_sigterm(previous)
+    if code == 130:
         _say_interrupted()
-        sys.exit(130)
-    except SystemExit as stop:
-        if stop.code == 130:
-            _say_interrupted()
-        if argv is None and not stop.code:  # the console script, done: skip tearing down every module
-            _exit_now()
-        raise
+    if argv is None and not code:  # the console script, done: skip tearing down every module
+        _exit_now()
+    sys.exit(code or 0)
 
 
-def _say_interrupted() -> None:
+def _click_exceptions() -> Any:
+    """The click exceptions of the click that typer runs on (recent typers carry their own copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer on the click package
+        from click import exceptions
+    return exceptions
+
+
+# What the operating system reports about a user's files and disks, and what to do about it.
+OS_FIXES = {
+    errno.ENOSPC: "free some space on that disk, or write to another one (nothing half-written was kept)",
+    errno.EDQUOT: "free some space within your quota, or write elsewhere (nothing half-written was kept)",
+    errno.EFBIG: "write to a file system that takes files this large",
+    errno.EROFS: "choose a writable place (this file system is read-only)",
+    errno.EACCES: "check the permissions of that path (an --out must be somewhere you may write)",
+    errno.EPERM: "check the permissions of that path (an --out must be somewhere you may write)",
+    errno.EISDIR: "a folder stands where a file is expected: check the paths",
+    errno.ENOTDIR: "a file stands where a folder is expected: check the paths",
+    errno.ENOENT: "check the path (a file or folder went missing while graftlm ran?)",
+    errno.EEXIST: "choose another path",
+    errno.ENOTEMPTY: "choose another path",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ELOOP: "check the symbolic links in the path",
+    errno.EIO: "the disk reported an error: check it, or write elsewhere",
+    errno.EMFILE: "raise the limit of open files (ulimit -n)",
+    errno.ENFILE: "close other programs' files, or raise the system's limit",
+    errno.EXDEV: "write --out on the same file system as its parent folder",
+}
+
+
+def problem_of(err: BaseException) -> str | None:
+    """The one line for an exception that is bad input or the user's environment; None for a bug."""
+    if isinstance(err, GraftError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in OS_FIXES:
+        where = next((f for f in (err.filename, err.filename2) if f), None)
+        what = err.strerror or os.strerror(err.errno)
+        return f"{what}{f': {where}' if where else ''} — {OS_FIXES[err.errno]}"
+    if isinstance(err, UnicodeDecodeError):  # a text file that is not UTF-8, read where no reader named it
+        return f"a file is not UTF-8 text ({err.reason} at byte {err.start}) — save it as UTF-8"
+    if isinstance(err, MemoryError):
+        return "out of memory — use a smaller batch size or limit, or a machine with more memory"
+    return None
+
+
+def _say_error(line: str) -> None:
+    from rich.markup import escape
+
+    from analysis.errors import one_line
+
+    err_console.print(f"[bold red]error:[/bold red] {escape(one_line(line))}", highlight=False, soft_wrap=True)
+
+
+def _on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (a second SIGTERM ends at once)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _say_interrupted(how: str = "interrupted") -> None:
     # nothing half-written is left: outputs are staged and renamed, a sweep's lines are whole
-    err_console.print("interrupted; a sweep resumes where it stopped when run again with the same --out",
-                      highlight=False, soft_wrap=True)
+    err_console.print(f"{how}; a sweep resumes where it stopped when run again with the same --out (nothing "
+                      "half-written was kept)", highlight=False, soft_wrap=True)
 
 
 def _exit_now() -> None:
