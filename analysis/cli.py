@@ -384,6 +384,7 @@ OS_FIXES = {
     errno.EMFILE: "raise the limit of open files (ulimit -n)",
     errno.ENFILE: "close other programs' files, or raise the system's limit",
     errno.EXDEV: "write --out on the same file system as its parent folder",
+    errno.ENOLCK: "this file system cannot lock files: put the run folder on a local disk",
 }
 
 
