@@ -360,7 +360,30 @@ def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> li
     for k, methods in at_top.items():
         of = f" (of {n} components)" if n is not None else ""
         said.append(f"{', '.join(methods)}: chosen K={k} is the top of the grid{of}: a larger K might do better.")
+    said.extend(outside_note(s, order))
     return said
+
+
+OUTSIDE_RECOVERY = 0.8  # below this copy-all recovery, the weight difference outside the candidates is named
+OUTSIDE_SHARE = 0.05  # ... when at least this share of it lies there
+
+
+def outside_note(s: Summary, order: dict[str, Any]) -> list[str]:
+    """When copying every candidate component recovers little of the gap and much of the donor–target
+    weight difference lies outside the candidates (an LM head or embeddings trained further, say), name
+    the largest untouched tensors: no selection among the candidates can recover what lies there."""
+    out = order.get("outside")
+    copy_all = next((f for f in s.controls if f.method == "copy-all"), None)
+    if not out or copy_all is None or copy_all.recovery.value is None:
+        return []
+    if copy_all.recovery.value >= OUTSIDE_RECOVERY or out["share"] < OUTSIDE_SHARE:
+        return []
+    largest = ", ".join(f"{name} (changed {rel:.0%})" for name, rel in out["largest"])
+    add = (f", largest in {largest}: no selection among the candidates can recover it; a plan takes such a "
+           f"tensor by name among its components (e.g. {out['largest'][0][0]})") if largest else \
+        ": no selection among the candidates can recover it"
+    return [f"copy-all recovers {copy_all.recovery.value:.0%} of the gap, and {out['share']:.0%} of the donor–target "
+            f"weight difference lies outside the candidate components{add}."]
 
 
 # --- rendering -----------------------------------------------------------------------------------

@@ -125,6 +125,36 @@ def weight_scores(donor: Getter, target: Getter, lay: units.Layout, ids: Sequenc
     return out
 
 
+def outside(donor: Getter, target: Getter, lay: units.Layout, ids: Sequence[str], names: Sequence[str],
+            top: int = 3) -> dict[str, Any]:
+    """How much of the donor–target weight difference lies outside the candidate components ``ids``:
+    the share of ‖W_d − W_t‖² (over the tensors ``names``) that no candidate's slices hold, and the
+    ``top`` tensors with the largest relative change among those no candidate touches at all. Copy-all
+    moves only the candidates, so a large share here is a ceiling on what any selection recovers."""
+    covered: dict[str, torch.Tensor] = {}
+    for cid in ids:
+        for s in units.component(lay, cid).slices:
+            t = target(s.param)
+            mask = covered.setdefault(s.param, torch.zeros(t.shape, dtype=torch.bool))
+            mask[s.index(t.ndim)] = True
+    total = out = 0.0
+    untouched = []
+    for name in names:
+        t, d = target(name).detach().double(), donor(name).detach().double()
+        sq = (d - t).pow(2)
+        total += float(sq.sum())
+        if name in covered:
+            out += float(sq[~covered[name]].sum())
+        else:
+            out += float(sq.sum())
+            base = float(t.pow(2).sum())
+            rel = math.sqrt(float(sq.sum()) / base) if base > 0 else (0.0 if float(sq.sum()) == 0 else math.inf)
+            untouched.append((name, rel))
+    untouched.sort(key=lambda x: -x[1])
+    return {"share": out / total if total > 0 else 0.0,
+            "largest": [[name, round(rel, 4)] for name, rel in untouched[:top] if rel > 0]}
+
+
 def getter(source: LoadedModel | Checkpoint) -> Getter:
     """Tensor by HF name from a loaded model (its live parameters) or a lazy checkpoint."""
     from analysis.checkpoint import Checkpoint

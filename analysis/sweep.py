@@ -474,6 +474,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
     from analysis import units
     from analysis.evaluate import run as evaluate
     from analysis.prefix import Prefix, lowest_layer
+    from analysis.select import getter, outside
     from analysis.transplant import applied
 
     lay = units.layout(models["a"].model.config,
@@ -578,7 +579,10 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                 results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
                              "target": target_name, "donor_ref": models[donor_name].name,
                              "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
-                             "overlap_dropped": dropped.__dict__ if dropped.counts else None})
+                             "overlap_dropped": dropped.__dict__ if dropped.counts else None,
+                             # what copy-all cannot move: a ceiling on every selection, said when it binds
+                             "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
+                                                all_ids, list(models[target_name].parameters()))})
             donor, target = models[donor_name], models[target_name]
             if retention_task is not None:
                 for name in (donor_name, target_name):

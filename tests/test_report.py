@@ -122,6 +122,26 @@ def test_notes_state_the_grid_the_donor_and_dropped_items(tmp_path: Path) -> Non
     assert md.index("> ") < md.index("Notes:") < md.index("| model / point")
 
 
+def test_a_weak_copy_all_names_the_weight_difference_outside_the_candidates(tmp_path: Path) -> None:
+    """When copying every candidate recovers little, the note says how much of the weight difference lies
+    outside the candidates and which tensors hold it; when copy-all recovers the gap, nothing is said."""
+    outside = {"share": 0.62, "largest": [["lm_head.weight", 0.71], ["model.norm.weight", 0.05]]}
+    run = write_run(tmp_path / "run", [i % 10 < 3 for i in range(100)], outside=outside)
+    (summary,) = report.summarize(run)
+    assert not any("outside" in note for note in summary.notes)  # copy-all recovers 100% here
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r.get("method") == "copy-all":  # 30%: a tenth of the gap
+            r["items"] = [{"id": f"i{i}", "correct": i % 10 < 3} for i in range(100)]
+            r["k"], r["accuracy"] = 30, 0.3
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (summary,) = report.summarize(run)
+    assert summary.notes[-1] == (
+        "copy-all recovers 17% of the gap, and 62% of the donor–target weight difference lies outside the candidate "
+        "components, largest in lm_head.weight (changed 71%), model.norm.weight (changed 5%): no selection among "
+        "the candidates can recover it; a plan takes such a tensor by name among its components (e.g. lm_head.weight).")
+
+
 def test_figures_command_regenerates_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = write_run(tmp_path / "run", [i % 10 < 6 for i in range(100)])
     with pytest.raises(SystemExit) as exit_info:

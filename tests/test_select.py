@@ -63,6 +63,33 @@ def test_weight_score_sees_exactly_the_changed_head(tiny_pairs, tmp_path) -> Non
     assert all(v == 0 for cid, v in by_id.items() if cid != "L1.H1")
 
 
+def test_outside_names_the_difference_no_candidate_holds(tiny_pairs, tmp_path) -> None:
+    """A donor whose only change is in one head and the LM head: copy-all over heads and MLPs moves the head,
+    and what it cannot move (the LM head) is the share and the largest untouched tensor."""
+    _, target = tiny_pairs("llama")
+    donor = tmp_path / "donor"
+    shutil.copytree(target, donor)
+    sd = load_file(donor / "model.safetensors")
+    lay = units.layout(load_config(target), {n: tuple(t.shape) for n, t in sd.items()})
+    head_delta = 0.0
+    for s in units.component(lay, "L1.H1").slices:
+        idx = s.index(sd[s.param].ndim)
+        sd[s.param][idx] = sd[s.param][idx] + 0.1
+        head_delta += float(sd[s.param][idx].numel()) * 0.01
+    head_name = "lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"
+    sd[head_name] = sd[head_name] * 1.5  # changed by 50% of its norm
+    head_sq = float((0.5 * load_file(target / "model.safetensors")[head_name].double()).pow(2).sum())
+    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+    ids = units.component_ids(lay, ("head", "kv", "mlp"))
+    out = select.outside(select.getter(Checkpoint.open(donor)), select.getter(Checkpoint.open(target)), lay, ids,
+                         list(sd))
+    assert out["share"] == pytest.approx(head_sq / (head_sq + head_delta), rel=1e-3)
+    assert out["largest"] == [[head_name, pytest.approx(0.5, abs=1e-4)]]  # unchanged tensors are not named
+    inside = select.outside(select.getter(Checkpoint.open(donor)), select.getter(Checkpoint.open(target)), lay,
+                            [*ids, head_name], list(sd))
+    assert inside == {"share": pytest.approx(0.0), "largest": []}
+
+
 def test_plan_of_the_top_k_round_trips() -> None:
     scores = pd.Series([0.5, 0.9, 0.1], index=["L0.mlp", "L1.H2", "L0.H0"])
     plan = select.plan(select.order(scores), 2, alpha=0.5, method="attribution", task="demo:arith", scores=scores)
