@@ -224,7 +224,8 @@ def localize_cmd(
         "--method", "-m",
         help="shifts | lae | attribution | patching | gradient | greedy | mask | weight | random.")] = "attribution",
     components: Annotated[str | None, typer.Option(
-        "--components", "-c", help="Kinds to rank: head,kv,mlp (default; lae: linear), attn, group, neuron, linear, layer.")] = None,
+        "--components", "-c", help="Kinds to rank: head,kv,mlp,outer (default; lae: linear), attn, group, neuron, linear, "
+        "layer; outer: the tensors outside the layers (embeddings, LM head, final norm).")] = None,
     mode: Annotated[str | None, typer.Option(
         "--mode", help="teacher (same text, default) | generate (each decodes; default for lae).")] = None,
     positions: Annotated[str, typer.Option("--positions", help="Teacher mode: answer | all | last.")] = "answer",

@@ -67,9 +67,14 @@ def parse_kinds(components: str | Sequence[str] | None, method: str) -> list[str
     raw = components.split(",") if isinstance(components, str) else [p for c in components for p in c.split(",")]
     kinds = [KIND_ALIASES.get(k.strip(), k.strip()) for k in raw if k.strip()]
     for k in kinds:
-        if k not in shifts.MEASURABLE:
-            raise GraftError(f"unknown component kind {k!r}", f"use a comma list of {', '.join(shifts.MEASURABLE)}")
-    return list(dict.fromkeys(kinds))
+        if k not in shifts.MEASURABLE and k not in shifts.UNHOOKED:
+            raise GraftError(f"unknown component kind {k!r}",
+                             f"use a comma list of {', '.join(shifts.MEASURABLE + shifts.UNHOOKED)}")
+    kinds = list(dict.fromkeys(kinds))
+    if method not in WEIGHT_SPACE and method not in ("weight", "random") and not set(kinds) - set(shifts.UNHOOKED):
+        raise GraftError(f"{method} sees components through their activations, and {', '.join(kinds)} have no hook "
+                         "point", "add head,kv,mlp or use gradient, greedy, mask or weight")
+    return kinds
 
 
 def _load(ref: str | os.PathLike[str] | LoadedModel, dtype: str, allow_pickle: bool,
@@ -193,8 +198,12 @@ def localize(
         lay = units.layout(load_config(target, trust_remote_code=trust_remote_code), tck.shapes())
         get_d, get_t = select.getter(dck), select.getter(tck)
         names = (str(donor), str(target))
-    site_list = shifts.sites(lay, measured)
-    table = _frame(shifts.describe_ids(site_list))
+    site_list = shifts.sites(lay, [k for k in measured if k not in shifts.UNHOOKED])
+    # Tensors outside the layers have no hook point: activation methods leave them unscored (ranked last);
+    # weight-space methods, weight and random score them like any other component.
+    outer = units.outer_ids(lay) if "outer" in kinds else []
+    table = _frame(shifts.describe_ids(site_list) + [{"id": n, "kind": "outer", "layer": None, "index": None}
+                                                     for n in outer])
     meta: dict[str, Any] = {"method": method, "donor": names[0], "target": names[1], "components": kinds,
                             "created": now(), **({} if dataless else {"split": split})}
     position_table = None
@@ -214,7 +223,7 @@ def localize(
                     n_prompts=int(df["n_prompts"].iloc[0]))
     elif method in WEIGHT_SPACE:
         batches = probe.batches(batch_size)  # type: ignore[union-attr]
-        ids = [cid for s in shifts.unique(site_list) for cid in s.ids]
+        ids = [cid for s in shifts.unique(site_list) for cid in s.ids] + outer
         blend = weightspace.Blend(t_model, d_model, ids, lay)
         if method == "gradient":
             values, info = weightspace.gradient(blend, batches, metric=metric, progress=progress)  # type: ignore[arg-type]

@@ -50,6 +50,8 @@ Positions = Literal["answer", "all", "last"]
 DEFAULT_KINDS: tuple[units.Kind, ...] = units.DEFAULT_KINDS
 # Kinds that have a hook point of their own (tensor-level components have none).
 MEASURABLE: tuple[units.Kind, ...] = ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear")
+# Kinds without a hook point: seen only through their weights (weight-space methods, weight, random).
+UNHOOKED: tuple[units.Kind, ...] = ("outer",)
 
 
 # --- sites: hook points seen as rows of components ------------------------------------------------
@@ -79,11 +81,11 @@ class Site:
 
 def sites(lay: units.Layout, kinds: Sequence[str] = DEFAULT_KINDS) -> list[Site]:
     """The sites covering every component of ``kinds``, layer by layer (ids as ``units.component_ids``)."""
-    unknown = [k for k in kinds if k not in MEASURABLE]
+    unknown = [k for k in kinds if k not in MEASURABLE and k not in UNHOOKED]
     if unknown:
         raise GraftError(f"cannot measure components of kind {unknown[0]!r}",
                          f"use {', '.join(MEASURABLE)}")
-    out: list[Site] = []
+    out: list[Site] = []  # unhooked kinds have no site: describe_ids lists them
     for L in range(lay.n_layers):
         b = f"blocks.{L}"
         for kind in kinds:

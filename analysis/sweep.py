@@ -76,9 +76,10 @@ class SweepConfig(BaseModel):
                              "it gets right, or the task's target template rendered with the gold answer")
     metric: Literal["logprob", "logit_diff"] = Field(
         "logprob", description="the causal methods' metric on the forced answers")
-    components: list[Literal["head", "kv", "group", "mlp", "attn", "neuron", "linear", "layer"]] = Field(
-        default_factory=lambda: ["head", "kv", "mlp"], min_length=1,
-        description="kinds ranked and transplanted; kv (GQA models' KV heads) has none without GQA")
+    components: list[Literal["head", "kv", "group", "mlp", "attn", "neuron", "linear", "layer", "outer"]] = Field(
+        default_factory=lambda: ["head", "kv", "mlp", "outer"], min_length=1,
+        description="kinds ranked and transplanted; kv (GQA models' KV heads) has none without GQA; outer: "
+                    "the tensors outside the layers (embeddings, LM head, final norm)")
     k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
                                description="numbers of components, or shares of them such as 5%")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])

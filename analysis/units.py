@@ -20,6 +20,10 @@ Component ids (also the pattern syntax, with ``*`` wildcards)::
     L12.N407         MLP neuron 407: its rows of gate/up and column of down
     L12.attn.q       one projection (+ bias): attn.q / .k / .v / .o, mlp.gate / .up / .down
     model.layers.12.mlp.down_proj.weight   an HF tensor name (whole tensor; embeddings only this way)
+
+The kind ``outer`` lists the tensors outside the decoder layers — the embeddings, the LM head, the final
+norm — each a whole-tensor component named by its HF name. A regression that lives there (an LM head
+trained further, a specialist's embeddings) is out of reach of any choice among heads and MLPs.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from typing import Literal
 
 from analysis.errors import GraftError
 
-Kind = Literal["layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear", "tensor"]
-KINDS: tuple[Kind, ...] = ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear", "tensor")
-# What "heads and MLPs" means by default: with GQA the KV heads too, so that the candidates cover every
-# attention and MLP weight and copy-all is all of them (without GQA a query head owns its K/V).
-DEFAULT_KINDS: tuple[Kind, ...] = ("head", "kv", "mlp")
+Kind = Literal["layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear", "tensor", "outer"]
+KINDS: tuple[Kind, ...] = ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear", "tensor", "outer")
+# The candidates by default: every attention and MLP weight (with GQA the KV heads hold what query heads
+# leave out; without GQA a query head owns its K/V) and the tensors outside the layers, so that copy-all
+# moves all of them and a regression in the LM head or the embeddings is within reach.
+DEFAULT_KINDS: tuple[Kind, ...] = ("head", "kv", "mlp", "outer")
 ATTN_LINEARS = ("q", "k", "v", "o")
 MLP_LINEARS = ("gate", "up", "down")
 HOOK_LINEAR = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
@@ -282,7 +287,8 @@ def layout(config: object, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
 def component(lay: Layout, cid: str) -> Component:
     """Build one component from its canonical id (no wildcards)."""
     if cid in lay.shapes:
-        return Component(cid, "tensor", _layer_of(lay, cid), (Slice(cid),))
+        layer = _layer_of(lay, cid)
+        return Component(cid, "tensor" if layer is not None else "outer", layer, (Slice(cid),))
     m = re.fullmatch(r"L(\d+)(?:\.(attn|mlp|H\d+|KV\d+|G\d+|N\d+)(?:\.(q|k|v|o|gate|up|down))?)?", cid)
     if not m:
         raise GraftError(f"unknown component {cid!r}",
@@ -354,7 +360,14 @@ def component_ids(lay: Layout, kinds: Iterable[Kind] = ("layer", "attn", "mlp", 
             ids += [f"L{L}.{'attn' if lin in ATTN_LINEARS else 'mlp'}.{lin}" for lin in lay.linears()]
     if "tensor" in kinds:
         ids += list(lay.shapes)
+    elif "outer" in kinds:
+        ids += outer_ids(lay)
     return ids
+
+
+def outer_ids(lay: Layout) -> list[str]:
+    """HF names of the tensors outside the decoder layers (embeddings, LM head, final norm), in file order."""
+    return [name for name in lay.shapes if _layer_of(lay, name) is None]
 
 
 def components(lay: Layout, kinds: Iterable[Kind]) -> list[Component]:

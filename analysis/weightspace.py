@@ -107,6 +107,13 @@ class Blend:
         self.names = {name: own[id(params[name])] for name in self.tensors}
         self.base = {name: params[name].detach() for name in self.tensors}
         self.delta = {name: dparams[name].detach().float() - params[name].detach().float() for name in self.tensors}
+        # Which candidates the donor changes at all: an unchanged one cannot move the metric at any strength.
+        self.moved = torch.zeros(self.n, dtype=torch.bool)
+        for c, cid in enumerate(self.ids):
+            for s in units.component(lay, cid).slices:
+                if bool(self.delta[s.param][s.index(self.delta[s.param].ndim)].ne(0).any()):
+                    self.moved[c] = True
+                    break
 
     def weights(self, m: Float[Tensor, " n"]) -> dict[str, Tensor]:
         """Every touched tensor at strengths ``m`` (keyed as the model's module tree names them)."""
@@ -272,8 +279,10 @@ def mask(blend: Blend, batches: Sequence[Batch], budget: int, *, metric: Metric 
     if budget < 1 or steps < 1:
         raise GraftError(f"mask needs a budget >= 1 and steps >= 1, got {budget} and {steps}", "pass a larger top K")
     obj = _Objective(blend, batches, metric)
-    budget = min(budget, blend.n)
-    p0 = min(max(budget / blend.n, 0.02), 0.98)
+    moved = blend.moved.float()  # candidates the donor does not change stay at strength 0, outside the budget
+    n_moved = max(int(moved.sum()), 1)
+    budget = min(budget, n_moved)
+    p0 = min(max(budget / n_moved, 0.02), 0.98)
     theta = torch.full((blend.n,), math.log(p0 / (1 - p0)), requires_grad=True)
     opt = torch.optim.Adam([theta], lr=lr)
     lam = 0.0
@@ -283,7 +292,7 @@ def mask(blend: Blend, batches: Sequence[Batch], budget: int, *, metric: Metric 
         bar = tqdm(total=steps, desc="mask", disable=not progress, leave=False)
         gain = 0.0
         for _ in range(steps):
-            m = torch.sigmoid(theta)
+            m = torch.sigmoid(theta) * moved
             value, grad = obj.gradient(m.detach())
             gain = (value - start) / scale
             over = (m.sum() - budget) / budget
@@ -294,7 +303,7 @@ def mask(blend: Blend, batches: Sequence[Batch], budget: int, *, metric: Metric 
             lam = max(0.0, lam + float(over.detach()))
             bar.update(1)
         bar.close()
-    strength = torch.sigmoid(theta.detach()).double().numpy()
+    strength = (torch.sigmoid(theta.detach()) * moved).double().numpy()
     info = {"budget": budget, "steps": steps, "lr": lr, "gain": gain, "sum_of_strengths": float(strength.sum()),
             "target_metric": start / obj.n_items, "copy_all_metric": end / obj.n_items, "forwards": obj.forwards}
     return strength, info

@@ -89,11 +89,16 @@ def test_every_method_sees_kv_heads_by_default(constructed_kv, method: str) -> N
     is among the top three."""
     donor, target, task = constructed_kv
     result = localize(donor, target, task, method=method, progress=False)
-    assert set(result.scores.loc[result.scores["ranked"], "kind"]) == {"head", "kv", "mlp"}
+    assert set(result.scores.loc[result.scores["ranked"], "kind"]) == {"head", "kv", "mlp", "outer"}
+    outer = list(result.scores.index[result.scores["kind"] == "outer"])
+    assert "model.embed_tokens.weight" in outer
     if method in ("gradient", "greedy", "mask", "weight"):
         assert result.ranking[0] == "L1.KV1"
-    else:
+        if method != "greedy":  # greedy stops at K: what it did not pick has no score
+            assert (result.scores.loc[outer, "score"] == 0).all()  # unchanged in this pair, and scored so
+    else:  # no hook point: unscored, ranked last
         assert "L1.KV1" in result.ranking[:3] and result.ranking[0] in {"L1.KV1", "L1.H2", "L1.H3"}
+        assert result.scores.loc[outer, "score"].isna().all() and set(result.ranking[-len(outer):]) == set(outer)
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,20 @@ def test_the_default_kinds_cover_every_attention_and_mlp_weight_once(family: str
             units.component(lay, "L0.KV0")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outer_lists_every_tensor_outside_the_layers(family: str, tiny_pairs) -> None:
+    """With outer, the default kinds reach every tensor a regression can live in but the per-layer norms and
+    output biases: the embeddings, the LM head (when not tied) and the final norm, each whole."""
+    _, target = tiny_pairs(family)
+    ck = Checkpoint.open(target)
+    lay = units.layout(load(target).model.config, ck.shapes())
+    outer = units.component_ids(lay, ["outer"])
+    assert outer and all(units.LAYER_RE.match(n) is None for n in outer)
+    assert set(outer) == {n for n in ck.shapes() if not n.startswith(lay.prefix)}
+    assert units.component_ids(lay, units.DEFAULT_KINDS)[-len(outer):] == outer
+    assert all(units.component(lay, n).kind == "outer" and units.component(lay, n).layer is None for n in outer)
+
+
 def test_patterns_select_components(llama_pair: tuple[Path, Path]) -> None:
     _, target = llama_pair
     ck = Checkpoint.open(target)
@@ -162,7 +176,7 @@ def test_patterns_select_components(llama_pair: tuple[Path, Path]) -> None:
     assert units.select(lay, ["L1"])[0].kind == "layer"
     assert {s.param for s in units.select(lay, ["L1"])[0].slices} >= {"model.layers.1.input_layernorm.weight"}
     tensor = units.select(lay, ["model.embed_tokens.weight"])[0]
-    assert tensor.kind == "tensor" and tensor.slices[0].dim is None
+    assert tensor.kind == "outer" and tensor.slices[0].dim is None  # outside the layers
     # Embeddings and the LM head are never part of a layer pattern.
     every = units.select(lay, ["L*"])
     assert not any("embed" in p or "lm_head" in p for c in every for p in c.params)
