@@ -222,7 +222,7 @@ def localize_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores.csv/json, figures and plan-top{K}.yaml.")],
     method: Annotated[str, typer.Option(
         "--method", "-m",
-        help="shifts | lae | attribution | patching | gradient | greedy | mask | weight | random.")] = "attribution",
+        help="gradient (default) | greedy | mask | attribution | patching | shifts | lae | weight | random.")] = "gradient",
     components: Annotated[str | None, typer.Option(
         "--components", "-c", help="Kinds to rank: head,kv,mlp,outer (default; lae: linear), attn, group, neuron, linear, "
         "layer; outer: the tensors outside the layers (embeddings, LM head, final norm).")] = None,

@@ -91,7 +91,7 @@ def localize(
     target: str | os.PathLike[str] | LoadedModel,
     task: str | os.PathLike[str] | Task | None,
     *,
-    method: str = "attribution",
+    method: str = "gradient",
     components: str | Sequence[str] | None = None,
     mode: str | None = None,
     positions: str = "answer",

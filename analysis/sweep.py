@@ -70,7 +70,8 @@ class SweepConfig(BaseModel):
                                                 "per decoding length")
     task: str
     retention: str | None = Field(None, description="off-task set (perplexity); default: the task's own")
-    methods: list[Method] = Field(default_factory=lambda: ["attribution"], min_length=1)
+    # gradient and greedy: the two that beat random components on the most pairs of the bank (docs/localization.md)
+    methods: list[Method] = Field(default_factory=lambda: ["gradient", "greedy"], min_length=1)
     answers: Literal["donor", "reference"] = Field(
         "donor", description="what localization forces as the answer: the donor's own outputs on the probe items "
                              "it gets right, or the task's target template rendered with the gold answer")
