@@ -159,29 +159,45 @@ def recovery_axis(recoveries: list[Any]) -> tuple[float, float]:
 COMPONENT = re.compile(r"L(\d+)(?:\.(.+))?")
 
 
+def component_counts(plans: list[list[str]]) -> pd.DataFrame:
+    """How many of the plans chose each component: layers × kinds (H0, KV1, mlp, …), and a row ``outer``
+    for the tensors outside the layers (embeddings, LM head, final norm) by their short name."""
+    counts: dict[tuple[int | str, str], int] = {}
+    for plan in plans:
+        for cid in plan:
+            m = COMPONENT.fullmatch(cid)
+            key = (int(m.group(1)), m.group(2) or "layer") if m else ("outer", _tensor_label(cid))
+            counts[key] = counts.get(key, 0) + 1
+    layers = sorted({k[0] for k in counts if isinstance(k[0], int)})
+    rows: list[int | str] = list(range(min(layers), max(layers) + 1)) if layers else []
+    rows += ["outer"] if any(k[0] == "outer" for k in counts) else []
+    table = pd.DataFrame(0, index=rows, columns=sorted({k[1] for k in counts}, key=_kind_order))
+    for (row, kind), n in counts.items():
+        table.loc[row, kind] = n
+    return table
+
+
 def components(run: str | Path, folder: Path, s: report.Summary, name: str = "components") -> list[Path]:
     if not s.methods:
         return []
-    counts: dict[tuple[int, str], int] = {}
-    for f in s.methods:
-        for cid in f.plan:
-            m = COMPONENT.fullmatch(cid)
-            if m:
-                key = (int(m.group(1)), m.group(2) or "layer")
-                counts[key] = counts.get(key, 0) + 1
-    if not counts:
+    table = component_counts([f.plan for f in s.methods])
+    if table.empty:
         return []
-    layers = sorted({k[0] for k in counts})
-    kinds = sorted({k[1] for k in counts}, key=_kind_order)
-    table = pd.DataFrame(0, index=range(min(layers), max(layers) + 1), columns=kinds)
-    for (layer, kind), n in counts.items():
-        table.loc[layer, kind] = n
+    kinds = list(table.columns)
     fig, ax = plt.subplots(figsize=(0.5 * len(kinds) + 2.5, 0.4 * len(table) + 1.5))
     sns.heatmap(table, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, linewidths=0.5)
     ax.set_xlabel("component")
     ax.set_ylabel("layer")
     ax.set_title(f"Chosen components (how many of {len(s.methods)} methods)" + _length(s))
     return _save(fig, folder, name)
+
+
+def _tensor_label(name: str) -> str:
+    """``model.embed_tokens.weight`` → ``embed_tokens``; ``lm_head.weight`` → ``lm_head``."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+        return parts[-2] + ("" if parts[-1] == "weight" else ".bias")
+    return name
 
 
 def _kind_order(kind: str) -> tuple[int, int | str]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from analysis.figures import recovery_axis
+from analysis.figures import component_counts, recovery_axis
 from analysis.metrics import Recovery
 
 
@@ -25,3 +25,13 @@ def test_recovery_axis_stays_readable_with_unbounded_or_huge_ends() -> None:
     lo, hi = recovery_axis([recovery(0.3, -math.inf, math.inf), recovery(0.5, -40.0, 90.0), recovery(None)])
     assert -1.7 < lo <= -1.5 and 2.5 <= hi < 2.7
     assert recovery_axis([]) == pytest.approx((-0.2, 1.2))
+
+
+def test_chosen_components_count_per_layer_and_the_tensors_outside_the_layers() -> None:
+    """Each plan's components land in their layer × kind cell; an LM head or the embeddings in a row of
+    their own (outer), never dropped from the picture."""
+    table = component_counts([["L0.H1", "L2.mlp", "lm_head.weight"], ["L2.mlp", "model.embed_tokens.weight"]])
+    assert list(table.index) == [0, 1, 2, "outer"]
+    assert table.loc[2, "mlp"] == 2 and table.loc[0, "H1"] == 1 and table.loc[1].sum() == 0
+    assert table.loc["outer", "lm_head"] == 1 and table.loc["outer", "embed_tokens"] == 1
+    assert int(table.to_numpy().sum()) == 5
