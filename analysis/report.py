@@ -169,9 +169,12 @@ def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, An
                     f"{f'; metric: {metric} of the forced answer' if metric else ''}.")
     info = metas.get("gradient", {}).get("gradient")
     if info:
+        tol = info.get("tolerance")
+        over = (f"; more than the {tol:.0%} tolerance even at {info['steps']} nodes: its scores are approximate"
+                if tol is not None and info["relative_error"] > tol else "")
         said.append(f"gradient: its shares sum to {info['sum_of_scores']:.4g} per item against a measured change of "
                     f"{info['metric_change']:.4g} from the target to copy-all ({info['relative_error']:.2%} apart, "
-                    f"{info['steps']} path nodes).")
+                    f"{info['steps']} path nodes{over}).")
     return said
 
 

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from analysis.models import LoadedModel
 
 GRADIENT_STEPS = 8  # Gauss–Legendre nodes: exact for a metric polynomial of degree 15 along the path
+COMPLETENESS = 0.01  # gradient's scores must sum to the measured change within this (relative) ...
+GRADIENT_MAX_STEPS = 32  # ... or the nodes double, up to this many
 GREEDY_VERIFY = 3  # proposals verified by a real forward at each greedy step
 GREEDY_SINGLE = 16  # greedy adds one component per step up to here, then chunks (see chunk_size)
 MASK_STEPS = 40
@@ -190,27 +192,37 @@ class _Objective:
 
 
 def gradient(blend: Blend, batches: Sequence[Batch], *, metric: Metric = "logprob", steps: int = GRADIENT_STEPS,
+             tolerance: float | None = COMPLETENESS, max_steps: int = GRADIENT_MAX_STEPS,
              progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Integrated gradients along m = s·1 (see the module doc). Returns the score per candidate (mean per
     item) and ``info``: the sum of the scores, the measured metric change from target to copy-all
-    (both per item), their relative difference, the nodes used."""
+    (both per item), their relative difference, the nodes used. While the scores' sum misses the
+    measured change by more than ``tolerance`` (relative), the quadrature is redone with twice the
+    nodes, up to ``max_steps``: a path along which the metric bends sharply needs more of them."""
     if steps < 1:
         raise GraftError(f"gradient steps must be at least 1, got {steps}", "pass steps=8")
     obj = _Objective(blend, batches, metric)
-    nodes, weights = np.polynomial.legendre.leggauss(steps)
-    total = torch.zeros(blend.n, dtype=torch.float64)
     with _frozen(blend.model):
-        bar = tqdm(total=steps, desc="gradient", disable=not progress, leave=False)
-        for x, w in zip(nodes, weights, strict=True):
-            _, g = obj.gradient(torch.full((blend.n,), (x + 1) / 2))
-            total += (w / 2) * g
-            bar.update(1)
-        bar.close()
         start, end = obj.value(torch.zeros(blend.n)), obj.value(torch.ones(blend.n))
-    scores = (total / obj.n_items).numpy()
-    change = (end - start) / obj.n_items
+        change = (end - start) / obj.n_items
+        tried: list[int] = []
+        while True:
+            nodes, weights = np.polynomial.legendre.leggauss(steps)
+            total = torch.zeros(blend.n, dtype=torch.float64)
+            bar = tqdm(total=steps, desc=f"gradient ({steps} nodes)", disable=not progress, leave=False)
+            for x, w in zip(nodes, weights, strict=True):
+                _, g = obj.gradient(torch.full((blend.n,), (x + 1) / 2))
+                total += (w / 2) * g
+                bar.update(1)
+            bar.close()
+            scores = (total / obj.n_items).numpy()
+            error = abs(float(scores.sum()) - change) / max(abs(change), 1e-12)
+            tried.append(steps)
+            if tolerance is None or error <= tolerance or steps * 2 > max_steps:
+                break
+            steps *= 2
     info = {"steps": steps, "sum_of_scores": float(scores.sum()), "metric_change": change,
-            "relative_error": abs(float(scores.sum()) - change) / max(abs(change), 1e-12),
+            "relative_error": error, "tolerance": tolerance, "nodes_tried": tried,
             "target_metric": start / obj.n_items, "copy_all_metric": end / obj.n_items, "forwards": obj.forwards}
     return scores, info
 

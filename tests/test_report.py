@@ -213,3 +213,16 @@ def test_a_key_written_twice_counts_once(tmp_path: Path) -> None:
     (a,), (b,) = report.summarize(once), report.summarize(twice)
     assert a.random_pooled == b.random_pooled and a.verdict == b.verdict
     assert sum(1 for _ in report.read_rows(twice)[1]) == len(lines.splitlines())
+
+
+def test_gradient_completeness_is_stated_and_a_miss_is_flagged() -> None:
+    """The note gives the scores' sum against the measured change; past the tolerance it says the scores
+    are approximate."""
+    def note(error: float) -> str:
+        info = {"sum_of_scores": 1.0, "metric_change": 1.0 + error, "relative_error": error, "steps": 32,
+                "tolerance": 0.01}
+        (said,) = report.localization_notes({"gradient": {"gradient": info}}, {"donor": "a"}, ["gradient"], False)
+        return said
+    assert note(0.004).endswith("(0.40% apart, 32 path nodes).")
+    assert note(0.03).endswith("(3.00% apart, 32 path nodes; more than the 1% tolerance even at 32 nodes: "
+                               "its scores are approximate).")

@@ -63,6 +63,19 @@ def test_gradient_shares_sum_to_the_change_from_target_to_copy_all(tiny_pairs, t
     assert info["relative_error"] < 0.01
 
 
+def test_gradient_doubles_its_nodes_until_the_shares_add_up(tiny_pairs, task) -> None:
+    """One node is too coarse for a bent path: the quadrature is redone with 2, 4, … nodes until the
+    scores sum to the measured change within the tolerance, and says how many it took."""
+    donor, target = loaded_pair(tiny_pairs, "gpt2")
+    blend, batches, _ = setup(donor, target, task)
+    _, coarse = weightspace.gradient(blend, batches, steps=1, tolerance=None, progress=False)
+    assert coarse["relative_error"] > 0.01 and coarse["nodes_tried"] == [1]
+    scores, info = weightspace.gradient(blend, batches, steps=1, progress=False)
+    assert info["nodes_tried"][0] == 1 and len(info["nodes_tried"]) > 1
+    assert info["nodes_tried"] == [2 ** i for i in range(len(info["nodes_tried"]))] and info["steps"] <= 32
+    assert info["relative_error"] <= 0.01 and scores.sum() == pytest.approx(info["metric_change"], rel=0.01)
+
+
 def test_rankings_are_identical_across_runs_and_leave_the_model_as_it_was(tiny_pairs, task) -> None:
     donor, target = loaded_pair(tiny_pairs, "llama")
     before = {n: p.detach().clone() for n, p in target.parameters().items()}
