@@ -99,7 +99,8 @@ def transplant_cmd(
     plan: Annotated[Path | None, typer.Option("--plan", "-p", help="Plan YAML (see `analysis.plan`).")] = None,
     components: Annotated[list[str] | None, typer.Option(
         "--components", "-c", help="Component patterns instead of a plan: L3.mlp, 'L*.H0', L5.attn.q, … (repeat).")] = None,
-    strength: Annotated[float | None, typer.Option("--strength", "-a", help="α for every component (default 1 = copy).")] = None,
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", "--strength", "-a", help="α for every component (default 1 = copy); --strength is its old name.")] = None,
     patch: Annotated[bool, typer.Option("--patch", help="Write a graft patch (changed tensors only).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     allow_extrapolation: Annotated[bool, typer.Option("--allow-extrapolation", help="Allow α outside [0, 1].")] = False,
@@ -109,7 +110,7 @@ def transplant_cmd(
     """Blend the donor's components into the target: W' = (1 − α)·W_target + α·W_donor, written to --out."""
     from analysis.transplant import transplant
 
-    written = transplant(donor, target, plan, out=out, components=components, strength=strength, patch=patch,
+    written = transplant(donor, target, plan, out=out, components=components, alpha=alpha, patch=patch,
                          force=force, allow_extrapolation=allow_extrapolation, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code)
     print(f"wrote {'patch' if patch else 'model'} {written}")

@@ -252,26 +252,26 @@ def applied(
 
 # --- validation ----------------------------------------------------------------------------------
 
-def _resolve_plan(plan: Plan | str | Path | None, components: list[str] | None, strength: float | None) -> Plan:
-    if strength is not None and not math.isfinite(strength):
-        raise GraftError(f"strength α={strength} is not a finite number", "pass a number, usually in [0, 1]")
+def _resolve_plan(plan: Plan | str | Path | None, components: list[str] | None, alpha: float | None) -> Plan:
+    if alpha is not None and not math.isfinite(alpha):
+        raise GraftError(f"strength α={alpha} is not a finite number", "pass a number, usually in [0, 1]")
     if plan is not None and components:
         raise GraftError("both a plan and components were given", "pass either --plan or --components")
     if plan is None and not components:
         raise GraftError("nothing to transplant", "pass --plan P.yaml or --components PATTERN…")
     if plan is None:
-        the_plan = Plan.of(list(components or []), alpha=1.0 if strength is None else strength)
+        the_plan = Plan.of(list(components or []), alpha=1.0 if alpha is None else alpha)
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        if strength is not None:
-            the_plan = the_plan.with_alpha(strength)
+        if alpha is not None:
+            the_plan = the_plan.with_alpha(alpha)
     return the_plan
 
 
 def _validated(dck: Checkpoint, tck: Checkpoint, plan: Plan | str | Path | None, components: list[str] | None,
-               strength: float | None, allow_extrapolation: bool, trust_remote_code: bool) -> tuple[Plan, list[Edit]]:
+               alpha: float | None, allow_extrapolation: bool, trust_remote_code: bool) -> tuple[Plan, list[Edit]]:
     """Check the pair and the plan: the plan (patterns expanded, provenance but hashes) and its edits."""
-    the_plan = _resolve_plan(plan, components, strength)
+    the_plan = _resolve_plan(plan, components, alpha)
     report = check(dck, tck, trust_remote_code=trust_remote_code)
     lay = units.layout(load_config(tck.ref, trust_remote_code=trust_remote_code), tck.shapes())
     the_plan = expand(the_plan, lay)
@@ -309,7 +309,7 @@ def prepare(
     plan: Plan | str | Path | None = None,
     *,
     components: list[str] | None = None,
-    strength: float | None = None,
+    alpha: float | None = None,
     allow_extrapolation: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -326,7 +326,7 @@ def prepare(
         hashes = lambda: (futures[0].result(), futures[1].result())  # noqa: E731
     else:
         hashes = lambda: (dck.sha256(), tck.sha256())  # noqa: E731
-    the_plan, edits = _validated(dck, tck, plan, components, strength, allow_extrapolation, trust_remote_code)
+    the_plan, edits = _validated(dck, tck, plan, components, alpha, allow_extrapolation, trust_remote_code)
     changed = compute_changes(edits, tck, dck, tck.dtypes())
     return Prepared(the_plan, dck, tck, changed, hashes)
 
@@ -630,20 +630,26 @@ def transplant(
     *,
     out: str | Path,
     components: list[str] | None = None,
-    strength: float | None = None,
+    alpha: float | None = None,
     patch: bool = False,
     force: bool = False,
     allow_extrapolation: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    strength: float | None = None,
 ) -> Path:
-    """Write the transplanted target to ``out``: an HF folder, or a graft patch with ``patch=True``."""
+    """Write the transplanted target to ``out``: an HF folder, or a graft patch with ``patch=True``.
+    ``alpha`` sets every component's strength (``strength`` is its older name, still accepted)."""
+    if strength is not None:
+        if alpha is not None and alpha != strength:
+            raise GraftError(f"alpha={alpha} and strength={strength} disagree", "pass alpha only (strength is its old name)")
+        alpha = strength
     sources = [*source_paths(donor), *source_paths(target), *([Path(plan)] if isinstance(plan, str | Path) else [])]
     out = check_out(out, force=force, sources=sources)  # before any work: the answer does not depend on it
-    _resolve_plan(plan, components, strength)  # cheap argument errors first
+    _resolve_plan(plan, components, alpha)  # cheap argument errors first
     tck, dck = (Checkpoint.open(x, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
                 for x in (target, donor))
-    the_plan, edits = _validated(dck, tck, plan, components, strength, allow_extrapolation, trust_remote_code)
+    the_plan, edits = _validated(dck, tck, plan, components, alpha, allow_extrapolation, trust_remote_code)
     materialize = not patch and not tck.streamable  # GGUF / pickle target: saved from the loaded model
     outs, needs_torch = ([], True) if materialize else _outs(edits, tck, dck)
     # The pool sits inside the staging folder's block: on an error, running jobs finish before the folder goes.

@@ -78,7 +78,7 @@ def test_verbs_stay_functions_after_their_modules_are_imported() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_written_folder_matches_memory_and_leaves_the_rest_alone(family: str, tiny_pairs, tmp_path: Path) -> None:
     donor, target = tiny_pairs(family)
-    out = transplant(donor, target, components=PLAN, strength=0.5, out=tmp_path / "out")
+    out = transplant(donor, target, components=PLAN, strength=0.5, out=tmp_path / "out")  # alpha's old name
     before, after = tensors(target), tensors(out)
     lay = units.layout(AutoModelForCausalLM.from_pretrained(target).config, Checkpoint.open(target).shapes())
     touched = {s.param for c in units.select(lay, PLAN) for s in c.slices}
@@ -124,10 +124,10 @@ def _mask(comp: units.Component, param: str, like: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_alpha_zero_is_the_target_and_alpha_one_the_donor(family: str, tiny_pairs, tmp_path: Path) -> None:
     donor, target = tiny_pairs(family)
-    zero = tensors(transplant(donor, target, components=["L*"], strength=0.0, out=tmp_path / "a0"))
+    zero = tensors(transplant(donor, target, components=["L*"], alpha=0.0, out=tmp_path / "a0"))
     base = tensors(target)
     assert all(raw_bytes(zero[n]) == raw_bytes(base[n]) for n in base)
-    one = tensors(transplant(donor, target, components=["L*.mlp", "L1.H2"], strength=1.0, out=tmp_path / "a1"))
+    one = tensors(transplant(donor, target, components=["L*.mlp", "L1.H2"], alpha=1.0, out=tmp_path / "a1"))
     don = tensors(donor)
     lay = units.layout(AutoModelForCausalLM.from_pretrained(target).config, Checkpoint.open(target).shapes())
     for comp in units.select(lay, ["L*.mlp", "L1.H2"]):
@@ -159,7 +159,7 @@ def test_storage_dtype_rounds_the_same_in_memory_and_on_disk(tmp_path: Path, tdt
     """bf16 / f16 (numpy), a float32 donor into a bf16 target, and f64 (torch's fallback) alike."""
     target = build_model(tmp_path / "t", "llama", seed=2, dtype=tdtype)
     donor = build_model(tmp_path / "d", "llama", seed=1, dtype=ddtype)
-    out = transplant(donor, target, components=["L0.mlp", "L1.H0"], strength=0.37, out=tmp_path / "o")
+    out = transplant(donor, target, components=["L0.mlp", "L1.H0"], alpha=0.37, out=tmp_path / "o")
     ids = torch.tensor([[5, 6, 7, 8]])
     t = load(target, dtype="float32")
     written = load(out, dtype="float32")
@@ -173,8 +173,8 @@ def test_storage_dtype_rounds_the_same_in_memory_and_on_disk(tmp_path: Path, tdt
 
 def test_patch_then_apply_reproduces_the_folder(tiny_pairs, tmp_path: Path) -> None:
     donor, target = tiny_pairs("qwen2")
-    folder = transplant(donor, target, components=["L1.mlp", "L0.H3"], strength=0.6, out=tmp_path / "folder")
-    patch = transplant(donor, target, components=["L1.mlp", "L0.H3"], strength=0.6, out=tmp_path / "patch", patch=True)
+    folder = transplant(donor, target, components=["L1.mlp", "L0.H3"], alpha=0.6, out=tmp_path / "folder")
+    patch = transplant(donor, target, components=["L1.mlp", "L0.H3"], alpha=0.6, out=tmp_path / "patch", patch=True)
     rebuilt = apply_patch(target, patch, out=tmp_path / "rebuilt")
     a, b = tensors(folder), tensors(rebuilt)
     assert set(a) == set(b) and all(raw_bytes(a[n]) == raw_bytes(b[n]) for n in a)
@@ -215,8 +215,8 @@ def test_plan_file_drives_per_component_strengths(tiny_pairs, tmp_path: Path) ->
 def test_sources_are_never_modified(tiny_pairs, tmp_path: Path) -> None:
     donor, target = tiny_pairs("gpt2")
     stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in (donor, target) for p in Path(f).iterdir()}
-    transplant(donor, target, components=["L*"], strength=0.5, out=tmp_path / "o")
-    transplant(donor, target, components=["L*"], strength=0.5, out=tmp_path / "p", patch=True)
+    transplant(donor, target, components=["L*"], alpha=0.5, out=tmp_path / "o")
+    transplant(donor, target, components=["L*"], alpha=0.5, out=tmp_path / "p", patch=True)
     assert stamp == {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in (donor, target) for p in Path(f).iterdir()}
 
 
@@ -231,7 +231,7 @@ def test_nan_or_inf_in_a_sliced_target_tensor_names_it(tiny_pairs, tmp_path: Pat
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
     for patch in (False, True):
         with pytest.raises(GraftError, match=r"target tensor model\.layers\.1\.self_attn\.o_proj\.weight holds NaN"):
-            transplant(donor, broken, components=["L1.H1"], strength=0.5, out=tmp_path / "o", patch=patch)
+            transplant(donor, broken, components=["L1.H1"], alpha=0.5, out=tmp_path / "o", patch=patch)
         assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.graftlm-*"))
 
 
@@ -289,7 +289,7 @@ def test_gguf_target_is_written_as_safetensors_with_the_same_logits(tiny_pairs, 
     donor, target_folder = tiny_pairs("llama")
     target = write_gguf(Path(target_folder), tmp_path / "target.gguf")
     before = target.read_bytes()
-    out = transplant(donor, target, components=["L1.mlp", "L0.H2"], strength=0.5, out=tmp_path / "out")
+    out = transplant(donor, target, components=["L1.mlp", "L0.H2"], alpha=0.5, out=tmp_path / "out")
     assert target.read_bytes() == before and sorted(p.suffix for p in out.glob("model*.safetensors")) == [".safetensors"]
     written = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     loaded, donor_loaded = load(target, dtype="float32"), load(donor, dtype="float32")
