@@ -208,6 +208,24 @@ def compute_changes(
 
 # --- in memory -----------------------------------------------------------------------------------
 
+class Applied(dict):  # type: ignore[type-arg]
+    """What :func:`applied` yields: the changed tensors by HF name (a dict), and the transplanted model —
+    ``.bridge`` (TransformerLens: ``run_with_cache``, hooks by name) and ``.model`` (the HF model) — both
+    computing with the transplant, fused projections included, until the block ends."""
+
+    def __init__(self, target: LoadedModel, changed: dict[str, torch.Tensor]) -> None:
+        super().__init__(changed)
+        self.target = target
+
+    @property
+    def bridge(self) -> Any:
+        return self.target.bridge
+
+    @property
+    def model(self) -> Any:
+        return self.target.model
+
+
 @contextlib.contextmanager
 def applied(
     target: LoadedModel,
@@ -215,11 +233,13 @@ def applied(
     plan: Plan,
     *,
     allow_extrapolation: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[Applied]:
     """Transplant into the loaded target for the duration of the block; restore it bit-exactly after.
 
     Values are rounded through the checkpoint's storage dtype, so the in-memory model equals the
-    folder :func:`transplant` writes, loaded the same way. Yields the changed tensors by name.
+    folder :func:`transplant` writes, loaded the same way. Yields :class:`Applied`: the changed tensors
+    by name, and ``.bridge`` / ``.model`` to run. ``with analysis.applied(t, d, plan) as grafted:
+    grafted.bridge.run_with_cache(...)`` sees the transplanted weights at every hook.
     """
     import torch
 
@@ -241,8 +261,8 @@ def applied(
         with torch.no_grad():
             for name, value in changed.items():
                 params[name].copy_(value.to(params[name].dtype))
-        target.sync(changed)
-        yield changed
+        target.sync(changed)  # the bridge's split copies of fused q/k/v and gate/up follow the edit
+        yield Applied(target, changed)
     finally:
         with torch.no_grad():
             for name, value in saved.items():

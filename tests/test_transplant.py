@@ -338,3 +338,26 @@ def test_apply_patch_rehashes_a_target_edited_in_place(tiny_pairs, tmp_path: Pat
         apply_patch(copy, patch, out=tmp_path / "o")
     assert apply_patch(copy, patch, out=tmp_path / "o", verify=True).is_dir()
     assert cached_sha256(weights) == file_sha256(target / "model.safetensors")  # and remembered right
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_applied_yields_a_bridge_whose_hooks_see_the_transplant(tiny_pairs, tmp_path: Path, family: str) -> None:
+    """Fused q/k/v (GPT-2's c_attn, Phi-3's qkv_proj): inside the block, ``grafted.bridge.run_with_cache``
+    gives at every hook what the written folder's own bridge gives; after it, the target's again."""
+    donor, target = tiny_pairs(family)
+    plan = Plan.of(["L0.H1", "L1.mlp"], alpha=0.5)
+    written = load(transplant(donor, target, plan, out=tmp_path / "o"), dtype="float32")
+    t = load(target, dtype="float32")
+    names = ["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    _, before = t.bridge.run_with_cache(ids, names_filter=names)
+    _, want = written.bridge.run_with_cache(ids, names_filter=names)
+    with applied(t, load(donor, dtype="float32"), plan) as grafted:
+        assert set(grafted) >= {n for n in t.parameters() if ".0." in n and "attn" in n} & set(grafted)
+        _, got = grafted.bridge.run_with_cache(ids, names_filter=names)
+        for name in names:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got["blocks.0.attn.hook_z"], before["blocks.0.attn.hook_z"])
+    _, after = t.bridge.run_with_cache(ids, names_filter=names)
+    for name in names:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
