@@ -504,3 +504,13 @@ def test_a_study_of_a_real_pair(tmp_path: Path) -> None:
         main(["transplant", "-d", cfg.donor, "-t", cfg.target, "--plan", str(run / "plan-weight.yaml"), "--out", str(out)])
     assert exit_info.value.code in (0, None)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 30
+
+
+def test_device_map_runs_the_study_with_the_same_results(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """device_map: auto (here every module lands on the CPU) runs localization, the grid and the controls
+    through the placed models, with the per-item results of a plain load; it is part of the config hash."""
+    cfg = small(study[1])
+    mapped = cfg.model_copy(update={"device_map": "auto"})
+    assert mapped.digest() != cfg.digest()
+    assert per_item(sweep(mapped, tmp_path / "mapped", progress=False)) == \
+        per_item(sweep(cfg, tmp_path / "plain", progress=False))
