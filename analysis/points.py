@@ -61,6 +61,7 @@ class Job:
     record_baseline: bool = False  # an untouched model records what the points to come replay
     chain: str | None = None
     drafts_base: dict[str, list[int]] | None = None
+    only: tuple[str, ...] | None = None  # a part of the split's items (a racing point's next look)
 
 
 def tokens(row: dict[str, Any]) -> dict[str, list[int]]:
@@ -134,15 +135,18 @@ class PointRunner:
             chain = self.chains[job.chain] = _Chain(job.drafts_base)
         return chain.previous if chain.steady else None
 
-    def run(self, job: Job) -> dict[str, Any]:
-        """The result line of ``job`` (not written: the driver alone writes results.jsonl)."""
+    def evaluate(self, job: Job) -> Any:
+        """``job`` evaluated (an :class:`~analysis.evaluate.EvalResult`), the transplant applied and undone."""
         from analysis.evaluate import run as evaluate
         from analysis.prefix import Prefix
         from analysis.transplant import applied
 
         point, loaded = job.point, self.models[job.model]
-        the_task = self.retention if job.on_retention else self.task
+        the_task = self.task_of(job)
         drafts = self.drafts(job) if the_task.kind == "generate" else None
+        if job.only is not None:
+            keep = set(job.only)
+            the_task = the_task.without(it for it in the_task.items(job.items_split) if it.id not in keep)
         prefix = None
         with contextlib.ExitStack() as stack:
             if job.plan is not None:
@@ -154,14 +158,35 @@ class PointRunner:
                 # the untouched target (a baseline) records for the points to come
                 start = self.low(job.plan) if job.plan is not None else prefix.depth
                 stack.enter_context(prefix.unchanged_below(start, record=job.record))
-            res = evaluate(loaded.model, loaded.tokenizer, the_task, split=job.items_split, limit=job.limit,
-                           batch_size=self.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
-                           prefix=prefix, drafts=drafts)
-        headline = {k: res.summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity")
-                    if k in res.summary}
-        row = {"key": point.key, **point.__dict__, **headline, "result": res.summary,
+            return evaluate(loaded.model, loaded.tokenizer, the_task, split=job.items_split, limit=job.limit,
+                            batch_size=self.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
+                            prefix=prefix, drafts=drafts)
+
+    def task_of(self, job: Job) -> Any:
+        return self.retention if job.on_retention else self.task
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """The result line of ``job`` (not written: the driver alone writes results.jsonl)."""
+        res = self.evaluate(job)
+        return self.row(job, res.records, res.summary)
+
+    def run_raced(self, job: Job, best: dict[str, Any] | None, error: float) -> dict[str, Any]:
+        """The line of a grid point raced against ``best`` (:mod:`analysis.race`); says so when it stopped."""
+        from analysis.race import raced
+
+        ids = [it.id for it in self.task_of(job).items(job.items_split, job.limit)]
+        records, summary, stopped = raced(job, ids, self.batch_size, best, error, self.task_of(job), self.evaluate)
+        row = self.row(job, records, summary)
+        if stopped is not None:
+            row["raced"] = stopped
+        return row
+
+    def row(self, job: Job, records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+        point = job.point
+        headline = {k: summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity") if k in summary}
+        row = {"key": point.key, **point.__dict__, **headline, "result": summary,
                "plan": [c.id for c in job.plan.components] if job.plan is not None else None,
-               "items": [item_row(r, keep_tokens=point.split == "dev") for r in res.records]}
+               "items": [item_row(r, keep_tokens=point.split == "dev") for r in records]}
         if job.chain is not None:
             self.follow(job.chain, row)
         return row

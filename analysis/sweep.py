@@ -49,7 +49,7 @@ DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"  # examples/demo.yaml
 DEFAULT_SPLITS = {"probe": "probe", "dev": "dev", "test": "test"}
 # Keys added after runs were written: at these values they are left out of the hash, so those runs resume.
 LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error", "answers": "donor",
-                                  "metric": "logprob", "device_map": None}
+                                  "metric": "logprob", "device_map": None, "race": None}
 # Keys that say how a study runs, not what it computes: never hashed, so a run begun locally resumes on Ray.
 HOW_KEYS = ("ray",)
 SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")  # a K given as a share of the components, e.g. "5%"
@@ -97,6 +97,9 @@ class SweepConfig(BaseModel):
     k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
                                description="numbers of components, or shares of them such as 5%")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    race: float | None = Field(None, gt=0, lt=1, description="race the dev grid at this error rate: a point clearly "
+                                                            "below its method's best so far stops early; null: "
+                                                            "every point sees every dev item")
     max_new_tokens: list[int | None] = Field(default_factory=lambda: [None], min_length=1)
     controls: Controls = Field(default_factory=Controls)
     splits: dict[Literal["probe", "dev", "test"], str] = Field(
@@ -441,6 +444,9 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     if on_ray is not None:
         from analysis.cluster import require_ray
 
+        if cfg.race is not None:  # a race is sequential: each point is judged against the best before it
+            raise GraftError("race: runs the dev grid point after point in this process, not on Ray",
+                             "drop race: from the config, or run without --ray / ray:")
         require_ray()
     check_out(run_dir, replace=False, sources=_sources(cfg, config))
     check_device(cfg.device)
@@ -511,6 +517,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
     that do not depend on each other. Only this process writes results.jsonl."""
     from analysis import probe as probe_mod
     from analysis import units
+    from analysis.race import Raced
     from analysis.select import getter, outside
 
     lay = runner.layout
@@ -534,10 +541,11 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
     def resumed(job: Job) -> dict[str, Any] | None:
         return results[job.point.key] if job.point.key in results else None
 
-    def evaluate_all(jobs: list[Job], here: bool = False) -> list[dict[str, Any]]:
-        """Each job's row, in the order given: read back, or evaluated (``here``: in this process) and written."""
+    def evaluate_all(jobs: list[Job], here: bool = False, via: Executor | None = None) -> list[dict[str, Any]]:
+        """Each job's row, in the order given: read back, or evaluated (``here``: in this process; ``via``:
+        by that executor) and written."""
         rows: dict[str, dict[str, Any]] = {}
-        for job, row, seconds in (Local(runner) if here else executor).run(jobs, resumed):
+        for job, row, seconds in (via or (Local(runner) if here else executor)).run(jobs, resumed):
             if seconds is not None:
                 results.add(row)
             bar.advance(job.point, row, seconds)
@@ -617,12 +625,13 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                         plan=_plan(ranking[method], k, alpha, method, cfg.task), donor=donor_name,
                         record=frozenset(wanted), chain=f"{method}|{mnt}", drafts_base=base_tokens)
                     for method in cfg.methods for k in ks for alpha in cfg.alpha]
-            evaluate_all(grid)
-            # The chosen point per method on test, with retention.
+            evaluate_all(grid, via=Raced(runner, cfg.race) if cfg.race is not None else None)
+            # The chosen point per method on test, with retention (never a point its race stopped).
             chosen: dict[str, tuple[int, float]] = {}
             for method in cfg.methods:
                 rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in ks for a in cfg.alpha]
-                best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
+                best = max((r for r in rows if "raced" not in r),
+                           key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
                 chosen[method] = (best["top_k"], best["alpha"])
             budgets = sorted(set(chosen.values()))
             bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
