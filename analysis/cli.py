@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -173,6 +174,9 @@ def eval_cmd(
 def sweep_cmd(
     config: Annotated[Path, typer.Argument(help="Sweep config YAML (see examples/demo.yaml).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: results.jsonl, plans, figures, report.")],
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]", help="Run the grid and controls on Ray actors: bare, Ray on this machine (or "
+        "as the config's ray: says); auto, HOST:PORT or ray://HOST:PORT, that cluster.")] = None,
 ) -> None:
     """Baselines, localization on probe, a K × α grid on dev, chosen points and controls on test, report.
 
@@ -180,7 +184,7 @@ def sweep_cmd(
     """
     from analysis.sweep import sweep
 
-    run = sweep(config, out)
+    run = sweep(config, out, ray=True if ray == BARE_RAY else ray)
     _finish_run(run)
 
 
@@ -314,6 +318,22 @@ def _quiet_progress_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+BARE_RAY = ""  # what `--ray` without an address stands for: Ray as the config says, else on this machine
+RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|[\w.-]+:\d+")
+
+
+def ray_argument(argv: list[str]) -> list[str]:
+    """`graftlm sweep … --ray [ADDRESS]`: a bare --ray (followed by nothing, an option, or a word that is
+    no Ray address, such as the config file) gets an empty value, so the parser sees one form."""
+    if not argv or argv[0] != "sweep" or "--ray" not in argv:
+        return argv
+    at = argv.index("--ray")
+    following = argv[at + 1] if at + 1 < len(argv) else None
+    if following is not None and RAY_ADDRESS.fullmatch(following):
+        return argv
+    return [*argv[: at + 1], BARE_RAY, *argv[at + 1:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; bad input of any kind becomes one line on stderr and exit code 2.
 
@@ -326,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_progress_bars()
     previous = _on_sigterm()
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="graftlm")
+        code = app(args=ray_argument(sys.argv[1:] if argv is None else argv), standalone_mode=False,
+                   prog_name="graftlm")
     except click.NoArgsIsHelpError as err:  # bare `graftlm`: the help, as click prints it
         err.show()
         code = err.exit_code

@@ -322,11 +322,14 @@ def load(
     trust_remote_code: bool = False,
     online: bool = False,
     attn_implementation: str = "eager",
+    device_map: str | dict[str, int | str] | None = None,
 ) -> LoadedModel:
     """Load a model reference for analysis.
 
     ``attn_implementation`` defaults to eager because the TransformerLens bridge forces eager
     attention: loading eager from the start keeps the HF model's logits and the bridge's identical.
+    ``device_map`` (transformers' own: ``auto``, ``balanced``, ``sequential`` or module → device) spreads
+    a model that does not fit one device over several, and over the CPU; ``device`` is then unused.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -339,6 +342,8 @@ def load(
         "trust_remote_code": trust_remote_code,
         "attn_implementation": attn_implementation,
     }
+    if device_map is not None:
+        kwargs["device_map"] = _device_map(device_map)
     source: str = str(mref.path) if mref.path is not None else mref.text
     tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if mref.kind == "gguf":
@@ -390,10 +395,38 @@ def load(
         if mref.kind != "gguf":
             raise
         raise _gguf_unreadable(mref, err) from err
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    else:
+        _refuse_offload(mref, model)
+    model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(ref=mref, model=model, tokenizer=tokenizer, storage_dtypes=storage)
+
+
+def _device_map(device_map: str | dict[str, int | str]) -> str | dict[str, int | str]:
+    """transformers' device_map, once accelerate (which places the modules) is known to be there."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise GraftError("device_map needs the accelerate package, which is not installed",
+                         "pip install accelerate (or leave device_map unset)")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise GraftError(f"unknown device_map {device_map!r}",
+                         "use auto, balanced, balanced_low_0, sequential, or a mapping of modules to devices")
+    return device_map
+
+
+def _refuse_offload(mref: ModelRef, model: PreTrainedModel) -> None:
+    """A device_map that left weights off every device (offloaded: the module holds an empty 'meta'
+    tensor and accelerate streams the weights in per forward) cannot be transplanted into in place."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise GraftError(f"{mref.text}: device_map offloaded {len(offloaded)} tensors ({offloaded[0]}, …) to CPU or "
+                         "disk behind hooks, where a transplant cannot edit them in place",
+                         "give the devices room for the whole model (device_map: auto over more GPUs, or the CPU "
+                         "as a device: device_map: {'': cpu} places every module there)")
 
 
 # GPT-2-style config keys → the names the other architectures use.

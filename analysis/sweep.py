@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,12 +43,15 @@ from analysis.errors import GraftError, validation_problem
 from analysis.files import check_out, parse_yaml, read_text, write_file
 from analysis.methods import Method
 from analysis.plan import Plan
+from analysis.points import Executor, Job, Local, Point, PointRunner, tokens
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"  # examples/demo.yaml links here
 DEFAULT_SPLITS = {"probe": "probe", "dev": "dev", "test": "test"}
 # Keys added after runs were written: at these values they are left out of the hash, so those runs resume.
 LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error", "answers": "donor",
-                                  "metric": "logprob"}
+                                  "metric": "logprob", "device_map": None, "race": None}
+# Keys that say how a study runs, not what it computes: never hashed, so a run begun locally resumes on Ray.
+HOW_KEYS = ("ray",)
 SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")  # a K given as a share of the components, e.g. "5%"
 
 
@@ -58,6 +62,15 @@ class Controls(BaseModel):
     random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     copy_all: bool = True
     weight: bool = True
+
+
+class RayOptions(BaseModel):
+    """Where the grid's and the controls' points run when a study runs on Ray (:mod:`analysis.cluster`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="a running Ray cluster (auto, HOST:PORT, ray://HOST:PORT); "
+                                                  "null: start Ray on this machine")
+    workers: int = Field(2, ge=1, description="actors, each loading the pair once and taking points from a queue")
 
 
 class SweepConfig(BaseModel):
@@ -84,6 +97,9 @@ class SweepConfig(BaseModel):
     k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
                                description="numbers of components, or shares of them such as 5%")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    race: float | None = Field(None, gt=0, lt=1, description="race the dev grid at this error rate: a point clearly "
+                                                            "below its method's best so far stops early; null: "
+                                                            "every point sees every dev item")
     max_new_tokens: list[int | None] = Field(default_factory=lambda: [None], min_length=1)
     controls: Controls = Field(default_factory=Controls)
     splits: dict[Literal["probe", "dev", "test"], str] = Field(
@@ -103,7 +119,12 @@ class SweepConfig(BaseModel):
                                    "their keys and values); 0 turns reuse off")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description="where the models run: cpu, cuda, cuda:1, mps")
+    device_map: str | dict[str, int | str] | None = Field(
+        None, description="spread each model over devices (and CPU or disk offload) as transformers' device_map: "
+                          "auto, balanced, sequential or a module → device mapping; null: all on `device`")
     seed: int = 0
+    ray: RayOptions | None = Field(None, description="run the grid's and the controls' points on Ray actors; "
+                                                     "null: in this process (graftlm sweep --ray overrides)")
 
     @field_validator("k")
     @classmethod
@@ -166,6 +187,8 @@ class SweepConfig(BaseModel):
 
     def digest(self) -> str:
         data = self.model_dump(mode="json")
+        for key in HOW_KEYS:
+            del data[key]
         for key, default in LATER_DEFAULTS.items():
             if data[key] == default:
                 del data[key]  # runs written before the key existed keep their hash
@@ -394,34 +417,20 @@ def _holder(fd: int) -> str:
 
 # --- evaluation of one point ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Point:
-    """One evaluation: who, with which plan, on which split."""
-
-    phase: Literal["baseline", "grid", "chosen", "control"]
-    split: str
-    who: Literal["a", "b", "transplant"]  # a: the config's donor, b: its target
-    method: str | None = None
-    top_k: int | None = None  # the number of components transplanted (K)
-    alpha: float | None = None
-    max_new_tokens: int | None = None
-    seed: int | None = None
-
-    @property
-    def key(self) -> str:
-        parts = [self.phase, self.split, self.who, self.method or "-", str(self.top_k), str(self.alpha),
-                 str(self.max_new_tokens), str(self.seed)]
-        return "|".join(parts)
-
-
 # --- the whole study ------------------------------------------------------------------------------
 
 RankFn = Callable[..., list[tuple[str, float]]]
 
 
 def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool = True,
-          on_point: Callable[[Point, dict[str, Any]], None] | None = None) -> Path:
-    """Run (or resume) the study of ``config`` into folder ``out``; returns ``out``."""
+          on_point: Callable[[Point, dict[str, Any]], None] | None = None,
+          ray: RayOptions | str | bool | None = None) -> Path:
+    """Run (or resume) the study of ``config`` into folder ``out``; returns ``out``.
+
+    ``ray``: None — as the config's ``ray:`` says; False — in this process; True — on Ray as the config
+    says (a local Ray with 2 workers when it says nothing); an address — that cluster (``local``: start
+    Ray here); :class:`RayOptions` — those. Per-item results are the same either way.
+    """
     import torch
 
     from analysis import tasks
@@ -429,8 +438,16 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     from analysis.models import check_device, load, require_same_shapes
 
     cfg = config if isinstance(config, SweepConfig) else SweepConfig.load(config)
+    on_ray = ray_options(cfg, ray)
     run_dir = Path(out).expanduser()
     # Everything that can be wrong with the inputs is found before RUN is created or written.
+    if on_ray is not None:
+        from analysis.cluster import require_ray
+
+        if cfg.race is not None:  # a race is sequential: each point is judged against the best before it
+            raise GraftError("race: runs the dev grid point after point in this process, not on Ray",
+                             "drop race: from the config, or run without --ray / ray:")
+        require_ray()
     check_out(run_dir, replace=False, sources=_sources(cfg, config))
     check_device(cfg.device)
     _refuse_another_config(cfg, run_dir)
@@ -448,13 +465,37 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
         if (run_dir / INPUTS).is_file():  # a resumed run: changed inputs are refused before anything loads
             _refuse_other_inputs(run_dir, identity(), cfg)
         # 'a' is the config's donor, 'b' its target, until auto_order says otherwise.
-        models = {"a": load(cfg.donor, dtype=cfg.dtype, device=cfg.device),
-                  "b": load(cfg.target, dtype=cfg.dtype, device=cfg.device)}
+        models = {"a": load(cfg.donor, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map),
+                  "b": load(cfg.target, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)}
         require_same_shapes(models["a"], models["b"])
         inputs = identity()
     with run_lock(run_dir):
-        return _study(cfg, run_dir, open_run(cfg, run_dir, inputs), task, splits, dropped, retention_task,
-                      retention_split, models, progress, on_point)
+        results = open_run(cfg, run_dir, inputs)
+        runner = PointRunner(models, task, retention_task, cfg.batch_size, int(cfg.reuse_memory_gb * 2**30))
+        executor: Executor = Local(runner)
+        if on_ray is not None:
+            from analysis.cluster import RayExecutor, WorkerSpec
+
+            executor = RayExecutor(on_ray, WorkerSpec(cfg, task, retention_task, inputs, torch.get_num_threads()))
+        try:
+            return _study(cfg, run_dir, results, task, splits, dropped, retention_task, retention_split, models,
+                          runner, executor, progress, on_point)
+        finally:
+            executor.close()
+
+
+def ray_options(cfg: SweepConfig, ray: RayOptions | str | bool | None) -> RayOptions | None:
+    """Where the study's points run (see :func:`sweep`): None is this process."""
+    if ray is None:
+        return cfg.ray
+    if ray is False:
+        return None
+    if isinstance(ray, RayOptions):
+        return ray
+    options = cfg.ray or RayOptions()
+    if isinstance(ray, str):
+        options = options.model_copy(update={"address": None if ray == "local" else ray})
+    return options
 
 
 def _sources(cfg: SweepConfig, config: SweepConfig | str | Path) -> list[Path]:
@@ -469,18 +510,17 @@ def _sources(cfg: SweepConfig, config: SweepConfig | str | Path) -> list[Path]:
 
 
 def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits: dict[str, str], dropped: Dropped,
-           retention_task: Any, retention_split: str | None, models: dict[str, Any], progress: bool,
-           on_point: Callable[[Point, dict[str, Any]], None] | None) -> Path:
-    """The study proper, in a run folder this process holds: grid, choices, controls."""
+           retention_task: Any, retention_split: str | None, models: dict[str, Any], runner: PointRunner,
+           executor: Executor, progress: bool, on_point: Callable[[Point, dict[str, Any]], None] | None) -> Path:
+    """The study proper, in a run folder this process holds: grid, choices, controls. Baselines run here;
+    the grid's and the controls' points run on ``executor`` (here, or on Ray actors), in batches of points
+    that do not depend on each other. Only this process writes results.jsonl."""
     from analysis import probe as probe_mod
     from analysis import units
-    from analysis.evaluate import run as evaluate
-    from analysis.prefix import Prefix, lowest_layer
+    from analysis.race import Raced
     from analysis.select import getter, outside
-    from analysis.transplant import applied
 
-    lay = units.layout(models["a"].model.config,
-                       {n: tuple(p.shape) for n, p in models["a"].parameters().items()})
+    lay = runner.layout
     lengths = cfg.max_new_tokens if task.kind == "generate" else [None]
     all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
     k_grid = resolve_k(cfg.k, len(all_ids))
@@ -492,54 +532,33 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
     if k_grid.describe():
         bar.note(f"k: {k_grid.describe()}")
 
-    prefixes: dict[int, Prefix] = {}  # per target model: what lies below each transplant, computed once
     wanted: set[int] = set()  # the lowest layers of the plans to come: one full evaluation records them all
-
-    def low(plan: Plan) -> int:
-        return lowest_layer([c.layer for c in units.select(lay, [c.id for c in plan.components])])
 
     def grid_lows(ranking: dict[str, list[tuple[str, float]]]) -> set[int]:
         """The layers the grid's points start from (α does not move them)."""
-        return {low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in ks}
+        return {runner.low(_plan(ranking[m], k, 1.0, m, cfg.task)) for m in cfg.methods for k in ks}
 
-    def evaluate_point(point: Point, loaded: Any, items_split: str, eval_task: Any = None,
-                       limit: int | None = None, plan: Plan | None = None, donor: Any = None,
-                       drafts_from: str | None = None, record: bool = False) -> dict[str, Any]:
-        if point.key in results:
-            bar.advance(point, results[point.key], None)
-            return results[point.key]
-        started = time.perf_counter()
-        the_task = eval_task or task
-        drafts = None  # what an earlier dev point generated: verified in one forward, not decoded again
-        if drafts_from is not None and the_task.kind == "generate":
-            drafts = _tokens(results[drafts_from])
-        prefix = None
-        with contextlib.ExitStack() as stack:
-            if plan is not None:
-                stack.enter_context(applied(loaded, donor, plan))
-            if cfg.reuse_memory_gb > 0 and (plan is not None or record):
-                if id(loaded.model) not in prefixes:
-                    prefixes[id(loaded.model)] = Prefix(loaded.model, budget_bytes=int(cfg.reuse_memory_gb * 2**30))
-                prefix = prefixes[id(loaded.model)]
-                # the untouched target (a baseline) records for the points to come
-                start = low(plan) if plan is not None else prefix.depth
-                stack.enter_context(prefix.unchanged_below(start, record=wanted))
-            res = evaluate(loaded.model, loaded.tokenizer, the_task, split=items_split, limit=limit,
-                           batch_size=cfg.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
-                           prefix=prefix, drafts=drafts)
-        headline = {k: res.summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity")
-                    if k in res.summary}
-        row = {"key": point.key, **point.__dict__, **headline, "result": res.summary,
-               "plan": [c.id for c in plan.components] if plan is not None else None,
-               "items": [_item_row(r, keep_tokens=point.split == "dev") for r in res.records]}
-        results.add(row)
-        bar.advance(point, row, time.perf_counter() - started)
-        if on_point is not None:
-            on_point(point, row)
-        return row
+    def resumed(job: Job) -> dict[str, Any] | None:
+        return results[job.point.key] if job.point.key in results else None
 
-    limits = {"dev": cfg.dev_limit, "test": cfg.test_limit}
-    needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
+    def evaluate_all(jobs: list[Job], here: bool = False, via: Executor | None = None) -> list[dict[str, Any]]:
+        """Each job's row, in the order given: read back, or evaluated (``here``: in this process; ``via``:
+        by that executor) and written."""
+        rows: dict[str, dict[str, Any]] = {}
+        for job, row, seconds in (via or (Local(runner) if here else executor)).run(jobs, resumed):
+            if seconds is not None:
+                results.add(row)
+            bar.advance(job.point, row, seconds)
+            if seconds is not None and on_point is not None:
+                on_point(job.point, row)
+            rows[job.point.key] = row
+        return [rows[job.point.key] for job in jobs]
+
+    def job(point: Point, model: str, items_split: str | None, **kw: Any) -> Job:
+        on_retention = point.split == "retention"
+        limit = cfg.retention_limit if on_retention else {"dev": cfg.dev_limit, "test": cfg.test_limit}[point.split]
+        return Job(point, model, items_split, limit, on_retention=on_retention, **kw)
+
     try:
         for mnt in lengths:
             ranking: dict[str, list[tuple[str, float]]] = {}
@@ -558,19 +577,20 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                                                      max_new_tokens=mnt))
                     return built[0]
                 return get
+            needed = [*cfg.methods, *(["weight"] if cfg.controls.weight and "weight" not in cfg.methods else [])]
             if not cfg.auto_order:
                 # The target is known: localize first, so that its baselines record what the grid replays.
                 probe = _probe_of(models["a"])
                 ranking = {m: _ranking(run_dir, m, models["a"], models["b"], task, cfg, top=ks[-1], probe=probe,
                                        suffix=suffix, say=bar.note) for m in needed}
                 wanted.update(grid_lows(ranking))
-            # Baselines on dev and test for both models; 'auto' orders donor and target by dev accuracy.
+            # Baselines on dev and test for both models, here; 'auto' orders donor and target by dev accuracy.
             base = {}
             for name in ("a", "b"):
                 for split in ("dev", "test"):
-                    base[name, split] = evaluate_point(Point("baseline", split, name, max_new_tokens=mnt),
-                                                       models[name], splits[split], limit=limits[split],
-                                                       record=name == "b" and bool(wanted))
+                    (base[name, split],) = evaluate_all([job(
+                        Point("baseline", split, name, max_new_tokens=mnt), name, splits[split],
+                        record=frozenset(wanted), record_baseline=name == "b" and bool(wanted))], here=True)
             donor_name, target_name = _order(cfg, base)
             if donor_name == "b":
                 dev = {w: (base[w, "dev"]["k"], base[w, "dev"]["n"]) for w in ("a", "b")}
@@ -588,68 +608,68 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
             donor, target = models[donor_name], models[target_name]
             if retention_task is not None:
                 for name in (donor_name, target_name):
-                    evaluate_point(Point("baseline", "retention", name, max_new_tokens=mnt), models[name],
-                                   retention_split, retention_task, cfg.retention_limit,
-                                   record=name == target_name and bool(wanted))
+                    evaluate_all([job(Point("baseline", "retention", name, max_new_tokens=mnt), name, retention_split,
+                                      record=frozenset(wanted), record_baseline=name == target_name and bool(wanted))],
+                                 here=True)
             if not ranking:
                 probe = _probe_of(donor)
                 ranking = {m: _ranking(run_dir, m, donor, target, task, cfg, top=ks[-1], probe=probe,
                                        reverse=donor_name == "b", suffix=suffix, say=bar.note) for m in needed}
                 wanted.update(grid_lows(ranking))
-            # The grid on dev; a point verifies the previous point's generations as drafts, which spares
-            # sequential decoding steps where neighbouring points generate the same tokens. Elsewhere drafts
-            # cost more than they save: a point drafts only when the previous one agreed with the point
-            # before it on at least DRAFT_AGREEMENT of the items.
-            for method in cfg.methods:
-                before, previous = None, Point("baseline", "dev", target_name, max_new_tokens=mnt).key
-                for k in ks:
-                    for alpha in cfg.alpha:
-                        plan = _plan(ranking[method], k, alpha, method, cfg.task)
-                        point = Point("grid", "dev", "transplant", method, k, alpha, mnt)
-                        steady = before is None or _agreement(results[previous], results[before]) >= DRAFT_AGREEMENT
-                        evaluate_point(point, target, splits["dev"], limit=cfg.dev_limit, plan=plan, donor=donor,
-                                       drafts_from=previous if steady else None)
-                        before, previous = previous, point.key
-            # The chosen point per method on test, with retention.
+            # The grid on dev. Along each method's grid a point verifies the previous point's generations as
+            # drafts, which spares sequential decoding steps where neighbouring points generate the same
+            # tokens; elsewhere drafts cost more than they save, so a point drafts only while the previous
+            # one agreed with the point before it on at least DRAFT_AGREEMENT of the items.
+            base_tokens = tokens(base[target_name, "dev"])
+            grid = [job(Point("grid", "dev", "transplant", method, k, alpha, mnt), target_name, splits["dev"],
+                        plan=_plan(ranking[method], k, alpha, method, cfg.task), donor=donor_name,
+                        record=frozenset(wanted), chain=f"{method}|{mnt}", drafts_base=base_tokens)
+                    for method in cfg.methods for k in ks for alpha in cfg.alpha]
+            evaluate_all(grid, via=Raced(runner, cfg.race) if cfg.race is not None else None)
+            # The chosen point per method on test, with retention (never a point its race stopped).
             chosen: dict[str, tuple[int, float]] = {}
             for method in cfg.methods:
                 rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in ks for a in cfg.alpha]
-                best = max(rows, key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
+                best = max((r for r in rows if "raced" not in r),
+                           key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
                 chosen[method] = (best["top_k"], best["alpha"])
             budgets = sorted(set(chosen.values()))
             bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
             wanted.clear()
-            wanted.update(low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
-            wanted.update(low(Plan.of(_random_ids(all_ids, k, seed))) for k, _ in budgets for seed in cfg.controls.random_seeds)
+            wanted.update(runner.low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
+            wanted.update(runner.low(Plan.of(_random_ids(all_ids, k, seed)))
+                          for k, _ in budgets for seed in cfg.controls.random_seeds)
+            record = frozenset(wanted)
+            final: list[Job] = []
             for method, (k, alpha) in chosen.items():
                 plan = _plan(ranking[method], k, alpha, method, cfg.task)
                 plan.save(run_dir / plan_file(method, mnt, lengths))
-                evaluate_point(Point("chosen", "test", "transplant", method, k, alpha, mnt), target,
-                               splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+                final.append(job(Point("chosen", "test", "transplant", method, k, alpha, mnt), target_name,
+                                 splits["test"], plan=plan, donor=donor_name, record=record))
                 if retention_task is not None:
-                    evaluate_point(Point("chosen", "retention", "transplant", method, k, alpha, mnt), target,
-                                   retention_split, retention_task, cfg.retention_limit, plan=plan, donor=donor)
+                    final.append(job(Point("chosen", "retention", "transplant", method, k, alpha, mnt), target_name,
+                                     retention_split, plan=plan, donor=donor_name, record=record))
             # Controls at the budget of each chosen point.
             for k, alpha in budgets:
                 for seed in cfg.controls.random_seeds:
-                    ids = _random_ids(all_ids, k, seed)
-                    plan = Plan.of(ids, alpha=alpha, method="random", task=cfg.task, seed=seed)
-                    evaluate_point(Point("control", "test", "transplant", "random", k, alpha, mnt, seed), target,
-                                   splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+                    plan = Plan.of(_random_ids(all_ids, k, seed), alpha=alpha, method="random", task=cfg.task, seed=seed)
+                    final.append(job(Point("control", "test", "transplant", "random", k, alpha, mnt, seed), target_name,
+                                     splits["test"], plan=plan, donor=donor_name, record=record))
                 if cfg.controls.weight and "weight" not in cfg.methods:
-                    plan = _plan(ranking["weight"], k, alpha, "weight", cfg.task)
-                    evaluate_point(Point("control", "test", "transplant", "weight", k, alpha, mnt), target,
-                                   splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+                    final.append(job(Point("control", "test", "transplant", "weight", k, alpha, mnt), target_name,
+                                     splits["test"], plan=_plan(ranking["weight"], k, alpha, "weight", cfg.task),
+                                     donor=donor_name, record=record))
             if cfg.controls.copy_all:
                 plan = Plan.of(all_ids, alpha=1.0, method="copy-all", task=cfg.task)
-                evaluate_point(Point("control", "test", "transplant", "copy-all", len(all_ids), 1.0, mnt), target,
-                               splits["test"], limit=cfg.test_limit, plan=plan, donor=donor)
+                final.append(job(Point("control", "test", "transplant", "copy-all", len(all_ids), 1.0, mnt), target_name,
+                                 splits["test"], plan=plan, donor=donor_name, record=record))
+            evaluate_all(final)
     finally:
         bar.close()  # also when interrupted: a live bar left running would garble the next output
     env = environment()
-    env["reuse"] = {"forward_calls_replayed": sum(p.stats.replayed for p in prefixes.values()),
-                    "layer_forwards_skipped": sum(p.stats.skipped_layers for p in prefixes.values()),
-                    "forward_calls_full": sum(p.stats.full for p in prefixes.values())}
+    reuse = Counter(runner.reuse())
+    reuse.update(executor.stats())
+    env["reuse"] = dict(reuse)
     write_file(run_dir / "environment.json", json.dumps(env, indent=2))
     return run_dir
 
@@ -667,33 +687,6 @@ def length_suffix(max_new_tokens: int | None, several: bool) -> str:
 def plan_file(method: str, max_new_tokens: int | None, lengths: list[int | None]) -> str:
     """The name of a method's chosen plan in RUN: one per decoding length when the study has several."""
     return f"plan-{method}{length_suffix(max_new_tokens, len(lengths) > 1)}.yaml"
-
-
-DRAFT_AGREEMENT = 0.5  # below it, a draft's extra forward and re-run prompts cost more than its saved steps
-
-
-def _tokens(row: dict[str, Any]) -> dict[str, list[int]]:
-    """Item id → the token ids a generation result kept (dev and baselines keep them)."""
-    return {it["id"]: it["tokens"] for it in row.get("items") or () if "tokens" in it}
-
-
-def _agreement(row: dict[str, Any], other: dict[str, Any]) -> float:
-    """The share of items on which two generation results produced the same tokens (0 without tokens)."""
-    mine, theirs = _tokens(row), _tokens(other)
-    shared = mine.keys() & theirs.keys()
-    return sum(mine[i] == theirs[i] for i in shared) / len(shared) if shared else 0.0
-
-
-def _item_row(record: dict[str, Any], keep_tokens: bool) -> dict[str, Any]:
-    """One item of a results line: its id and correctness (and, on dev, the generated token ids, which
-    the next grid point uses as drafts); for perplexity, the text's summed NLL and token count (the
-    report's retention change and its interval)."""
-    if "nll" in record:
-        return {"id": record["id"], "nll": record["nll"], "n_tokens": record["n_tokens"]}
-    row = {"id": record["id"], "correct": bool(record.get("correct", False))}
-    if keep_tokens and "tokens" in record:
-        row["tokens"] = record["tokens"]
-    return row
 
 
 def _order(cfg: SweepConfig, base: dict[tuple[str, str], dict[str, Any]]) -> tuple[str, str]:

@@ -84,3 +84,24 @@ def test_bad_or_missing_device_is_one_clear_error(llama_pair: tuple[Path, Path])
     if not torch.cuda.is_available():
         with pytest.raises(GraftError, match="not available"):
             load(target, device="cuda")
+
+
+def test_device_map_places_modules_and_refuses_offload(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """device_map (transformers' own) loads a model spread over devices — here every module on the CPU,
+    the same logits as a plain load; a map that offloads a layer to disk behind hooks (its parameters
+    left empty, on 'meta') is refused with one line: a transplant edits weights in place."""
+    _, target = llama_pair
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    plain = load(target)
+    for device_map in ("auto", {"": "cpu"}):
+        mapped = load(target, device_map=device_map)
+        assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
+        with torch.no_grad():
+            torch.testing.assert_close(mapped.model(ids).logits, plain.model(ids).logits, rtol=0, atol=0)
+    offload = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+               "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(GraftError, match=r"device_map offloaded \d+ tensors \(model.layers.1.") as err:
+        load(target, device_map=offload)
+    assert "\n" not in str(err.value)
+    with pytest.raises(GraftError, match="unknown device_map 'everywhere'"):
+        load(target, device_map="everywhere")

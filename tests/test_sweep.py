@@ -384,10 +384,10 @@ def test_each_decoding_length_is_a_study_of_its_own(study: tuple[Path, SweepConf
 
 
 def test_every_config_key_is_documented() -> None:
-    from analysis.sweep import Controls
+    from analysis.sweep import Controls, RayOptions
 
     doc = (Path(__file__).parents[1] / "docs" / "sweep.md").read_text()
-    for name in [*SweepConfig.model_fields, *Controls.model_fields]:
+    for name in [*SweepConfig.model_fields, *Controls.model_fields, *RayOptions.model_fields]:
         assert f"\n{name}:" in doc or f"  {name}:" in doc, f"docs/sweep.md does not document {name}"
 
 
@@ -430,12 +430,11 @@ def test_a_grid_point_drafts_only_while_neighbours_agree(study: tuple[Path, Swee
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafts pay only when most rows keep their outputs: a grid point verifies the previous point's
     generations when that point agreed with the one before it on at least half of the items."""
-    from analysis import evaluate
-    from analysis import sweep as sweep_module
+    from analysis import evaluate, points
 
     _, cfg = study
-    agreements = iter([0.2, 0.9, 0.1])  # before points 2, 3 and 4
-    monkeypatch.setattr(sweep_module, "_agreement", lambda row, other: next(agreements))
+    agreements = iter([0.2, 0.9, 0.1, 0.5])  # after points 1, 2, 3 and 4
+    monkeypatch.setattr(points, "agreement", lambda mine, theirs: next(agreements))
     drafted: list[bool] = []
     run = evaluate.run
 
@@ -505,3 +504,13 @@ def test_a_study_of_a_real_pair(tmp_path: Path) -> None:
         main(["transplant", "-d", cfg.donor, "-t", cfg.target, "--plan", str(run / "plan-weight.yaml"), "--out", str(out)])
     assert exit_info.value.code in (0, None)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 30
+
+
+def test_device_map_runs_the_study_with_the_same_results(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """device_map: auto (here every module lands on the CPU) runs localization, the grid and the controls
+    through the placed models, with the per-item results of a plain load; it is part of the config hash."""
+    cfg = small(study[1])
+    mapped = cfg.model_copy(update={"device_map": "auto"})
+    assert mapped.digest() != cfg.digest()
+    assert per_item(sweep(mapped, tmp_path / "mapped", progress=False)) == \
+        per_item(sweep(cfg, tmp_path / "plain", progress=False))
