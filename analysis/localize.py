@@ -204,6 +204,9 @@ def localize(
     outer = units.outer_ids(lay) if "outer" in kinds else []
     table = _frame(shifts.describe_ids(site_list) + [{"id": n, "kind": "outer", "layer": None, "index": None}
                                                      for n in outer])
+    # Where a follow-up study finds each component's activation: its TransformerLens hook names (a head is
+    # `index` along hook_z's head axis; a KV head is seen at hook_k and hook_v); none for outer tensors.
+    table.insert(3, "hook", [",".join(units.component(lay, cid).hooks) or None for cid in table.index])
     meta: dict[str, Any] = {"method": method, "donor": names[0], "target": names[1], "components": kinds,
                             "created": now(), **({} if dataless else {"split": split})}
     position_table = None

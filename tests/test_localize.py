@@ -92,6 +92,9 @@ def test_every_method_sees_kv_heads_by_default(constructed_kv, method: str) -> N
     assert set(result.scores.loc[result.scores["ranked"], "kind"]) == {"head", "kv", "mlp", "outer"}
     outer = list(result.scores.index[result.scores["kind"] == "outer"])
     assert "model.embed_tokens.weight" in outer
+    hooks = result.scores["hook"]  # where a follow-up study finds each one's activation
+    assert hooks["L1.H2"] == "blocks.1.attn.hook_z" and hooks["L1.mlp"] == "blocks.1.hook_mlp_out"
+    assert hooks["L1.KV1"] == "blocks.1.attn.hook_k,blocks.1.attn.hook_v" and hooks[outer].isna().all()
     if method in ("gradient", "greedy", "mask", "weight"):
         assert result.ranking[0] == "L1.KV1"
         if method != "greedy":  # greedy stops at K: what it did not pick has no score
@@ -222,3 +225,12 @@ def test_demo_pair_attribution_agrees_in_sign_with_patching() -> None:
     signs_a = torch.sign(torch.tensor(attr.scores.loc[top, "attribution"].to_numpy()))
     signs_p = torch.sign(torch.tensor(act.scores.loc[top, "patching"].to_numpy()))
     assert (signs_a == signs_p).all()
+
+
+def test_every_hook_name_in_the_scores_is_a_hook_of_the_bridge(constructed, models) -> None:
+    """The hook column names real TransformerLens hook points: ``run_with_cache(names_filter=...)`` takes it."""
+    donor, target = models
+    result = localize(donor, target, constructed[2], method="attribution", components="head,mlp,layer,linear",
+                      progress=False)
+    names = {h for cell in result.scores["hook"].dropna() for h in cell.split(",")}
+    assert names and names <= set(target.bridge.hook_dict)
