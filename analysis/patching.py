@@ -38,11 +38,16 @@ __all__ = ["METRICS", "Metric", "attribute", "metric_values", "patch", "patch_po
 
 if TYPE_CHECKING:
     import pandas as pd
+    from transformer_lens import ActivationCache
 
     from analysis.models import LoadedModel
 
-def _capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
-    """The activations at ``hooks`` (detached, whole batch) and the logits of one forward."""
+def capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[ActivationCache, Tensor]:
+    """The activations at ``hooks`` (detached, whole batch) as a TransformerLens ``ActivationCache`` over
+    the model's bridge, and the logits at the batch's kept positions, from one forward that honours the
+    batch's padding and positions (``bridge.run_with_cache`` on the same unpadded ids gives the same)."""
+    from transformer_lens import ActivationCache
+
     cache: dict[str, Tensor] = {}
 
     def keep(name: str) -> Callable[..., None]:
@@ -52,7 +57,7 @@ def _capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[d
 
     with torch.no_grad(), hooked(loaded, [(h, keep(h)) for h in hooks]):
         logits = forward(loaded, batch, logits_to_keep=batch.keep)
-    return cache, logits
+    return ActivationCache(cache, loaded.bridge), logits
 
 
 def _rows(site_list: Sequence[Site], run: Running, column: str) -> list[dict[str, Any]]:
@@ -93,7 +98,7 @@ def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batc
     run, gap = Running(), Running()
     bar = tqdm(total=sum(b.n_items for b in batches), desc=column, disable=not progress, leave=False)
     for batch in batches:
-        src, src_logits = _capture(source, batch, list(groups))
+        src, src_logits = capture(source, batch, list(groups))
         acts: dict[str, Tensor] = {}
         with torch.enable_grad(), hooked(receiver, [("hook_embed", _leaf)] + [(h, _keeper(acts, h)) for h in groups]):
             logits = forward(receiver, batch, logits_to_keep=batch.keep)
@@ -141,7 +146,7 @@ def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], 
     run = Running()
     bar = tqdm(total=len(batches) * len(units), desc=column, disable=not progress, leave=False)
     for batch in batches:
-        src, _ = _capture(source, batch, list(groups))
+        src, _ = capture(source, batch, list(groups))
         with torch.no_grad():
             clean = forward(receiver, batch, logits_to_keep=batch.keep)
             alt = alternatives(clean, batch) if metric == "logit_diff" and batch.single else None
@@ -213,7 +218,7 @@ def patch_positions(receiver: LoadedModel, source: LoadedModel, batches: Sequenc
                disable=not progress, leave=False)
     for batch in batches:
         groups = by_hook(site_list)
-        src, _ = _capture(source, batch, list(groups))
+        src, _ = capture(source, batch, list(groups))
         with torch.no_grad():
             clean = forward(receiver, batch, logits_to_keep=batch.keep)
             alt = alternatives(clean, batch) if metric == "logit_diff" and batch.single else None

@@ -107,3 +107,21 @@ def test_patch_positions_last_token_has_no_effect(pair, task) -> None:
     table = patching.patch_positions(target, donor, batches, shifts.sites(lay, ("mlp",)), progress=False)
     assert list(table.columns)[-1] == "-1"
     assert (table["-1"].abs() < 1e-6).all()  # the last token predicts nothing of the answer
+
+
+def test_capture_is_an_activation_cache_equal_to_run_with_cache(pair) -> None:
+    """What attribution and patching read from the donor is a TransformerLens ActivationCache, the same
+    tensors ``bridge.run_with_cache`` gives on the unpadded ids (and its methods work on it)."""
+    from transformer_lens import ActivationCache
+
+    donor, _ = pair
+    (batch,) = probe.make_batches([probe.Row((5, 6, 7, 8, 9, 10), 3, 0)], pad=2, batch_size=1)
+    names = ["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    cache, logits = patching.capture(donor, batch, names)
+    _, theirs = donor.bridge.run_with_cache(batch.ids, names_filter=names)
+    assert isinstance(cache, ActivationCache) and sorted(cache.keys()) == sorted(names)
+    for name in names:
+        torch.testing.assert_close(cache[name], theirs[name], rtol=1e-5, atol=1e-6)
+    assert cache.remove_batch_dim()["blocks.1.hook_mlp_out"].shape == theirs[names[1]].shape[1:]
+    assert logits.shape[-1] == donor.model.config.vocab_size
+
