@@ -31,6 +31,7 @@ from analysis import select, shifts, units
 from analysis.errors import GraftError
 from analysis.methods import WEIGHT_SPACE
 from analysis.plan import Plan, now
+from analysis.probe import MetricFn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -95,7 +96,7 @@ def localize(
     components: str | Sequence[str] | None = None,
     mode: str | None = None,
     positions: str = "answer",
-    metric: str = "logprob",
+    metric: str | MetricFn = "logprob",
     answers: str = "donor",
     top: int | Sequence[int] = 8,
     alpha: float = 1.0,
@@ -114,6 +115,7 @@ def localize(
     progress: bool = True,
     probe: Probe | None = None,
     force: bool = False,
+    prompts: Sequence[tuple[str, str]] | None = None,
 ) -> Localization:
     """Score every component of the asked kinds by ``method`` on the task's probe split, rank them,
     and make a plan of the top K (for each K in ``top``) at strength ``alpha``.
@@ -131,6 +133,12 @@ def localize(
     passed already loaded, and a probe already built. ``split``: the task split read as the probe
     (``probe``; e.g. ``train`` for a task that has one) — never the split a study chooses or reports on.
     ``out`` is written whole or not at all; an existing one is replaced only with ``force``.
+
+    As ``transformer_lens.patching`` users do: ``metric`` may be a callable ``metric(logits, batch)`` → one
+    value per item (``logits``: the batch's kept positions; ``batch``: :class:`analysis.probe.Batch`), and
+    attribution and patching accept ``prompts=[(clean, corrupted), ...]`` instead of a task — the target
+    reads the corrupted prompts, the donor the clean ones (the same model twice is classic activation
+    patching); the metric callable then says what is measured, at the last position.
     """
     from analysis import patching, weightspace
 
@@ -147,8 +155,18 @@ def localize(
         raise GraftError(f"{method} needs both models on the same tokens", "use --mode teacher")
     if positions not in ("answer", "all", "last"):
         raise GraftError(f"unknown positions {positions!r}", "use answer, all or last")
-    if metric not in patching.METRICS:
-        raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(patching.METRICS)}")
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "a metric callable")
+    if not callable(metric) and metric not in patching.METRICS:
+        raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(patching.METRICS)} or pass a callable")
+    if prompts is not None:
+        if method not in ("attribution", "patching"):
+            raise GraftError(f"prompt pairs are for attribution and patching, not {method}",
+                             "use method='attribution' or 'patching'")
+        if not callable(metric):
+            raise GraftError("prompt pairs have no forced answer to score",
+                             "pass metric=fn, fn(logits, batch) → one value per pair (e.g. a logit difference)")
+        if converse or per_position:
+            raise GraftError("converse and per_position read a task's probe, not prompt pairs", "leave them off")
     if answers not in probe_mod.ANSWER_SOURCES:
         raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(probe_mod.ANSWER_SOURCES)}")
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
@@ -165,7 +183,7 @@ def localize(
     start = time.perf_counter()
 
     loaded_task = None
-    if not dataless:
+    if not dataless and prompts is None:
         from analysis import tasks as tasks_mod
         from analysis.tasks import Task
 
@@ -212,7 +230,7 @@ def localize(
     position_table = None
     explicit: list[str] | None = None  # a ranking given as an order (greedy), not by sorting a score
 
-    if not dataless and mode == "teacher":
+    if not dataless and mode == "teacher" and prompts is None:
         if probe is None:
             probe = probe_mod.build(loaded_task, d_model, split=split, limit=limit, answers=answers,  # type: ignore[arg-type]
                                     batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -240,13 +258,19 @@ def localize(
             values, info = weightspace.mask(blend, batches, max(tops), metric=metric, progress=progress)  # type: ignore[arg-type]
         table[method] = math.nan
         table.loc[ids, method] = values
-        meta.update(mode="teacher", metric=metric, n_prompts=sum(b.n_items for b in batches), **{method: info})
+        meta.update(mode="teacher", metric=metric_name, n_prompts=sum(b.n_items for b in batches), **{method: info})
     elif method in ("attribution", "patching"):
-        batches = probe.batches(batch_size)  # type: ignore[union-attr]
+        source_batches = None
+        if prompts is not None:  # the target on the corrupted prompts, the donor on the clean ones
+            batches, source_batches = probe_mod.prompt_pairs(t_model.tokenizer, prompts, batch_size)
+            meta.update(prompt_pairs=len(prompts))
+        else:
+            batches = probe.batches(batch_size)  # type: ignore[union-attr]
         run = patching.attribute if method == "attribution" else patching.patch
-        df = run(t_model, d_model, batches, site_list, metric=metric, column=method, progress=progress)  # type: ignore[arg-type]
+        df = run(t_model, d_model, batches, site_list, metric=metric, column=method, progress=progress,  # type: ignore[operator]
+                 source_batches=source_batches)
         table = table.join(df[[method, f"{method}_sd"]])
-        meta.update(mode="teacher", metric=metric, n_prompts=sum(b.n_items for b in batches))
+        meta.update(mode="teacher", metric=metric_name, n_prompts=sum(b.n_items for b in batches))
         if method == "attribution":
             meta.update(target_metric=df.attrs["receiver_metric"], donor_metric=df.attrs["source_metric"])
         if converse:

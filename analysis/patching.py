@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.probe import METRICS, Batch, Metric, alternatives, forward, metric_values, per_item
+from analysis.probe import METRICS, Batch, Metric, MetricFn, alternatives, forward, metric_values, per_item
 from analysis.shifts import Running, Site, by_hook, by_key, hooked, unique
 
 __all__ = ["METRICS", "Metric", "attribute", "metric_values", "patch", "patch_positions"]
@@ -86,19 +86,22 @@ def _leaf(act: Tensor, hook: Any = None) -> Tensor:
 
 
 def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], site_list: Sequence[Site], *,
-              metric: Metric = "logprob", column: str = "attribution", progress: bool = True) -> pd.DataFrame:
+              metric: Metric | MetricFn = "logprob", column: str = "attribution", progress: bool = True,
+              source_batches: Sequence[Batch] | None = None) -> pd.DataFrame:
     """Attribution patching of ``source`` into ``receiver`` for every component of ``site_list``.
 
     Columns ``{column}`` (mean over items of the estimated metric change) and ``{column}_sd``.
     ``df.attrs`` holds the receiver's and the source's mean metric (the gap patching could close).
+    ``source_batches`` (row for row like ``batches``): what the source reads instead of the receiver's
+    text — the clean prompts of (clean, corrupted) pairs, with the receiver on the corrupted ones.
     """
     import pandas as pd
 
     groups = by_hook(site_list)
     run, gap = Running(), Running()
     bar = tqdm(total=sum(b.n_items for b in batches), desc=column, disable=not progress, leave=False)
-    for batch in batches:
-        src, src_logits = capture(source, batch, list(groups))
+    for i, batch in enumerate(batches):
+        src, src_logits = capture(source, batch if source_batches is None else source_batches[i], list(groups))
         acts: dict[str, Tensor] = {}
         with torch.enable_grad(), hooked(receiver, [("hook_embed", _leaf)] + [(h, _keeper(acts, h)) for h in groups]):
             logits = forward(receiver, batch, logits_to_keep=batch.keep)
@@ -131,13 +134,13 @@ def attribute(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batc
 
 
 def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], site_list: Sequence[Site], *,
-          metric: Metric = "logprob", column: str = "patching", max_rows: int = 32,
-          progress: bool = True) -> pd.DataFrame:
+          metric: Metric | MetricFn = "logprob", column: str = "patching", max_rows: int = 32,
+          progress: bool = True, source_batches: Sequence[Batch] | None = None) -> pd.DataFrame:
     """Activation patching of ``source`` into ``receiver``, one component at a time, all positions.
 
     Components run side by side: copy c of the batch patches component c, up to ``max_rows`` rows per
     forward. Columns ``{column}`` (mean over items of metric(patched) − metric(receiver)) and
-    ``{column}_sd``.
+    ``{column}_sd``. ``source_batches``: as for :func:`attribute`.
     """
     import pandas as pd
 
@@ -145,8 +148,8 @@ def patch(receiver: LoadedModel, source: LoadedModel, batches: Sequence[Batch], 
     units = _units(site_list)
     run = Running()
     bar = tqdm(total=len(batches) * len(units), desc=column, disable=not progress, leave=False)
-    for batch in batches:
-        src, _ = capture(source, batch, list(groups))
+    for i, batch in enumerate(batches):
+        src, _ = capture(source, batch if source_batches is None else source_batches[i], list(groups))
         with torch.no_grad():
             clean = forward(receiver, batch, logits_to_keep=batch.keep)
             alt = alternatives(clean, batch) if metric == "logit_diff" and batch.single else None
@@ -174,7 +177,8 @@ def _units(site_list: Sequence[Site]) -> list[tuple[list[Site], int]]:
 
 
 def _patched_metric(receiver: LoadedModel, batch: Batch, chunk: Sequence[tuple[list[Site], int]],
-                    src: dict[str, Tensor], metric: Metric, alt: Tensor | None, column: int | None = None) -> Tensor:
+                    src: dict[str, Tensor], metric: Metric | MetricFn, alt: Tensor | None,
+                    column: int | None = None) -> Tensor:
     """Metric per item of the batch repeated once per unit of ``chunk``, copy c patching unit c (at
     every position, or only at ``column``)."""
     b = len(batch)

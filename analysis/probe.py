@@ -21,7 +21,7 @@ with one line naming the template and the fix. The counts and the check go into 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -152,6 +152,26 @@ def make_batches(rows: Sequence[Row], pad: int, batch_size: int) -> list[Batch]:
     return out
 
 
+def prompt_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int) -> tuple[list[Batch], list[Batch]]:
+    """(clean, corrupted) prompts → the corrupted batches (what the receiver reads) and the clean ones (what
+    the source reads), row for row alike. As in ``transformer_lens.patching``, the two prompts of a pair
+    must be the same length in tokens (activations are swapped position by position)."""
+    if not pairs:
+        raise GraftError("no prompt pairs given", "pass prompts=[(clean, corrupted), ...]")
+    clean, corrupted = [], []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise GraftError(f"prompt pair {i} is not two strings: {pair!r}", "pass (clean, corrupted) text pairs")
+        a, b = (list(tokenizer(t)["input_ids"]) for t in pair)
+        if len(a) != len(b):
+            raise GraftError(f"prompt pair {i}: the clean prompt is {len(a)} tokens and the corrupted {len(b)}",
+                             "make both prompts of a pair the same length in tokens")
+        clean.append(Row(tuple(a), len(a), i))
+        corrupted.append(Row(tuple(b), len(b), i))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return make_batches(corrupted, pad, batch_size), make_batches(clean, pad, batch_size)
+
+
 def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], *, hooked: bool = True,
             **kwargs: Any) -> Tensor:
     """Logits of the HF model (``hooked``: the copy whose modules the bridge wraps, so bridge hooks fire)."""
@@ -166,6 +186,9 @@ def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], *
 
 Metric = Literal["logprob", "logit_diff"]
 METRICS: tuple[str, ...] = ("logprob", "logit_diff")
+# A metric of one's own, as transformer_lens.patching users write them: the logits at the batch's kept
+# positions (the last one for prompt pairs) and the batch → one value per item (per prompt pair).
+MetricFn = Callable[[Tensor, "Batch"], Tensor]
 
 
 def _tail(t: Tensor, p: int) -> Tensor:
@@ -179,7 +202,7 @@ def alternatives(logits: Float[Tensor, "b p v"], batch: Batch) -> Tensor:
     return masked.argmax(-1)
 
 
-def metric_values(logits: Float[Tensor, "b p v"], batch: Batch, metric: Metric = "logprob",
+def metric_values(logits: Float[Tensor, "b p v"], batch: Batch, metric: Metric | MetricFn = "logprob",
                   alt: Tensor | None = None) -> Float[Tensor, " items"]:
     """The metric per item (``logits`` may cover only the batch's last positions, see :attr:`Batch.keep`).
 
@@ -188,6 +211,12 @@ def metric_values(logits: Float[Tensor, "b p v"], batch: Batch, metric: Metric =
     items: ``logprob`` is the correct choice's log-probability normalised over the item's choices;
     ``logit_diff`` the correct choice's score minus the best wrong one's.
     """
+    if callable(metric):
+        out = metric(logits, batch)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (batch.n_items,):
+            raise GraftError(f"the metric callable returned {getattr(out, 'shape', type(out).__name__)} for a batch of "
+                             f"{batch.n_items} items", "return one value per item: a tensor of shape (n_items,)")
+        return out
     p = logits.shape[1]
     ans = _tail(batch.answer, p).to(logits.device)
     tgt = _tail(batch.target, p).to(logits.device)[..., None]

@@ -234,3 +234,38 @@ def test_every_hook_name_in_the_scores_is_a_hook_of_the_bridge(constructed, mode
                       progress=False)
     names = {h for cell in result.scores["hook"].dropna() for h in cell.split(",")}
     assert names and names <= set(target.bridge.hook_dict)
+
+
+def test_prompt_pairs_and_a_metric_callable_patch_as_transformer_lens_does() -> None:
+    """One model, (clean, corrupted) prompts and a logit-difference callable: localize's head patching
+    equals transformer_lens.patching's on the same tokens (clean activations into the corrupted run)."""
+    from transformer_lens import patching as tl_patching
+
+    model = load("demo:gen1", dtype="float32")
+    pairs = [("12+34=", "12+35="), ("51+20=", "51+27=")]
+    tok = model.tokenizer
+    right, wrong = tok("4", add_special_tokens=False)["input_ids"][0], tok("5", add_special_tokens=False)["input_ids"][0]
+
+    def logit_diff(logits: torch.Tensor, batch) -> torch.Tensor:  # one value per pair, at the last position
+        return logits[:, -1, right] - logits[:, -1, wrong]
+
+    result = localize(model, model, None, method="patching", components="head", metric=logit_diff, prompts=pairs,
+                      progress=False)
+    assert result.meta["metric"] == "logit_diff" and result.meta["prompt_pairs"] == 2
+    clean = torch.tensor([tok(c)["input_ids"] for c, _ in pairs])
+    corrupted = torch.tensor([tok(k)["input_ids"] for _, k in pairs])
+    _, cache = model.bridge.run_with_cache(clean)
+    with torch.no_grad():
+        base = logit_diff(model.bridge(corrupted), None).mean()
+    theirs = tl_patching.get_act_patch_attn_head_out_all_pos(
+        model.bridge, corrupted, cache, lambda logits: logit_diff(logits, None).mean()) - base
+    heads = result.scores[result.scores["kind"] == "head"].sort_values(["layer", "index"])
+    torch.testing.assert_close(torch.tensor(heads["patching"].to_numpy()).reshape(theirs.shape), theirs.double(),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(GraftError, match="same length in tokens"):
+        localize(model, model, None, method="patching", metric=logit_diff, prompts=[("1+2=", "10+2=")], progress=False)
+    with pytest.raises(GraftError, match="no forced answer"):
+        localize(model, model, None, method="attribution", prompts=pairs, progress=False)
+    with pytest.raises(GraftError, match="one value per item"):
+        localize(model, model, None, method="attribution", metric=lambda logits, batch: logits.sum(), prompts=pairs,
+                 progress=False)
