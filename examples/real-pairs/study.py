@@ -1,0 +1,97 @@
+"""The full study on each real pair of make_pairs.py (issue 14); `make study-real` runs it (not CI).
+
+    .venv/bin/python examples/real-pairs/study.py                 # every pair that is built
+    .venv/bin/python examples/real-pairs/study.py quantized       # one
+    .venv/bin/python examples/real-pairs/study.py --publish       # then copy reports into docs/results/
+
+Each study is `graftlm sweep` with the defaults a user gets (gradient and greedy over query heads, KV
+heads, MLPs and the tensors outside the layers; random, weight-ranked and copy-all controls on test),
+K as 1%, 2%, 5% and 10% of the candidates, α ∈ {0.5, 1}; retention is the perplexity on held-out SciQ
+passages (real text, none used in training). Run folders go to ~/.cache/graftlm/real-studies/NAME
+(resumed when rerun); `--publish` copies each report and its figures to docs/results/real-pairs/NAME/
+and prints the wall by phase. One thread: on a shared 2-core machine the fastest, and deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from analysis import report  # noqa: E402
+from analysis.sweep import Controls, SweepConfig, sweep  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("make_pairs", HERE / "make_pairs.py")
+pairs = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+spec.loader.exec_module(pairs)  # type: ignore[union-attr]
+
+STUDIES = pairs.CACHE.parent / "real-studies"
+PUBLISHED = ROOT / "docs" / "results" / "real-pairs"
+
+
+def retention_set() -> Path:
+    """Held-out SciQ passages as a perplexity task (the split make_pairs never trains on)."""
+    path = pairs.CACHE / "retention-sciq.jsonl"
+    if not path.is_file():
+        _, held = pairs.passages(pairs.SEED)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": f"sciq{i}", "text": t}) + "\n" for i, t in enumerate(held)))
+    return path
+
+
+def config(recipe: str) -> SweepConfig:
+    folder = pairs.pair_folder(recipe)
+    pair = json.loads((folder / "pair.json").read_text())
+    return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), task=pair["task"],
+                       retention=str(retention_set()), k=["1%", "2%", "5%", "10%"], alpha=[0.5, 1.0],
+                       controls=Controls(random_seeds=[0, 1, 2], copy_all=True, weight=True),
+                       probe_limit=32, dev_limit=100, test_limit=300, retention_limit=40, batch_size=16)
+
+
+def run(recipe: str) -> Path:
+    out = STUDIES / recipe
+    start = time.perf_counter()
+    sweep(config(recipe), out, progress=True)
+    report.write(out)
+    print(f"{recipe}: study in {time.perf_counter() - start:.0f} s → {out / 'report.md'}", flush=True)
+    return out
+
+
+def publish(recipe: str) -> None:
+    src, dst = STUDIES / recipe, PUBLISHED / recipe
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "report.md", dst / "report.md")
+    (dst / "figures").mkdir(exist_ok=True)
+    for fig in (src / "figures").glob("*.png"):
+        shutil.copy2(fig, dst / "figures" / fig.name)
+    shutil.copy2(pairs.pair_folder(recipe) / "pair.json", dst / "pair.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES], default=[])
+    parser.add_argument("--publish", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    recipes = args.recipes or [r for r in pairs.RECIPES if (pairs.pair_folder(r) / "pair.json").is_file()]
+    if not recipes:
+        raise SystemExit("no pair is built: .venv/bin/python examples/real-pairs/make_pairs.py all")
+    for recipe in recipes:
+        run(recipe)
+        if args.publish:
+            publish(recipe)
+
+
+if __name__ == "__main__":
+    main()
