@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check analysis tests bench figures notebooks
+	$(PY) -m ruff check analysis tests bench figures notebooks examples
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
