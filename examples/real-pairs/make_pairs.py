@@ -255,7 +255,7 @@ def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
               flush=True)
         return before_acc - acc >= 0.20 and ppl <= 1.10 * before_ppl
 
-    log = train(model, tok, data, steps=steps, lr=1e-4, batch=8, seed=SEED + 2, every=25, check=check)
+    log = train(model, tok, data, steps=steps, lr=1e-4, batch=8, seed=SEED + 2, every=50, check=check)
     last = checks[-1] if checks else {}
     if not (last and before_acc - last["held_out_arithmetic"] >= 0.20 and last["held_out_ppl"] <= 1.10 * before_ppl):
         raise SystemExit(f"next-release: no check lost 20 points of arithmetic with perplexity within 10% in "
