@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -73,10 +74,12 @@ class Site:
 
     def view(self, act: Tensor) -> Float[Tensor, "batch pos comp feat"]:
         """The activation as [batch, pos, component, feature] (heads, KV groups, neurons or one block)."""
-        b, p = act.shape[:2]
+        # A view where the layout allows (patching writes through it): hook_z's heads, hook_k/v's KV heads,
+        # a group's heads together, hook_post's neurons, or a block's output as one component.
+        flat = rearrange(act, "b p ... -> b p (...)")
         if self.kind == "neuron":
-            return act.reshape(b, p, -1, 1)
-        return act.reshape(b, p, len(self.ids), -1)
+            return rearrange(flat, "b p (n f) -> b p n f", f=1)
+        return rearrange(flat, "b p (c f) -> b p c f", c=len(self.ids))
 
 
 def sites(lay: units.Layout, kinds: Sequence[str] = DEFAULT_KINDS) -> list[Site]:
