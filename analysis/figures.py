@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis import report  # noqa: E402
+from analysis import summary  # noqa: E402  (the numbers; analysis.report renders them as text)
 from analysis.files import check_out, write_with  # noqa: E402
 from analysis.sweep import length_suffix  # noqa: E402
 
@@ -46,7 +46,7 @@ ALL = object()  # grid_frame: every decoding length
 def grid_frame(run: str | Path, max_new_tokens: Any = ALL) -> pd.DataFrame:
     """The dev grid as a table: method, top_k, alpha, max_new_tokens, accuracy, ci_low, ci_high (of one
     decoding length when ``max_new_tokens`` is given; None is the task's own)."""
-    _, rows = report.read_rows(run)
+    _, rows = summary.read_rows(run)
     grid = [r for r in rows if r.get("phase") == "grid"
             and (max_new_tokens is ALL or r.get("max_new_tokens") == max_new_tokens)]
     frame = pd.DataFrame([{key: r.get(key) for key in ("method", "top_k", "alpha", "max_new_tokens", "accuracy",
@@ -54,7 +54,7 @@ def grid_frame(run: str | Path, max_new_tokens: Any = ALL) -> pd.DataFrame:
     return frame
 
 
-def accuracy_vs_k(run: str | Path, folder: Path, s: report.Summary, name: str = "accuracy_vs_k") -> list[Path]:
+def accuracy_vs_k(run: str | Path, folder: Path, s: summary.Summary, name: str = "accuracy_vs_k") -> list[Path]:
     frame = grid_frame(run, s.max_new_tokens)
     if frame.empty:
         return []
@@ -77,7 +77,7 @@ def accuracy_vs_k(run: str | Path, folder: Path, s: report.Summary, name: str = 
     return _save(fig, folder, name)
 
 
-def accuracy_vs_alpha(run: str | Path, folder: Path, s: report.Summary, name: str = "accuracy_vs_alpha") -> list[Path]:
+def accuracy_vs_alpha(run: str | Path, folder: Path, s: summary.Summary, name: str = "accuracy_vs_alpha") -> list[Path]:
     frame = grid_frame(run, s.max_new_tokens)
     if frame.empty:
         return []
@@ -101,7 +101,7 @@ def accuracy_vs_alpha(run: str | Path, folder: Path, s: report.Summary, name: st
     return _save(fig, folder, name)
 
 
-def recovery(run: str | Path, folder: Path, s: report.Summary, name: str = "recovery") -> list[Path]:
+def recovery(run: str | Path, folder: Path, s: summary.Summary, name: str = "recovery") -> list[Path]:
     findings = [*s.methods, *s.controls]
     if not findings:
         return []
@@ -177,7 +177,7 @@ def component_counts(plans: list[list[str]]) -> pd.DataFrame:
     return table
 
 
-def components(run: str | Path, folder: Path, s: report.Summary, name: str = "components") -> list[Path]:
+def components(run: str | Path, folder: Path, s: summary.Summary, name: str = "components") -> list[Path]:
     if not s.methods:
         return []
     table = component_counts([f.plan for f in s.methods])
@@ -207,7 +207,7 @@ def _kind_order(kind: str) -> tuple[int, int | str]:
     return (2, kind)
 
 
-def _length(s: report.Summary) -> str:
+def _length(s: summary.Summary) -> str:
     return f" (max_new_tokens {s.max_new_tokens})" if s.max_new_tokens is not None else ""
 
 
@@ -216,7 +216,7 @@ def make_all(run: str | Path, folder: str | Path | None = None) -> list[Path]:
     gets one set per length, named ``…-tokens{N}``."""
     run = Path(run)
     out = Path(folder) if folder is not None else run / "figures"
-    summaries = report.summarize(run)  # a damaged run is refused before anything is written
+    summaries = summary.summarize(run)  # a damaged run is refused before anything is written
     check_out(out, replace=False, sources=[run / "results.jsonl", run / "config.yaml"])
     made: list[Path] = []
     for s in summaries:

@@ -338,6 +338,18 @@ def _sources(*refs: Any) -> list[Path]:
     return paths
 
 
+def rank(method: str, *, donor: Any, target: Any, task: Any = None, kinds: Sequence[str] | None = None,
+         seed: int = 0, limit: int | None = None, **options: Any) -> list[tuple[str, float]]:
+    """(component id, score) of every component of ``kinds``, best first, by ``method`` on the task's
+    probe split — :func:`localize` without files. ``donor``/``target`` are refs or
+    loaded models; ``options`` go to localize (mode, positions, metric, batch_size, ...)."""
+    options.setdefault("progress", False)
+    result = localize(donor, target, task, method=method, components=kinds, seed=seed, limit=limit, top=1,
+                      out=None, **options)
+    score = result.scores["score"]
+    return [(cid, float(score[cid])) for cid in result.ranking]
+
+
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 

@@ -170,17 +170,6 @@ class PointRunner:
         res = self.evaluate(job)
         return self.row(job, res.records, res.summary)
 
-    def run_raced(self, job: Job, best: dict[str, Any] | None, error: float) -> dict[str, Any]:
-        """The line of a grid point raced against ``best`` (:mod:`analysis.race`); says so when it stopped."""
-        from analysis.race import raced
-
-        ids = [it.id for it in self.task_of(job).items(job.items_split, job.limit)]
-        records, summary, stopped = raced(job, ids, self.batch_size, best, error, self.task_of(job), self.evaluate)
-        row = self.row(job, records, summary)
-        if stopped is not None:
-            row["raced"] = stopped
-        return row
-
     def row(self, job: Job, records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
         point = job.point
         headline = {k: summary[k] for k in ("k", "n", "accuracy", "ci_low", "ci_high", "perplexity") if k in summary}

@@ -27,6 +27,16 @@ from typing import Any
 from analysis.points import Job, PointRunner, Resumed
 
 
+def run_raced(runner: PointRunner, job: Job, best: dict[str, Any] | None, error: float) -> dict[str, Any]:
+    """The line of a grid point raced against ``best``; says so (``raced``) when it stopped early."""
+    ids = [it.id for it in runner.task_of(job).items(job.items_split, job.limit)]
+    records, summary, stopped = raced(job, ids, runner.batch_size, best, error, runner.task_of(job), runner.evaluate)
+    row = runner.row(job, records, summary)
+    if stopped is not None:
+        row["raced"] = stopped
+    return row
+
+
 def worse_p(mine: list[bool], best: list[bool]) -> float:
     """One-sided exact sign test that ``mine`` is worse than ``best`` (paired per item): the chance of at
     most this many items right only in ``mine`` among the discordant ones, were each side equally likely."""
@@ -96,7 +106,7 @@ class Raced:
                     self.runner.follow(job.chain, row)
             else:
                 started = time.perf_counter()
-                row = self.runner.run_raced(job, self.best.get(method), self.error)
+                row = run_raced(self.runner, job, self.best.get(method), self.error)
                 seconds = time.perf_counter() - started
             if "raced" not in row and better(row, self.best.get(method)):
                 self.best[method] = row

@@ -1,12 +1,7 @@
-"""What a sweep found, in numbers: the run folder read back into tables and a verdict.
+"""A study's report: RUN/report.md and a self-contained RUN/report.html, the verdict first.
 
-``summarize(run)`` turns RUN/results.jsonl into per-method findings (test accuracy with k/n and a 95%
-interval, TIR, gap recovery, McNemar against the target) beside every control; ``write(run)`` writes
-RUN/report.md and a self-contained RUN/report.html with the figures. The verdict comes first: when no
-method beats the random control beyond its interval, or the donor is not better, the report says so; a
-method that misses that strict test but beats random components item by item is said to, with its margin.
-Notes follow: the grid's K (shares resolved, values clipped, a choice at the top of the grid), the
-donor that auto_order picked, items that overlap: drop removed.
+The numbers come from :mod:`analysis.summary` (``summarize(run)``; re-exported here, as ``report.summarize``
+is what users call); ``write(run)`` regenerates the figures (:mod:`analysis.figures`) and writes both files.
 """
 
 from __future__ import annotations
@@ -15,379 +10,30 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from analysis import metrics
 from analysis.errors import GraftError
-from analysis.files import parse_yaml, read_text, write_file
-from analysis.methods import named
-from analysis.sweep import (
-    KGrid,
-    dropped_line,
-    length_suffix,
-    plan_file,
-    rankings_meta,
-    read_results,
-    short_name,
-    swapped,
+from analysis.files import read_text, write_file
+from analysis.methods import named  # noqa: F401  (report.named)
+from analysis.summary import (  # noqa: F401  (summarize, read_rows, beats_random, ... are report's API too)
+    ANSWER_SOURCES,
+    Finding,
+    Summary,
+    _margin_above_zero,
+    _points,
+    beats_random,
+    localization_notes,
+    notes,
+    read_rows,
+    summarize,
+    verdict,
 )
-
-
-@dataclass
-class Finding:
-    """One evaluated transplant on test, with its comparisons."""
-
-    label: str
-    method: str
-    k: int
-    alpha: float
-    acc: metrics.Accuracy
-    tir: float
-    recovery: metrics.Recovery
-    vs_target: metrics.McNemar
-    retention: float | None = None  # perplexity on the retention set, when measured
-    plan: list[str] = field(default_factory=list)
-    retention_change: metrics.Change | None = None  # its perplexity against the target's, with an interval
-    vs_random: metrics.Change | None = None  # accuracy minus the random control's at its budget (seeds averaged)
-
-
-@dataclass
-class Summary:
-    """Everything the report shows for one decoding length."""
-
-    max_new_tokens: int | None
-    donor_ref: str
-    target_ref: str
-    task: str
-    donor: dict[str, metrics.Accuracy]  # split → accuracy
-    target: dict[str, metrics.Accuracy]
-    donor_vs_target: metrics.McNemar
-    retention: dict[str, float | None]  # donor / target perplexity
-    donor_retention_change: metrics.Change | None  # the donor's perplexity against the target's
-    methods: list[Finding]
-    controls: list[Finding]
-    random_pooled: dict[tuple[int, float], metrics.Accuracy]
-    verdict: list[str]
-    notes: list[str] = field(default_factory=list)  # what qualifies the numbers: K grid, auto_order, dropped items
-
-
-def read_rows(run: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """RUN's config (as a dict) and its results, each key once (the last line written for it)."""
-    run = Path(run)
-    path = run / "results.jsonl"
-    if not run.is_dir():
-        raise GraftError(f"{run} is not a run folder" if run.exists() else f"no such run folder: {run}",
-                         "pass a folder written by `graftlm sweep`")
-    if not path.is_file():
-        raise GraftError(f"{run} holds no results.jsonl", "pass a folder written by `graftlm sweep`")
-    by_key, _, _ = read_results(path, strict=True)
-    for row in by_key.values():
-        if not _well_formed(row):
-            raise GraftError(f"{path}: the line of {row['key']!r} lacks fields a result has",
-                             "restore the file, or rerun the sweep into a new --out")
-    config = {}
-    if (run / "config.yaml").is_file():
-        config = parse_yaml(read_text(run / "config.yaml", "config.yaml"), run / "config.yaml", "restore the file")
-    return config if isinstance(config, dict) else {}, list(by_key.values())
-
-
-# What each kind of results line holds (an evaluation holds accuracy or perplexity besides).
-ROW_FIELDS = {"order": ("max_new_tokens", "donor", "target", "donor_ref", "target_ref"),
-              "evaluation": ("phase", "split", "who", "items")}
-
-
-def _well_formed(row: dict[str, Any]) -> bool:
-    kind = "order" if row.get("phase") == "order" else "evaluation"
-    if not all(f in row for f in ROW_FIELDS[kind]):
-        return False
-    if kind == "order":
-        return True
-    if row["who"] == "transplant" and not all(f in row for f in ("method", "top_k", "alpha", "seed")):
-        return False
-    numbers = ("k", "n") if row.get("perplexity") is None else ("perplexity",)
-    return (isinstance(row["items"], list) and all(isinstance(i, dict) and "id" in i for i in row["items"])
-            and all(isinstance(row.get(f), int | float) and not isinstance(row.get(f), bool) for f in numbers))
-
-
-def _acc(row: dict[str, Any]) -> metrics.Accuracy:
-    return metrics.accuracy(int(row["k"]), int(row["n"]))
-
-
-def _items(row: dict[str, Any]) -> dict[str, bool]:
-    return {str(i["id"]): bool(i["correct"]) for i in row.get("items") or []}
-
-
-def _aligned(*rows: dict[str, Any]) -> list[list[bool]]:
-    """The rows' per-item correctness on the items they share, in one order."""
-    items = [_items(r) for r in rows]
-    ids = sorted(set.intersection(*(set(i) for i in items)))
-    return [[it[i] for i in ids] for it in items]
-
-
-def _paired(a: dict[str, Any], b: dict[str, Any]) -> metrics.McNemar:
-    return metrics.mcnemar(*_aligned(a, b))
-
-
-def summarize(run: str | Path) -> list[Summary]:
-    """One Summary per decoding length found in the run."""
-    config, rows = read_rows(run)
-    orders = [r for r in rows if r.get("phase") == "order"]
-    if not orders:
-        raise GraftError(f"{run}: the sweep has not finished its baselines yet", "run or resume `graftlm sweep`")
-    summaries = [_summary(order, rows, (config or {}).get("task", "?")) for order in orders]
-    localized = rankings_meta(run)
-    for s, order in zip(summaries, orders, strict=True):
-        if s is not None:
-            s.notes += localization_notes(localized, order, [f.method for f in s.methods], several=len(orders) > 1)
-    return [s for s in summaries if s is not None]
-
-
-ANSWER_SOURCES = {"donor": "the donor's own outputs", "reference": "the task's reference answers (its target "
-                  "template)", "text": "the texts themselves"}
-
-
-def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, Any], methods: list[str],
-                       several: bool) -> list[str]:
-    """What localization forced as the answer and measured (from RUN/rankings), for the notes: the answer
-    source with the probe items used and left out, the donor check, the metric; gradient's completeness."""
-    name = "-reversed" if order.get("donor") == "b" else ""
-    suffix = length_suffix(order.get("max_new_tokens"), several)
-    metas = {m: localized.get(f"{m}{name}{suffix}") or localized.get(f"{m}{name}") or {} for m in methods}
-    said = []
-    forced = next((meta for meta in metas.values() if "answers" in meta), None)
-    if forced is not None:
-        left = ", ".join(f"{n} {why}" for why, n in forced.get("dropped", {}).items())
-        check = forced.get("check") or {}
-        agrees = (f"; where the evaluation counts the donor right, its greedy output is the forced answer "
-                  f"(agreement {check['agreement']:.0%})") if "agreement" in check else ""
-        metric = forced.get("metric")
-        said.append(f"Localization forced {ANSWER_SOURCES.get(forced['answers'], forced['answers'])} on "
-                    f"{forced['n_probe_used']} of {forced['n_probe_read']} probe items"
-                    f"{f' ({left} left out)' if left else ''}{agrees}"
-                    f"{f'; metric: {metric} of the forced answer' if metric else ''}.")
-    info = metas.get("gradient", {}).get("gradient")
-    if info:
-        tol = info.get("tolerance")
-        over = (f"; more than the {tol:.0%} tolerance even at {info['steps']} nodes: its scores are approximate"
-                if tol is not None and info["relative_error"] > tol else "")
-        said.append(f"gradient: its shares sum to {info['sum_of_scores']:.4g} per item against a measured change of "
-                    f"{info['metric_change']:.4g} from the target to copy-all ({info['relative_error']:.2%} apart, "
-                    f"{info['steps']} path nodes{over}).")
-    return said
-
-
-def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Summary | None:
-    mnt = order["max_new_tokens"]
-    by_key = {r["key"]: r for r in rows}
-
-    def get(phase: str, split: str, model: str, method: str | None = None, top_k: Any = None, alpha: Any = None,
-            seed: Any = None) -> dict[str, Any] | None:
-        return by_key.get("|".join([phase, split, model, method or "-", str(top_k), str(alpha), str(mnt), str(seed)]))
-
-    d, t = order["donor"], order["target"]
-    donor = {s: _acc(r) for s in ("dev", "test") if (r := get("baseline", s, d))}
-    target = {s: _acc(r) for s in ("dev", "test") if (r := get("baseline", s, t))}
-    target_test, donor_test = get("baseline", "test", t), get("baseline", "test", d)
-    if target_test is None or donor_test is None:
-        return None
-    d_vs_t = _paired(donor_test, target_test)
-    retention = {role: (r.get("perplexity") if (r := get("baseline", "retention", name)) else None)
-                 for role, name in (("donor", d), ("target", t))}
-    target_retention = get("baseline", "retention", t)
-
-    def finding(row: dict[str, Any], label: str) -> Finding:
-        acc = _acc(row)
-        ret = get(row["phase"], "retention", "transplant", row["method"], row["top_k"], row["alpha"], row["seed"])
-        return Finding(label, row["method"], row["top_k"], row["alpha"], acc,
-                       metrics.tir(acc.accuracy, target["test"].accuracy),
-                       metrics.gap_recovery(acc, target["test"], donor["test"], d_vs_t.p_value,
-                                            items=_recovery_items(row, target_test, donor_test)),
-                       _paired(row, target_test), ret.get("perplexity") if ret else None, row.get("plan") or [],
-                       _retention_change(ret, target_retention))
-
-    same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
-    chosen_rows = [r for r in same if r["phase"] == "chosen"]
-    methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in chosen_rows]
-    control_rows = [r for r in same if r["phase"] == "control"]
-    for f, r in zip(methods, chosen_rows, strict=True):
-        f.vs_random = _vs_random(r, [c for c in control_rows if c["method"] == "random"
-                                     and (c["top_k"], c["alpha"]) == (f.k, f.alpha)])
-    controls = [finding(r, _control_label(r)) for r in control_rows]
-    summary = Summary(mnt, order.get("donor_ref", d), order.get("target_ref", t), task, donor, target, d_vs_t,
-                      retention, _retention_change(get("baseline", "retention", d), target_retention), methods,
-                      controls, _pool_random(control_rows), [])
-    summary.verdict = verdict(summary)
-    grid = [r for r in rows if r.get("phase") == "grid" and r.get("max_new_tokens") == mnt]
-    summary.notes = notes(summary, order, {m: {r["top_k"] for r in grid if r["method"] == m} for m in
-                                           {f.method for f in methods}})
-    return summary
-
-
-def _recovery_items(row: dict[str, Any], target: dict[str, Any], donor: dict[str, Any]
-                    ) -> tuple[list[bool], list[bool], list[bool]] | None:
-    t, tg, d = _aligned(row, target, donor)
-    return (t, tg, d) if t else None  # rows without per-item results: no interval
-
-
-def _vs_random(row: dict[str, Any], random_rows: list[dict[str, Any]]) -> metrics.Change | None:
-    """The chosen point's accuracy minus the random control's at the same budget, paired by item (each
-    item's random score is the mean over the seeds); None without random seeds or per-item results."""
-    if not random_rows:
-        return None
-    mine, *seeds = _aligned(row, *random_rows)
-    if not mine:
-        return None
-    return metrics.accuracy_difference(mine, [sum(s) / len(seeds) for s in zip(*seeds, strict=True)])
-
-
-def _retention_change(row: dict[str, Any] | None, target: dict[str, Any] | None) -> metrics.Change | None:
-    """Perplexity change on the retention texts against the target, paired by text (None for runs
-    written before per-text results were kept)."""
-    if row is None or target is None:
-        return None
-    mine = {str(i["id"]): i for i in row.get("items") or [] if "nll" in i}
-    theirs = {str(i["id"]): i for i in target.get("items") or [] if "nll" in i}
-    ids = sorted(mine.keys() & theirs.keys())
-    if not ids or not sum(theirs[i]["n_tokens"] for i in ids):
-        return None
-    return metrics.perplexity_change([mine[i]["nll"] for i in ids], [theirs[i]["nll"] for i in ids],
-                                     [theirs[i]["n_tokens"] for i in ids])
-
-
-def _control_label(row: dict[str, Any]) -> str:
-    if row["method"] == "random":
-        return f"random K={row['top_k']} α={row['alpha']} seed {row['seed']}"
-    if row["method"] == "copy-all":
-        return "copy-all (every component, α=1)"
-    return f"{row['method']}-ranked K={row['top_k']} α={row['alpha']}"
-
-
-def _pool_random(control_rows: list[dict[str, Any]]) -> dict[tuple[int, float], metrics.Accuracy]:
-    """All random-control items of one budget pooled (k and n summed over seeds)."""
-    sums: dict[tuple[int, float], list[int]] = {}
-    for r in control_rows:
-        if r["method"] == "random":
-            acc = _acc(r)
-            s = sums.setdefault((r["top_k"], r["alpha"]), [0, 0])
-            s[0] += acc.k
-            s[1] += acc.n
-    return {key: metrics.accuracy(k, n) for key, (k, n) in sums.items()}
-
-
-def beats_random(f: Finding, pooled: dict[tuple[int, float], metrics.Accuracy]) -> bool | None:
-    """True when the method's interval lies above the pooled random control's at the same budget."""
-    rnd = pooled.get((f.k, f.alpha))
-    if rnd is None:
-        return None
-    return f.acc.ci_low > rnd.ci_high
-
-
-def verdict(s: Summary) -> list[str]:
-    """The first lines of the report: what a reader must know before any table. Each method gets one line:
-    beyond the pooled random control's interval (the strict test), or else its paired margin over random
-    components at the same budget — above zero, below, or not distinguishable from it."""
-    lines = []
-    gap = s.donor["test"].accuracy - s.target["test"].accuracy
-    if gap <= 0:
-        lines.append(f"The donor is not better than the target on test ({s.donor['test']} vs {s.target['test']}): "
-                     "there is no gap to recover, and transplanting cannot be expected to help.")
-    elif s.donor_vs_target.p_value >= 0.05:
-        lines.append(f"The donor–target gap on test is within noise (McNemar p = {s.donor_vs_target.p_value:.3g}): "
-                     "recovery figures are unstable.")
-    if not s.methods:
-        lines.append("No method has a chosen point on test yet.")
-        return lines
-    winners = [f for f in s.methods if beats_random(f, s.random_pooled)]
-    if not winners:
-        names = ", ".join(f.method for f in s.methods)
-        if any(_margin_above_zero(f) for f in s.methods):
-            lines.append(f"No method ({names}) beats the random control beyond its 95% interval (the strict test); "
-                         "the margins over random components at the same budget, paired over test items, follow.")
-        else:
-            lines.append(f"No method ({names}) beats the random control beyond its 95% interval: the localized "
-                         "components are not shown to be better than chance on this pair.")
-    ordered = [*winners, *(f for f in s.methods if f not in winners and _margin_above_zero(f)),
-               *(f for f in s.methods if f not in winners and not _margin_above_zero(f))]
-    for f in ordered:
-        lines.append(_method_line(f, s, f in winners))
-    return lines
-
-
-def _margin_above_zero(f: Finding) -> bool:
-    return f.vs_random is not None and f.vs_random.ci_low > 0
-
-
-def _method_line(f: Finding, s: Summary, wins: bool) -> str:
-    """One method's verdict: the strict test, else its margin over random components at its budget."""
-    cost = f", retention perplexity {f.retention_change}" if f.retention_change is not None else ""
-    numbers = f"test {f.acc} vs target {s.target['test']}, gap recovery {f.recovery}"
-    m = f.vs_random
-    if wins:
-        margin = f" by {_points(m)}" if m is not None else ""
-        return (f"{named(f.method)} beats the random control beyond its interval{margin}: {numbers}, "
-                f"McNemar p = {f.vs_target.p_value:.3g}{cost}.")
-    if m is not None and m.ci_low > 0:
-        return (f"{named(f.method)} does not clear the random control's interval, but beats random components at "
-                f"the same budget by {_points(m)}: {numbers}{cost}.")
-    if m is not None and m.ci_high < 0:
-        return f"{named(f.method)} does worse than random components at the same budget: {_points(m)}."
-    if m is not None:
-        return (f"{named(f.method)} is not distinguishable from random components at the same budget (margin "
-                f"{_points(m, paired=False)}).")
-    if beats_random(f, s.random_pooled) is None:
-        return f"{named(f.method)}: no random control at its budget (K={f.k}, α={f.alpha}), so not compared with chance."
-    return f"{named(f.method)}: not better than the random control beyond its interval."
-
-
-def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> list[str]:
-    """What qualifies the numbers, after the verdict: the donor auto_order picked, items overlap: drop
-    removed, the grid's K as resolved and clipped, and a chosen K at the top of the grid."""
-    said = []
-    if order.get("donor") == "b":  # the config's target: only auto_order swaps
-        said.append(swapped(short_name(s.donor_ref), (s.donor["dev"].k, s.donor["dev"].n),
-                            (s.target["dev"].k, s.target["dev"].n)) + ".")
-    if order.get("overlap_dropped"):
-        dropped = order["overlap_dropped"]
-        said.append(dropped_line(dropped["counts"], dropped["overlaps"]) + ".")
-    k_grid = KGrid(**order["k_grid"]) if order.get("k_grid") else None
-    if k_grid is not None and k_grid.describe():
-        said.append(f"k: {k_grid.describe()}.")
-    n = k_grid.n_components if k_grid is not None else None
-    at_top: dict[int, list[str]] = {}  # K → the methods that chose it at the top of their grid
-    for f in s.methods:
-        ks = grid_ks.get(f.method) or set()
-        if ks and f.k == max(ks) and (n is None or f.k < n):  # K = every component: nothing larger to try
-            at_top.setdefault(f.k, []).append(f.method)
-    for k, methods in at_top.items():
-        of = f" (of {n} components)" if n is not None else ""
-        said.append(f"{', '.join(methods)}: chosen K={k} is the top of the grid{of}: a larger K might do better.")
-    said.extend(outside_note(s, order))
-    return said
-
-
-OUTSIDE_RECOVERY = 0.8  # below this copy-all recovery, the weight difference outside the candidates is named
-OUTSIDE_SHARE = 0.05  # ... when at least this share of it lies there
-
-
-def outside_note(s: Summary, order: dict[str, Any]) -> list[str]:
-    """When copying every candidate component recovers little of the gap and much of the donor–target
-    weight difference lies outside the candidates (an LM head or embeddings trained further, say), name
-    the largest untouched tensors: no selection among the candidates can recover what lies there."""
-    out = order.get("outside")
-    copy_all = next((f for f in s.controls if f.method == "copy-all"), None)
-    if not out or copy_all is None or copy_all.recovery.value is None:
-        return []
-    if copy_all.recovery.value >= OUTSIDE_RECOVERY or out["share"] < OUTSIDE_SHARE:
-        return []
-    largest = ", ".join(f"{name} (changed {rel:.0%})" for name, rel in out["largest"])
-    add = (f", largest in {largest}: no selection among the candidates can recover it; a plan takes such a "
-           f"tensor by name among its components (e.g. {out['largest'][0][0]})") if largest else \
-        ": no selection among the candidates can recover it"
-    return [f"copy-all recovers {copy_all.recovery.value:.0%} of the gap, and {out['share']:.0%} of the donor–target "
-            f"weight difference lies outside the candidate components{add}."]
-
+from analysis.sweep import (
+    plan_file,
+    short_name,
+)
 
 # --- rendering -----------------------------------------------------------------------------------
 
@@ -480,11 +126,6 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                       "forwards not run; results identical to full forwards).", ""]
     return "\n".join(parts)
 
-
-def _points(change: metrics.Change, paired: bool = True) -> str:
-    """An accuracy difference in percentage points with its interval (in brackets, or after a comma)."""
-    interval = f"95% CI {change.ci_low * 100:+.1f} to {change.ci_high * 100:+.1f}, paired over test items"
-    return f"{change.value * 100:+.1f} points ({interval})" if paired else f"{change.value * 100:+.1f} points, {interval}"
 
 
 def _flips(vs_target: metrics.McNemar) -> str:

@@ -69,19 +69,6 @@ def order(score: pd.Series) -> list[str]:
     return [str(score.index[i]) for i in order]
 
 
-def rank(method: str, *, donor: Any, target: Any, task: Any = None, kinds: Sequence[str] | None = None,
-         seed: int = 0, limit: int | None = None, **options: Any) -> list[tuple[str, float]]:
-    """(component id, score) of every component of ``kinds``, best first, by ``method`` on the task's
-    probe split — :func:`analysis.localize.localize` without files. ``donor``/``target`` are refs or
-    loaded models; ``options`` go to localize (mode, positions, metric, batch_size, ...)."""
-    from analysis.localize import localize
-
-    options.setdefault("progress", False)
-    result = localize(donor, target, task, method=method, components=kinds, seed=seed, limit=limit, top=1,
-                      out=None, **options)
-    score = result.scores["score"]
-    return [(cid, float(score[cid])) for cid in result.ranking]
-
 
 def random_scores(ids: Sequence[str], seed: int = 0) -> np.ndarray:
     """A seeded random score per component: the same seed and components give the same ranking."""

@@ -42,8 +42,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from analysis import select, tasks, units  # noqa: E402
+from analysis import tasks, units  # noqa: E402
 from analysis.evaluate import run as evaluate  # noqa: E402
+from analysis.localize import rank  # noqa: E402
 from analysis.models import load  # noqa: E402
 from analysis.sweep import DEMO_CONFIG, Controls, SweepConfig, sweep  # noqa: E402
 
@@ -198,7 +199,7 @@ def main() -> None:
     load(cfg.target)  # imports (transformers' model code, scipy) warm for every side
 
     start = time.perf_counter()
-    ranking = select.rank(args.method, donor=cfg.donor, target=cfg.target, task=cfg.task, kinds=cfg.components,
+    ranking = rank(args.method, donor=cfg.donor, target=cfg.target, task=cfg.task, kinds=cfg.components,
                           limit=cfg.probe_limit)
     localize_s = time.perf_counter() - start
     lowest = [units.component(units.layout(load(cfg.target).model.config,

@@ -17,7 +17,7 @@ from analysis import units
 from analysis.cli import main
 from analysis.errors import GraftError
 from analysis.evaluate import generate
-from analysis.localize import localize
+from analysis.localize import localize, rank
 from analysis.models import DEMO_DIR, load
 
 KNOWN = "L1.H2"
@@ -209,10 +209,10 @@ def test_logits_equal_fresh_ones_after_localize_and_after_an_error(constructed, 
         assert torch.equal(target.bridge(ids), fresh)
 
 
-def test_select_rank_for_the_sweep(constructed, models) -> None:
+def test_rank_for_the_sweep(constructed, models) -> None:
     _, _, task = constructed
     donor, target = models
-    ranked = analysis.select.rank("attribution", donor=donor, target=target, task=task, kinds=["head"])
+    ranked = rank("attribution", donor=donor, target=target, task=task, kinds=["head"])
     assert ranked[0][0] == KNOWN and all(isinstance(s, float) for _, s in ranked)
 
 
