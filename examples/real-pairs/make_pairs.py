@@ -14,9 +14,11 @@ pairs go to ``~/.cache/graftlm/real-pairs/NAME/{donor,target}`` (``GRAFTLM_CACHE
 Recipes (what a researcher meets):
 
 - **specialist** — the paper's base ↔ tuned setting: the base fine-tuned (all weights, AdamW) on synthetic
-  two- and three-digit addition and subtraction in the benchmark's format ("Calculate 64 + 53 =" →
-  " 117"), with every prompt that appears in ``basic_arithmetic`` left out. Donor: the fine-tune; target:
-  the base. Task: ``basic_arithmetic`` (real items, generation).
+  one- to three-digit addition and subtraction in ``basic_arithmetic``'s format ("Calculate 64 + 53 =" →
+  " 117"), with every prompt that appears in the benchmark left out. Donor: the fine-tune; target: the
+  base. Task: the skill itself (``skill.yaml``: 1,000 held-out items, none trained on, none in the
+  benchmark); ``basic_arithmetic`` (real items) is where the skill barely shows (its +/− items are a
+  minority), so studies report both.
 - **next-release** — the specialist trained further on a shifted mix (science passages from SciQ, no
   arithmetic) until it loses the skill: the newer release (target) regressed against its predecessor
   (donor). Training stops at the first check where synthetic held-out arithmetic has dropped by at least
@@ -49,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 CACHE = Path(os.environ.get("GRAFTLM_CACHE", Path.home() / ".cache" / "graftlm")) / "real-pairs"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -147,6 +150,23 @@ def passages(seed: int) -> tuple[list[str], list[str]]:
     return texts[cut:], texts[:cut]
 
 
+def write_skill_task(folder: Path) -> Path:
+    """The skill the specialist learned, as a task of its own: 1,000 held-out items in the training
+    format (probe 150, dev 250, test 600), none among the training items or in ``basic_arithmetic``;
+    an answer counts when the first number generated is right (the builder's measure)."""
+    exclude = benchmark_prompts()
+    seen = exclude | {p for p, _ in arithmetic(4000, SEED, exclude)} | {p for p, _ in arithmetic(200, SEED + 1, exclude)}
+    items = arithmetic(1000, SEED + 3, seen)
+    splits = ["probe"] * 150 + ["dev"] * 250 + ["test"] * 600
+    lines = [json.dumps({"id": f"s{i}", "prompt": p, "answer": a.strip(), "split": sp})
+             for i, ((p, a), sp) in enumerate(zip(items, splits, strict=True))]
+    (folder / "skill.jsonl").write_text("\n".join(lines) + "\n")
+    config = {"name": "skill-arithmetic", "data": "skill.jsonl", "kind": "generate", "filter": r"regex:-?\d+",
+              "metric": "strict", "stop": ["\n"], "max_new_tokens": 8, "target": " {answer}"}
+    (folder / "skill.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder / "skill.yaml"
+
+
 # --- training and measuring ------------------------------------------------------------------------
 
 def _batch(tok: Any, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,7 +250,7 @@ def make_specialist(base: Path, out: Path, steps: int) -> dict[str, Any]:
     after = arithmetic_accuracy(model, tok, held)
     donor_sha = save(model, tok, out / "donor")
     target_sha = _link_base(base, out / "target")
-    return {"recipe": "specialist", "task": "basic_arithmetic", "steps": steps, "lr": 5e-5, "batch": 16,
+    return {"recipe": "specialist", "task": str(write_skill_task(out)), "benchmark": "basic_arithmetic", "steps": steps, "lr": 5e-5, "batch": 16,
             "train_items": len(data), "held_out_arithmetic": {"base": before, "specialist": after},
             "log": log, "donor_sha256": donor_sha, "target_sha256": target_sha}
 
@@ -262,7 +282,8 @@ def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
                          f"{steps} steps ({checks}); pass more --steps")
     target_sha = save(model, tok, out / "target")
     donor_sha = _link_base(specialist / "donor", out / "donor")
-    return {"recipe": "next-release", "task": "basic_arithmetic", "predecessor": str(specialist / "donor"),
+    return {"recipe": "next-release", "task": str(write_skill_task(out)), "benchmark": "basic_arithmetic",
+            "predecessor": str(specialist / "donor"),
             "lr": 1e-4, "batch": 8, "stopped_at": last["step"], "before": {"held_out_arithmetic": before_acc,
             "held_out_ppl": before_ppl}, "checks": checks, "log": log, "donor_sha256": donor_sha,
             "target_sha256": target_sha}
