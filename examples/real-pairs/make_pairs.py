@@ -156,7 +156,7 @@ def write_skill_task(folder: Path) -> Path:
     an answer counts when the first number generated is right (the builder's measure)."""
     exclude = benchmark_prompts()
     seen = exclude | {p for p, _ in arithmetic(4000, SEED, exclude)} | {p for p, _ in arithmetic(200, SEED + 1, exclude)}
-    items = arithmetic(1000, SEED + 3, seen)
+    items = list(dict(arithmetic(2000, SEED + 3, seen)).items())[:1000]  # each prompt once: splits stay disjoint
     splits = ["probe"] * 150 + ["dev"] * 250 + ["test"] * 600
     lines = [json.dumps({"id": f"s{i}", "prompt": p, "answer": a.strip(), "split": sp})
              for i, ((p, a), sp) in enumerate(zip(items, splits, strict=True))]
