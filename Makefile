@@ -40,7 +40,7 @@ study-real: $(STAMP)
 
 # Execute every notebook and save it with its outputs (the tests execute them again)
 notebooks: $(STAMP)
-	MPLBACKEND=Agg $(PY) notebooks/execute.py
+	$(PY) notebooks/execute.py
 
 demo: $(STAMP)
 	$(VENV)/bin/graftlm demo --out runs/demo
