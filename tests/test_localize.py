@@ -23,6 +23,19 @@ from analysis.models import DEMO_DIR, load
 KNOWN = "L1.H2"
 
 
+def write_donor_task(root: Path, donor: Path, extra: list[dict] | None = None) -> Path:
+    """A probe task whose answers are the donor's own greedy 2-token outputs (what the evaluation counts
+    right), plus ``extra`` items."""
+    dl = load(donor)
+    prompts = [f"{a}{b}+{c}=" for a, b, c in zip("abcdefghijkl", "mnopqrstuvwx", "0123456789ab", strict=True)]
+    outs = generate(dl.model, dl.tokenizer, prompts, stop=[], max_new_tokens=2)
+    rows = [{"id": f"c{i}", "prompt": p, "answer": o, "split": "probe"}
+            for i, (p, (o, *_)) in enumerate(zip(prompts, outs, strict=True))] + (extra or [])
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "task.yaml").write_text('data: task.jsonl\ntarget: "{answer}"\nmax_new_tokens: 2\nstop: []\n')
+    return root / "task.yaml"
+
+
 @pytest.fixture(scope="module")
 def constructed(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A target and a donor that differs from it only in head L1.H2 (q/k rows perturbed, v rows ×1.5);
@@ -43,14 +56,7 @@ def constructed(tmp_path_factory) -> tuple[Path, Path, Path]:
         part = w[idx]
         w[idx] = part * 1.5 if "v_proj" in s.param else part + 0.5 * part.std() * torch.randn(part.shape, generator=g)
     save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
-    dl = load(donor)
-    prompts = [f"{a}{b}+{c}=" for a, b, c in zip("abcdefghijkl", "mnopqrstuvwx", "0123456789ab", strict=True)]
-    outs = generate(dl.model, dl.tokenizer, prompts, stop=[], max_new_tokens=2)
-    with (root / "task.jsonl").open("w") as fh:
-        for i, (p, (o, *_)) in enumerate(zip(prompts, outs, strict=True)):
-            fh.write(json.dumps({"id": f"c{i}", "prompt": p, "answer": o, "split": "probe"}) + "\n")
-        fh.write(json.dumps({"id": "t0", "prompt": "zz+9=", "answer": "??", "split": "test"}) + "\n")
-    (root / "task.yaml").write_text('data: task.jsonl\ntarget: "{answer}"\nmax_new_tokens: 2\nstop: []\n')
+    write_donor_task(root, donor, extra=[{"id": "t0", "prompt": "zz+9=", "answer": "??", "split": "test"}])
     return donor, target, root / "task.yaml"
 
 
@@ -71,13 +77,7 @@ def constructed_kv(tmp_path_factory) -> tuple[Path, Path, Path]:
         idx = s.index(w.ndim)
         w[idx] = w[idx] * 1.5 + 0.5 * w[idx].std() * torch.randn(w[idx].shape, generator=g)
     save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
-    dl = load(donor)
-    prompts = [f"{a}{b}+{c}=" for a, b, c in zip("abcdefghijkl", "mnopqrstuvwx", "0123456789ab", strict=True)]
-    outs = generate(dl.model, dl.tokenizer, prompts, stop=[], max_new_tokens=2)
-    with (root / "task.jsonl").open("w") as fh:
-        for i, (p, (o, *_)) in enumerate(zip(prompts, outs, strict=True)):
-            fh.write(json.dumps({"id": f"c{i}", "prompt": p, "answer": o, "split": "probe"}) + "\n")
-    (root / "task.yaml").write_text('data: task.jsonl\ntarget: "{answer}"\nmax_new_tokens: 2\nstop: []\n')
+    write_donor_task(root, donor)
     return donor, target, root / "task.yaml"
 
 
