@@ -95,15 +95,13 @@ def load(folder: Path) -> tuple[Any, Any]:
 
 
 def save(model: Any, tok: Any, folder: Path) -> str:
-    """Write an HF folder whole (staged, then renamed); the sha256 of its weights."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    """Write an HF folder whole (the project's staging writer: a killed build leaves no half folder);
+    the sha256 of its weights."""
+    from analysis.files import staged
+
+    with staged(folder, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return weights_sha256(folder)
 
 
