@@ -127,15 +127,16 @@ def outside(donor: Getter, target: Getter, lay: units.Layout, ids: Sequence[str]
     total = out = 0.0
     untouched = []
     for name in names:
-        t, d = target(name).detach().double(), donor(name).detach().double()
-        sq = (d - t).pow(2)
-        total += float(sq.sum())
+        t = target(name).detach().float()
+        sq = donor(name).detach().float().sub_(t).pow_(2)  # one float32 copy per tensor: large models too
+        whole = float(sq.sum(dtype=torch.float64))
+        total += whole
         if name in covered:
-            out += float(sq[~covered[name]].sum())
+            out += float(sq[~covered[name]].sum(dtype=torch.float64))
         else:
-            out += float(sq.sum())
-            base = float(t.pow(2).sum())
-            rel = math.sqrt(float(sq.sum()) / base) if base > 0 else (0.0 if float(sq.sum()) == 0 else math.inf)
+            out += whole
+            base = float(t.pow(2).sum(dtype=torch.float64))
+            rel = math.sqrt(whole / base) if base > 0 else (0.0 if whole == 0 else math.inf)
             untouched.append((name, rel))
     untouched.sort(key=lambda x: -x[1])
     return {"share": out / total if total > 0 else 0.0,
