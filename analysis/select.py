@@ -128,7 +128,8 @@ def outside(donor: Getter, target: Getter, lay: units.Layout, ids: Sequence[str]
     untouched = []
     for name in names:
         t = target(name).detach().float()
-        sq = donor(name).detach().float().sub_(t).pow_(2)  # one float32 copy per tensor: large models too
+        # a new float32 tensor (never in place: .float() of a float32 parameter is the parameter itself)
+        sq = torch.sub(donor(name).detach().float(), t).pow_(2)
         whole = float(sq.sum(dtype=torch.float64))
         total += whole
         if name in covered:

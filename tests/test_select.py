@@ -100,3 +100,16 @@ def test_plan_of_the_top_k_round_trips() -> None:
     assert again.provenance.method == "attribution"
     with pytest.raises(GraftError):
         select.plan(["L0.mlp"], 0)
+
+
+def test_outside_leaves_loaded_models_as_they_were(tiny_pairs) -> None:
+    """Read from live float32 parameters (as the sweep does), the measure copies: neither model changes."""
+    from analysis.models import load
+
+    donor, target = (load(p, dtype="float32") for p in tiny_pairs("llama"))
+    before = [{n: p.detach().clone() for n, p in m.parameters().items()} for m in (donor, target)]
+    lay = units.layout(target.model.config, {n: tuple(p.shape) for n, p in target.parameters().items()})
+    select.outside(select.getter(donor), select.getter(target), lay, units.component_ids(lay, ("head", "mlp")),
+                   list(target.parameters()))
+    for m, was in zip((donor, target), before, strict=True):
+        assert all(torch.equal(p, was[n]) for n, p in m.parameters().items())
