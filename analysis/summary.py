@@ -131,7 +131,8 @@ def summarize(run: str | Path) -> list[Summary]:
     orders = [r for r in rows if r.get("phase") == "order"]
     if not orders:
         raise GraftError(f"{run}: the sweep has not finished its baselines yet", "run or resume `graftlm sweep`")
-    summaries = [_summary(order, rows, (config or {}).get("task", "?")) for order in orders]
+    config = config or {}
+    summaries = [_summary(order, rows, config.get("task", "?"), list(config.get("methods") or [])) for order in orders]
     localized = rankings_meta(run)
     for s, order in zip(summaries, orders, strict=True):
         if s is not None:
@@ -173,7 +174,7 @@ def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, An
     return said
 
 
-def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Summary | None:
+def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, config_methods: list[str]) -> Summary | None:
     mnt = order["max_new_tokens"]
     by_key = {r["key"]: r for r in rows}
 
@@ -203,9 +204,15 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str) -> Su
                        _retention_change(ret, target_retention))
 
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
-    chosen_rows = [r for r in same if r["phase"] == "chosen"]
+    # Rows in a fixed order, not the order they were written (Ray workers finish in any order): methods as
+    # the config lists them; controls by budget, random seeds then weight-ranked, copy-all last.
+    chosen_rows = sorted((r for r in same if r["phase"] == "chosen"),
+                         key=lambda r: config_methods.index(r["method"]) if r["method"] in config_methods
+                         else len(config_methods))
     methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in chosen_rows]
-    control_rows = [r for r in same if r["phase"] == "control"]
+    control_rows = sorted((r for r in same if r["phase"] == "control"),
+                          key=lambda r: (r["method"] == "copy-all", r["top_k"], r["alpha"], r["method"] != "random",
+                                         r.get("seed") or 0))
     for f, r in zip(methods, chosen_rows, strict=True):
         f.vs_random = _vs_random(r, [c for c in control_rows if c["method"] == "random"
                                      and (c["top_k"], c["alpha"]) == (f.k, f.alpha)])
