@@ -28,8 +28,8 @@ _VERBS = {
     "applied": "analysis.transplant",
     "apply_patch": "analysis.transplant",
     "check": "analysis.check",
-    "load": "analysis.models",
-    "localize": "analysis.localize",
+    "load": "analysis.io.models",
+    "localize": "analysis.interp.localize",
     "transplant": "analysis.transplant",
 }
 

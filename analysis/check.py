@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis import units
-from analysis.checkpoint import Checkpoint
 from analysis.errors import GraftError
-from analysis.models import ModelRef, load_config
+from analysis.io.checkpoint import Checkpoint
+from analysis.io.models import ModelRef, load_config
 
 # Config fields whose difference makes a component mean something else in the other model.
 CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -66,7 +66,7 @@ def tokenizer_fingerprint(ref: ModelRef) -> str | None:
         return None
     path = ref.path / "tokenizer.json"
     if path.is_file():
-        from analysis.files import read_text
+        from analysis.io.files import read_text
 
         try:
             data = json.loads(read_text(path, "tokenizer.json"))

@@ -150,10 +150,10 @@ def eval_cmd(
     trust_remote_code: TrustCode = False,
 ) -> None:
     """Evaluate a model on a task: per-item records and accuracy with k/n and a 95% Wilson interval."""
-    from analysis import tasks
-    from analysis.evaluate import check_options, describe, run
-    from analysis.files import check_out
-    from analysis.models import load, source_paths
+    from analysis.eval import tasks
+    from analysis.eval.evaluate import check_options, describe, run
+    from analysis.io.files import check_out
+    from analysis.io.models import load, source_paths
 
     # every argument is checked before any work: numbers, --out, the task file, then the model
     check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens)
@@ -182,7 +182,7 @@ def sweep_cmd(
 
     Rerunning with the same --out resumes: finished points are skipped.
     """
-    from analysis.sweep import sweep
+    from analysis.study.sweep import sweep
 
     run = sweep(config, out, ray=True if ray == BARE_RAY else ray)
     _finish_run(run)
@@ -194,8 +194,9 @@ def figures_cmd(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the figures (default RUN/figures).")] = None,
 ) -> None:
     """Regenerate every figure of a run (PNG and SVG) and its report.md / report.html."""
-    from analysis import figures, report
-    from analysis.files import check_out
+    from analysis import report
+    from analysis.io.files import check_out
+    from analysis.report import figures
 
     report.summarize(run)  # a run that cannot be read is refused before anything is written
     check_out(run, replace=False, flag="RUN")
@@ -211,7 +212,8 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
 ) -> None:
     """The whole study on the embedded demo pair (offline, a few minutes on 2 cores)."""
-    from analysis.sweep import DEMO_CONFIG, sweep
+    from analysis.study.config import DEMO_CONFIG
+    from analysis.study.sweep import sweep
 
     out_console.print(f"graftlm demo: {DEMO_CONFIG} → {out}")
     run = sweep(DEMO_CONFIG, out)
@@ -255,7 +257,7 @@ def localize_cmd(
     """Rank the components that carry the task difference (probe split only); write scores, figures, plans."""
     from rich.table import Table
 
-    from analysis.localize import localize
+    from analysis.interp.localize import localize
 
     result = localize(donor, target, task, method=method, components=components, mode=mode, positions=positions,
                       metric=metric, answers=answers, top=top or [8], alpha=alpha, seed=seed, limit=limit, split=split,

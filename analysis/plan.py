@@ -94,13 +94,13 @@ class Plan(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | Path) -> Path:
-        from analysis.files import write_file
+        from analysis.io.files import write_file
 
         return write_file(path, self.to_yaml())
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<plan>") -> Plan:
-        from analysis.files import parse_yaml
+        from analysis.io.files import parse_yaml
 
         data = parse_yaml(text, source, "fix the plan file")
         if not isinstance(data, dict):
@@ -113,7 +113,7 @@ class Plan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        from analysis.files import read_text
+        from analysis.io.files import read_text
 
         path = Path(path)
         if not path.is_file():

@@ -42,7 +42,8 @@ import numpy as np
 
 from analysis import __version__, units
 from analysis.check import check, require_compatible
-from analysis.checkpoint import (
+from analysis.errors import GraftError
+from analysis.io.checkpoint import (
     FLOAT_DTYPES,
     RAW_DTYPES,
     Checkpoint,
@@ -54,9 +55,8 @@ from analysis.checkpoint import (
     to_float32,
     torch_dtype,
 )
-from analysis.errors import GraftError
-from analysis.files import check_out, moment, staged
-from analysis.models import PICKLE_SUFFIXES, LoadedModel, load_config, source_paths
+from analysis.io.files import check_out, moment, staged
+from analysis.io.models import PICKLE_SUFFIXES, LoadedModel, load_config, source_paths
 from analysis.plan import Plan, now
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from analysis.sweep import DEMO_CONFIG, SweepConfig, sweep
+from analysis.study.config import DEMO_CONFIG, SweepConfig
+from analysis.study.sweep import sweep
 
 
 def rows(run: Path) -> dict[str, dict]:
@@ -34,7 +35,7 @@ def with_rankings(reference: Path, run: Path) -> Path:
 
 def choice_task(folder: Path) -> Path:
     """demo:arith items as a 4-way choice task (the sum against near misses)."""
-    from analysis import tasks
+    from analysis.eval import tasks
 
     rng = random.Random(0)
     arith = tasks.load("demo:arith")

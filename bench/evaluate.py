@@ -26,7 +26,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from analysis import evaluate, lmeval, metrics, tasks  # noqa: E402
+from analysis.eval import evaluate, lmeval, metrics, tasks  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from analysis import evaluate, lmeval, tasks  # noqa: E402
+from analysis.eval import evaluate, lmeval, tasks  # noqa: E402
 
 
 def load_smollm2() -> tuple[torch.nn.Module, object]:

@@ -5,7 +5,7 @@ On a synthetic Llama pair (random weights, char tokenizer, built here) and an ar
 1. activation statistics of donor and target over N ∈ {50, 500} prompts, each way in its own process
    (wall time and peak RSS above the loaded models, from wait4):
      - plain:     two forwards per batch (donor, target), no hooks — the floor;
-     - streaming: ``analysis.shifts.measure`` (heads + MLPs, answer positions): hooks reduce on the fly;
+     - streaming: ``analysis.interp.shifts.measure`` (heads + MLPs, answer positions): hooks reduce on the fly;
      - cache:     ``bridge.run_with_cache`` per batch, every cache kept, statistics at the end;
      - filtered:  the same with ``names_filter`` = the hook points the statistics need.
 2. attribution patching (one backward) vs activation patching of every head: wall ratio and rank
@@ -59,8 +59,9 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
     import psutil
     import torch
 
-    from analysis import probe, shifts, tasks
-    from analysis.models import load
+    from analysis.eval import tasks
+    from analysis.interp import probe, shifts
+    from analysis.io.models import load
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t = tasks.load(task)
@@ -112,8 +113,9 @@ def attribution_vs_patching(donor: str, target: str, task: str, n: int, batch: i
     import torch
     from scipy.stats import spearmanr
 
-    from analysis import patching, probe, shifts, tasks
-    from analysis.models import load
+    from analysis.eval import tasks
+    from analysis.interp import patching, probe, shifts
+    from analysis.io.models import load
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t = tasks.load(task)

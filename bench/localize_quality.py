@@ -43,7 +43,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from analysis import report  # noqa: E402
-from analysis.sweep import Controls, SweepConfig, sweep  # noqa: E402
+from analysis.study.config import Controls, SweepConfig  # noqa: E402
+from analysis.study.sweep import sweep  # noqa: E402
 
 METHODS = ["lae", "shifts", "attribution", "patching", "gradient", "greedy", "mask"]
 K_SHARES = ["5%", "10%", "20%"]
@@ -179,9 +180,10 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 def walls(methods: list[str], rounds: int, threads: int) -> list[str]:
     """Each method's localization wall on SmolLM2-135M beside one full activation-patching pass."""
-    from analysis import patching, probe, shifts, tasks
-    from analysis.localize import localize
-    from analysis.models import load
+    from analysis.eval import tasks
+    from analysis.interp import patching, probe, shifts
+    from analysis.interp.localize import localize
+    from analysis.io.models import load
 
     torch.set_num_threads(threads)
     cfg = _bench_module("sweep").scoring_config(dev=16, test=16)

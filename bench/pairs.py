@@ -447,7 +447,8 @@ def write_task(spec: PairSpec, held: data.HeldOut, out: Path) -> str:
 
 def measure(folder: Path, task: Path) -> dict:
     """Dev and test accuracy (k, n, acc) of a saved model, loaded and scored as the suite does."""
-    from analysis import evaluate, models
+    from analysis.eval import evaluate
+    from analysis.io import models
 
     lm = models.load(folder)
     res = {}

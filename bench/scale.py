@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from analysis.sweep import DEMO_CONFIG, SweepConfig, sweep  # noqa: E402
+from analysis.study.config import DEMO_CONFIG, SweepConfig
+from analysis.study.sweep import sweep
 
 HERE = Path(__file__).resolve().parent
 

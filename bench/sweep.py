@@ -42,11 +42,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from analysis import tasks, units  # noqa: E402
-from analysis.evaluate import run as evaluate  # noqa: E402
-from analysis.localize import rank  # noqa: E402
-from analysis.models import load  # noqa: E402
-from analysis.sweep import DEMO_CONFIG, Controls, SweepConfig, sweep  # noqa: E402
+from analysis import units
+from analysis.eval import tasks  # noqa: E402
+from analysis.eval.evaluate import run as evaluate  # noqa: E402
+from analysis.interp.localize import rank  # noqa: E402
+from analysis.io.models import load  # noqa: E402
+from analysis.study.config import DEMO_CONFIG, Controls, SweepConfig
+from analysis.study.sweep import sweep
 
 CACHE = Path(os.environ.get("GRAFTLM_CACHE", Path.home() / ".cache" / "graftlm")) / "bench"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,7 +131,7 @@ def with_hf_generate(batch_size: int) -> Evaluator:
 
 def with_lm_eval(batch_size: int, folder: Path) -> Evaluator:
     """lm-evaluation-harness ``simple_evaluate`` (HF backend) over the same items, exported as a task."""
-    from analysis import lmeval
+    from analysis.eval import lmeval
 
     exported: dict[tuple[str, int | None], str] = {}
 

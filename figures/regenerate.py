@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis import figures
+from analysis.report import figures
 
 
 def main(argv: list[str]) -> int:

@@ -152,7 +152,7 @@ def llama_pair(tiny_pairs: Callable[[str], tuple[Path, Path]]) -> tuple[Path, Pa
 @pytest.fixture(scope="module")
 def pair(tiny_pairs: Callable[[str], tuple[Path, Path]]) -> tuple[object, object]:
     """The tiny Llama pair, loaded (donor, target) in float32."""
-    from analysis.models import load
+    from analysis.io.models import load
 
     donor, target = tiny_pairs("llama")
     return load(donor, dtype="float32"), load(target, dtype="float32")

@@ -24,7 +24,7 @@ import pytest
 from conftest import build_model, write_task
 
 from analysis.cli import main
-from analysis.sweep import SweepConfig
+from analysis.study.config import SweepConfig
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def _small_files(src: Path, dst: Path) -> Path:
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from test_report import write_run
 
-    from analysis.checkpoint import file_sha256
+    from analysis.io.checkpoint import file_sha256
     from analysis.transplant import transplant
 
     r = tmp_path_factory.mktemp("bad")

@@ -10,7 +10,7 @@ import torch
 from conftest import build_model
 from safetensors import safe_open
 
-from analysis.checkpoint import (
+from analysis.io.checkpoint import (
     RAW_DTYPES,
     Checkpoint,
     cached_sha256,
@@ -77,7 +77,7 @@ def test_raw_reads_match_safetensors(tmp_path: Path) -> None:
 def test_hash_cache_remembers_by_file_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    import analysis.checkpoint as checkpoint
+    import analysis.io.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "HASH_CACHE", tmp_path / "cache" / "sha256.json")
     f = tmp_path / "w.bin"

@@ -147,7 +147,7 @@ def test_custom_code_needs_trust(llama_pair, tmp_path: Path, capsys) -> None:
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (custom / "config.json").write_text(json.dumps(config))
     from analysis.errors import GraftError
-    from analysis.models import load
+    from analysis.io.models import load
 
     with pytest.raises(GraftError, match="trust-remote-code"):
         load(custom)
@@ -203,7 +203,7 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     import signal
     import time
 
-    from analysis.sweep import SweepConfig
+    from analysis.study.config import SweepConfig
 
     donor, target = build_model(tmp_path / "donor", "llama", seed=1), build_model(tmp_path / "target", "llama", seed=2)
     cfg = SweepConfig(donor=str(donor), target=str(target), task=str(write_task(tmp_path)), methods=["weight"],

@@ -18,7 +18,8 @@ import pytest
 from conftest import build_model, write_task
 
 from analysis.errors import GraftError
-from analysis.sweep import RayOptions, SweepConfig, sweep
+from analysis.study.config import RayOptions, SweepConfig
+from analysis.study.sweep import sweep
 
 
 def lines(run: Path) -> dict[str, dict[str, Any]]:
@@ -69,7 +70,7 @@ def test_a_worker_killed_mid_point_loses_nothing(study: SweepConfig, ray_here: A
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL one actor while it holds a point: the point runs again on a new actor, every key is written
     once, and the lines equal the local runner's."""
-    from analysis import cluster
+    from analysis.study import cluster
 
     executors: list[cluster.RayExecutor] = []
     made = cluster.RayExecutor.__init__

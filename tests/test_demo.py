@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import models
 from analysis.demo import data
 from analysis.demo.build import HERE, MODEL_NAMES, sha256, task_specs
+from analysis.io import models
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = HERE / "models"
@@ -44,7 +44,7 @@ def loaded() -> dict[str, models.LoadedModel]:
 
 
 def _correct(lm: models.LoadedModel, task: str, split: str = "probe") -> int:
-    from analysis import evaluate
+    from analysis.eval import evaluate
 
     return evaluate.run(lm.model, lm.tokenizer, f"demo:{task}", split=split, batch_size=64, progress=False).summary["k"]
 
@@ -102,7 +102,7 @@ def test_splits_are_disjoint_and_never_trained_on() -> None:
 
 
 def test_shipped_tasks_are_the_recipes_and_load() -> None:
-    from analysis import tasks
+    from analysis.eval import tasks
 
     held = data.held_out(0)
     for skill in data.SKILLS:

@@ -1,4 +1,4 @@
-"""analysis.evaluate: hand-checked numbers on a bigram model, batch-size invariance, records, the CLI."""
+"""analysis.eval.evaluate: hand-checked numbers on a bigram model, batch-size invariance, records, the CLI."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models
 
-from analysis import evaluate, tasks
 from analysis.cli import main
 from analysis.errors import GraftError
+from analysis.eval import evaluate, tasks
 
 CHARS = sorted(set(string.printable) - set("\x0b\x0c\r"))
 
@@ -189,7 +189,7 @@ def test_records_written_and_splits(random_llama, tmp_path: Path) -> None:
 
 
 def test_bridge_wrapped_model_gives_the_same_records(random_llama, tmp_path: Path) -> None:
-    from analysis import models
+    from analysis.io import models
 
     _, _, folder = random_llama
     loaded = models.load(folder)
@@ -292,7 +292,7 @@ def test_drafts_that_do_not_pay_are_dropped_for_the_remaining_batches(random_lla
 def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, family: str, monkeypatch) -> None:
     """Prompts that share a long head (few-shot examples): the head runs on its own, batch size 1, and the
     rows continue from its KV cache, padding between head and row. Same tokens, same choices."""
-    from analysis.models import load
+    from analysis.io.models import load
 
     loaded = load(tiny_pairs(family)[1], dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
@@ -346,7 +346,7 @@ def test_rows_are_grouped_by_length_within_the_batch_size() -> None:
 def test_decoding_drops_finished_rows_without_changing_any_row(tiny_pairs, family: str, monkeypatch) -> None:
     """Rows that finish early leave the batch once half of it is done (the KV cache keeps the rest,
     sliding-window layers too); every row's tokens and logprob stay those it gets decoded alone."""
-    from analysis.models import load
+    from analysis.io.models import load
 
     loaded = load(tiny_pairs(family)[1], dtype="float32")
     model, tok = loaded.model, loaded.tokenizer

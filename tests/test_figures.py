@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from analysis.figures import component_counts, recovery_axis
-from analysis.metrics import Recovery
+from analysis.eval.metrics import Recovery
+from analysis.report.figures import component_counts, recovery_axis
 
 
 def recovery(value: float | None, low: float | None = None, high: float | None = None) -> Recovery:

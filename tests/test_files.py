@@ -13,7 +13,7 @@ import pytest
 from conftest import build_model
 
 from analysis.cli import main
-from analysis.files import KILL_AT, LEFTOVER, clean, staged
+from analysis.io.files import KILL_AT, LEFTOVER, clean, staged
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import write_task
 
-from analysis import evaluate
-from analysis.models import load
+from analysis.eval import evaluate
+from analysis.io.models import load
 from analysis.plan import Plan
 from analysis.transplant import applied
 

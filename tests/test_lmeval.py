@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import transformers as T
 
-from analysis import evaluate, lmeval, tasks
 from analysis.errors import GraftError
+from analysis.eval import evaluate, lmeval, tasks
 
 pytest.importorskip("lm_eval")
 

@@ -16,9 +16,9 @@ import analysis
 from analysis import units
 from analysis.cli import main
 from analysis.errors import GraftError
-from analysis.evaluate import generate
-from analysis.localize import localize, rank
-from analysis.models import DEMO_DIR, load
+from analysis.eval.evaluate import generate
+from analysis.interp.localize import localize, rank
+from analysis.io.models import DEMO_DIR, load
 
 KNOWN = "L1.H2"
 
@@ -192,7 +192,7 @@ def test_logits_equal_fresh_ones_after_localize_and_after_an_error(constructed, 
         fresh = load(target_ref).model(ids).logits
     for method in ("shifts", "attribution", "patching"):
         localize(donor, target, task, method=method, progress=False)
-    from analysis import patching
+    from analysis.interp import patching
 
     def broken(*args, **kwargs):
         raise RuntimeError("metric failed")

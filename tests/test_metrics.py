@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from analysis import metrics
 from analysis.errors import GraftError
+from analysis.eval import metrics
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

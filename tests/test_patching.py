@@ -8,9 +8,10 @@ import torch
 from test_shifts import arith_task
 from transformer_lens import patching as tl_patching
 
-from analysis import patching, probe, shifts, tasks
-from analysis.evaluate import loglikelihoods
-from analysis.models import load
+from analysis.eval import tasks
+from analysis.eval.evaluate import loglikelihoods
+from analysis.interp import patching, probe, shifts
+from analysis.io.models import load
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis import evaluate
-from analysis.models import load
+from analysis.eval import evaluate
+from analysis.eval.prefix import Prefix, decoder_layers, lowest_layer
+from analysis.io.models import load
 from analysis.plan import Plan
-from analysis.prefix import Prefix, decoder_layers, lowest_layer
 from analysis.transplant import applied
 from tests.conftest import FAMILIES, build_model
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import probe, tasks
 from analysis.errors import GraftError
-from analysis.evaluate import _pad_id, loglikelihoods
-from analysis.evaluate import run as evaluate
-from analysis.models import load
+from analysis.eval import tasks
+from analysis.eval.evaluate import _pad_id, loglikelihoods
+from analysis.eval.evaluate import run as evaluate
+from analysis.interp import probe
+from analysis.io.models import load
 
 DEMO_ITEMS = Path(__file__).parent.parent / "analysis" / "demo" / "tasks" / "arith.jsonl"
 

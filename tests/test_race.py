@@ -10,8 +10,9 @@ import pytest
 from conftest import build_model
 
 from analysis.errors import GraftError
-from analysis.race import better, worse_p
-from analysis.sweep import SweepConfig, sweep
+from analysis.study.config import SweepConfig
+from analysis.study.race import better, worse_p
+from analysis.study.sweep import sweep
 
 
 def test_the_sign_test() -> None:
@@ -31,8 +32,8 @@ def test_a_raced_grid_stops_the_clearly_worse_and_chooses_as_the_full_grid(tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from analysis import evaluate
-    from analysis.models import load
+    from analysis.eval import evaluate
+    from analysis.io.models import load
 
     donor = build_model(tmp_path / "donor", "llama", seed=1)
     target = build_model(tmp_path / "target", "llama", seed=1)

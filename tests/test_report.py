@@ -182,7 +182,7 @@ def test_retention_cost_is_a_paired_change_against_the_target(tmp_path: Path) ->
 
 def test_each_decoding_length_gets_its_own_figures(tmp_path: Path) -> None:
     """A study of several max_new_tokens: one summary and one set of figures per length, never mixed."""
-    from analysis import figures
+    from analysis.report import figures
 
     run = write_run(tmp_path / "run", [i % 10 < 6 for i in range(100)])
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]

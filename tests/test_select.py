@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from analysis import select, units
-from analysis.checkpoint import Checkpoint
+from analysis import units
 from analysis.errors import GraftError
-from analysis.models import load_config
+from analysis.interp import select
+from analysis.io.checkpoint import Checkpoint
+from analysis.io.models import load_config
 from analysis.plan import Plan
 
 
@@ -104,7 +105,7 @@ def test_plan_of_the_top_k_round_trips() -> None:
 
 def test_outside_leaves_loaded_models_as_they_were(tiny_pairs) -> None:
     """Read from live float32 parameters (as the sweep does), the measure copies: neither model changes."""
-    from analysis.models import load
+    from analysis.io.models import load
 
     donor, target = (load(p, dtype="float32") for p in tiny_pairs("llama"))
     before = [{n: p.detach().clone() for n, p in m.parameters().items()} for m in (donor, target)]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import probe, shifts, tasks
+from analysis.eval import tasks
+from analysis.interp import probe, shifts
 
 
 def arith_task(folder: Path, n: int = 10) -> Path:

@@ -16,7 +16,9 @@ import pytest
 from conftest import build_model, write_task
 
 from analysis.errors import GraftError
-from analysis.sweep import Controls, Results, SweepConfig, sweep
+from analysis.study.config import Controls, SweepConfig
+from analysis.study.runfolder import Results
+from analysis.study.sweep import sweep
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(study: tuple[Path,
     expected = per_item(whole)
     run = tmp_path / "killed"
     rng = random.Random(7)
-    script = ("import sys; from analysis.sweep import sweep; "
+    script = ("import sys; from analysis.study.sweep import sweep; "
               "sweep(sys.argv[1], sys.argv[2], progress=False)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for _ in range(3):
@@ -119,7 +121,7 @@ def test_a_study_that_stops_before_any_result_leaves_no_run_folder(study: tuple[
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A study stopped after its checks but before its first result (the donor check of the probe, say)
     removes the folder it made; the corrected config then runs there, refused by nothing."""
-    from analysis import sweep as sweep_module
+    from analysis.study import sweep as sweep_module
 
     cfg = small(study[1])
 
@@ -142,7 +144,7 @@ def test_two_sweeps_on_one_folder(study: tuple[Path, SweepConfig], tmp_path: Pat
     cfg = small(study[1])
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     run = tmp_path / "run"
-    script = ("import sys, time; from analysis.sweep import sweep; "
+    script = ("import sys, time; from analysis.study.sweep import sweep; "
               "sweep(sys.argv[1], sys.argv[2], progress=False, on_point=lambda *_: time.sleep(0.5))")
     first = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.yaml"), str(run)],
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -243,16 +245,17 @@ def test_overlap_drop_cleans_probe_and_dev_never_test(study: tuple[Path, SweepCo
 
     from test_tasks import write_overlapping
 
-    from analysis import report, tasks
-    from analysis.sweep import _check_splits
+    from analysis import report
+    from analysis.eval import tasks
+    from analysis.study.splits import check_splits
 
     _, cfg = study
     for task, overlap in ((write_overlapping(tmp_path), "drop"), (write_overlapping(tmp_path, "drop"), "error")):
-        roles, cleaned, dropped = _check_splits(tasks.load(task), cfg.model_copy(update={"overlap": overlap}))
+        roles, cleaned, dropped = check_splits(tasks.load(task), cfg.model_copy(update={"overlap": overlap}))
         assert [it.id for it in cleaned.items("probe")] == ["p5"] and len(cleaned.items("test")) == 10
         assert dropped.counts == {"probe": 5, "dev": 2}
     seen: list[list[str]] = []
-    localize_module = importlib.import_module("analysis.localize")  # the module (analysis.localize is the verb)
+    localize_module = importlib.import_module("analysis.interp.localize")  # the module (analysis.localize is the verb)
     localize = localize_module.localize
 
     def recording(donor, target, task, **kwargs):  # type: ignore[no-untyped-def]
@@ -278,7 +281,7 @@ def test_k_as_shares_of_the_components(study: tuple[Path, SweepConfig], tmp_path
     """k: [10%, 20%, 50] over the tiny pair's 10 heads and MLPs is K = 1, 2 and 10 (50 clipped); the grid
     runs those, and the report states what the shares became and the clip."""
     from analysis import report
-    from analysis.sweep import resolve_k
+    from analysis.study.config import resolve_k
 
     assert resolve_k(SweepConfig.model_validate({**study[1].model_dump(), "k": ["5%", "10%", "20%", 50]}).k, 20) \
         .__dict__ == {"requested": [50, "5%", "10%", "20%"], "resolved": [1, 2, 4, 20], "clipped": [50],
@@ -310,7 +313,7 @@ def test_auto_order_says_when_the_target_became_the_donor(study: tuple[Path, Swe
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from analysis import report
-    from analysis import sweep as sweep_module
+    from analysis.study import sweep as sweep_module
 
     _, cfg = study
     monkeypatch.setattr(sweep_module, "_order", lambda cfg, base: ("b", "a"))  # as if the target did better
@@ -384,7 +387,7 @@ def test_each_decoding_length_is_a_study_of_its_own(study: tuple[Path, SweepConf
 
 
 def test_every_config_key_is_documented() -> None:
-    from analysis.sweep import Controls, RayOptions
+    from analysis.study.config import Controls, RayOptions
 
     doc = (Path(__file__).parents[1] / "docs" / "sweep.md").read_text()
     for name in [*SweepConfig.model_fields, *Controls.model_fields, *RayOptions.model_fields]:
@@ -430,7 +433,8 @@ def test_a_grid_point_drafts_only_while_neighbours_agree(study: tuple[Path, Swee
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafts pay only when most rows keep their outputs: a grid point verifies the previous point's
     generations when that point agreed with the one before it on at least half of the items."""
-    from analysis import evaluate, points
+    from analysis.eval import evaluate
+    from analysis.study import points
 
     _, cfg = study
     agreements = iter([0.2, 0.9, 0.1, 0.5])  # after points 1, 2, 3 and 4
@@ -453,8 +457,8 @@ def test_a_grid_point_drafts_only_while_neighbours_agree(study: tuple[Path, Swee
 def test_grid_with_drafts_equals_plain_evaluation(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
     """Each dev point verifies the previous point's generations as drafts; what it reports is exactly what
     evaluating the transplanted model from scratch gives."""
-    from analysis import evaluate
-    from analysis.models import load
+    from analysis.eval import evaluate
+    from analysis.io.models import load
     from analysis.plan import Plan
     from analysis.transplant import applied
 

@@ -1,4 +1,4 @@
-"""analysis.tasks: formats, splits, YAML schema, bad files, built-in benchmarks, answer extraction."""
+"""analysis.eval.tasks: formats, splits, YAML schema, bad files, built-in benchmarks, answer extraction."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis import tasks
 from analysis.errors import GraftError
-from analysis.tasks import builtin
-from analysis.tasks.extract import clean_number, extract, gold_answer
+from analysis.eval import tasks
+from analysis.eval.tasks import builtin
+from analysis.eval.tasks.extract import clean_number, extract, gold_answer
 
 
 def write(path: Path, rows: list[dict] | str) -> Path:

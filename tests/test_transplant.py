@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from analysis import units
-from analysis.checkpoint import Checkpoint
 from analysis.errors import GraftError
-from analysis.models import load
+from analysis.io.checkpoint import Checkpoint
+from analysis.io.models import load
 from analysis.plan import Plan
 from analysis.transplant import applied, apply_patch, blend, blend_f32, read_patch, transplant
 
@@ -52,7 +52,7 @@ PLAN = ["L0.H1", "L1.N3", "L1.attn.q", "L0.mlp.down"]
                                      (torch.bfloat16, torch.float32)])
 def test_numpy_blend_is_bit_identical_to_torch(alpha: float, src: torch.dtype, out: torch.dtype) -> None:
     """The file path (numpy) and the in-memory path (torch) compute one formula to the same bits."""
-    from analysis.checkpoint import RAW_DTYPES, from_float32, st_dtype, to_float32
+    from analysis.io.checkpoint import RAW_DTYPES, from_float32, st_dtype, to_float32
 
     gen = torch.Generator().manual_seed(0)
     scale = torch.logspace(-30, 30, 200_000, base=2.0)  # tiny to huge, subnormal bf16/f16 included
@@ -308,8 +308,8 @@ def test_apply_patch_rehashes_a_target_edited_in_place(tiny_pairs, tmp_path: Pat
     import shutil
     import time
 
-    from analysis.checkpoint import cached_sha256, file_sha256
     from analysis.errors import GraftError
+    from analysis.io.checkpoint import cached_sha256, file_sha256
 
     donor, target = tiny_pairs("llama")
     copy = tmp_path / "target"
@@ -329,7 +329,7 @@ def test_apply_patch_rehashes_a_target_edited_in_place(tiny_pairs, tmp_path: Pat
     assert not (tmp_path / "o").exists()
     # a remembered hash that is wrong although the file's stat did not change (a file system without a
     # trustworthy ctime, say): trusted by default, not with --verify
-    from analysis import checkpoint
+    from analysis.io import checkpoint
 
     shutil.copytree(target, copy, dirs_exist_ok=True)
     key, ctime = checkpoint._cache_key(weights)

@@ -16,9 +16,9 @@ from conftest import FAMILIES, build_model
 from transformers import AutoModelForCausalLM
 
 from analysis import units
-from analysis.checkpoint import Checkpoint
 from analysis.errors import GraftError
-from analysis.models import load
+from analysis.io.checkpoint import Checkpoint
+from analysis.io.models import load
 from analysis.plan import Plan
 from analysis.transplant import applied
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from test_shifts import arith_task
 
-from analysis import probe, tasks, units, weightspace
-from analysis.models import load
+from analysis import units
+from analysis.eval import tasks
+from analysis.interp import probe, weightspace
+from analysis.interp.shifts import layout_of
+from analysis.io.models import load
 from analysis.plan import Plan
-from analysis.shifts import layout_of
 from analysis.transplant import applied
 
 

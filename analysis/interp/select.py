@@ -10,7 +10,7 @@ lae           ``|shift|``: the paper's |donor − target| of the mean |activatio
 attribution   ``attribution``, signed: the donor's component raises the target's metric the most first
 patching      ``patching``, signed, as attribution
 gradient      ``gradient``, signed: the component's share of the metric change from target to copy-all,
-              integrated along the weight path (``analysis.weightspace``)
+              integrated along the weight path (``analysis.interp.weightspace``)
 greedy        the order of forward selection (``greedy_step``); ``greedy`` holds each one's verified gain
 mask          ``mask``: the strength learned for it under a budget
 weight        ``weight`` = ‖W_d − W_t‖ / ‖W_t‖ over the component's slices (dataless)
@@ -24,7 +24,7 @@ as ``units.component_ids`` lists them), so a ranking is deterministic.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,14 +32,14 @@ import torch
 
 from analysis import units
 from analysis.errors import GraftError
-from analysis.methods import METHODS, Method
+from analysis.interp.methods import METHODS, Method
 from analysis.plan import Plan, PlanItem, Provenance, now
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from analysis.checkpoint import Checkpoint
-    from analysis.models import LoadedModel
+    from analysis.io.checkpoint import Checkpoint
+    from analysis.io.models import LoadedModel
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -70,10 +70,19 @@ def order(score: pd.Series) -> list[str]:
 
 
 
+def random_ids(ids: Sequence[str], k: int, seed: int) -> list[str]:
+    """``k`` components drawn at random (seeded): the random control of every claim, and the one random
+    selector of the package (``random_scores`` ranks by it)."""
+    import random
+
+    return random.Random(seed).sample(list(ids), min(k, len(ids)))
+
+
 def random_scores(ids: Sequence[str], seed: int = 0) -> np.ndarray:
-    """A seeded random score per component: the same seed and components give the same ranking."""
-    rng = np.random.default_rng(seed)
-    return rng.permutation(len(ids)).astype(float)
+    """A seeded random score per component (the order of :func:`random_ids` drawing all of them): the same
+    seed and components give the same ranking."""
+    rank = {cid: i for i, cid in enumerate(random_ids(ids, len(ids), seed))}
+    return np.array([float(len(ids) - 1 - rank[cid]) for cid in ids])
 
 
 def weight_scores(donor: Getter, target: Getter, lay: units.Layout, ids: Sequence[str]) -> np.ndarray:
@@ -146,7 +155,7 @@ def outside(donor: Getter, target: Getter, lay: units.Layout, ids: Sequence[str]
 
 def getter(source: LoadedModel | Checkpoint) -> Getter:
     """Tensor by HF name from a loaded model (its live parameters) or a lazy checkpoint."""
-    from analysis.checkpoint import Checkpoint
+    from analysis.io.checkpoint import Checkpoint
 
     if isinstance(source, Checkpoint):
         ck = source
@@ -166,12 +175,14 @@ def getter(source: LoadedModel | Checkpoint) -> Getter:
 
 
 def plan(ranking: Sequence[str], k: int, *, alpha: float = 1.0, method: str | None = None, task: str | None = None,
-         scores: pd.Series | None = None, donor: str | None = None, target: str | None = None) -> Plan:
-    """A plan of the top ``k`` components at strength ``alpha``, each with its score."""
+         scores: pd.Series | Mapping[str, float] | None = None, donor: str | None = None, target: str | None = None,
+         stamped: bool = True) -> Plan:
+    """A plan of the top ``k`` components at strength ``alpha``, each with its score (NaN: none).
+    ``stamped``: record when it was made (a sweep's plans leave it out, so a rerun writes the same bytes)."""
     if k < 1:
         raise GraftError(f"top K must be at least 1, got {k}", "pass --top 1 or more")
     chosen = list(ranking[:k])
     items = [PlanItem(id=cid, score=None if scores is None or math.isnan(float(scores[cid])) else float(scores[cid]))
              for cid in chosen]
-    return Plan(alpha=alpha, components=items,
-                provenance=Provenance(method=method, task=task, donor=donor, target=target, created=now()))
+    return Plan(alpha=alpha, components=items, provenance=Provenance(
+        method=method, task=task, donor=donor, target=target, created=now() if stamped else None))

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from analysis.points import Job, PointRunner, Resumed
+from analysis.study.points import Job, PointRunner, Resumed
 
 
 def run_raced(runner: PointRunner, job: Job, best: dict[str, Any] | None, error: float) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def raced(job: Job, ids: list[str], look: int, best: dict[str, Any] | None, erro
     """Grid point ``job`` over dev items ``ids``, ``look`` items at a time (``evaluate`` runs a part and
     returns its EvalResult), stopped early against ``best`` (a results line; None: nothing to race
     against, all at once): its records, its summary over them, and what stopped it (None if nothing did)."""
-    from analysis.evaluate import summarise
+    from analysis.eval.evaluate import summarise
 
     if best is None:
         res = evaluate(job)
@@ -85,7 +85,7 @@ def raced(job: Job, ids: list[str], look: int, best: dict[str, Any] | None, erro
 
 @dataclass
 class Raced:
-    """An executor (:class:`~analysis.points.Executor`) for the dev grid: its points one after the other
+    """An executor (:class:`~analysis.study.points.Executor`) for the dev grid: its points one after the other
     in this process, each raced against the best completed point of its method so far."""
 
     runner: PointRunner

@@ -1,8 +1,8 @@
 """A study's points on Ray: actors that each load the pair once and take points from a queue.
 
-The driver (:func:`analysis.sweep.sweep`) localizes and runs the baselines itself — they are few — and
+The driver (:func:`analysis.study.sweep.sweep`) localizes and runs the baselines itself — they are few — and
 hands the grid's and the controls' points, in batches that do not depend on each other, to
-:class:`RayExecutor`. Each actor holds a :class:`~analysis.points.PointRunner` over its own copy of the
+:class:`RayExecutor`. Each actor holds a :class:`~analysis.study.points.PointRunner` over its own copy of the
 pair, so a point runs the same code with the same batch size and torch threads as in the local runner
 and its per-item results are the same. Actors return rows; only the driver writes results.jsonl, under
 the run folder's lock, so each key is written once and a resumed study reads back what finished.
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from analysis.errors import GraftError
-from analysis.points import Job, PointRunner, Resumed
+from analysis.study.points import Job, PointRunner, Resumed
 
 if TYPE_CHECKING:
-    from analysis.sweep import RayOptions, SweepConfig
+    from analysis.study.config import RayOptions, SweepConfig
 
 MAX_ATTEMPTS = 3  # a point whose worker died this often is not a flaky node but the point itself
 
@@ -83,8 +83,8 @@ def _load(spec: WorkerSpec) -> PointRunner:
 
     import torch
 
-    from analysis.checkpoint import fingerprint
-    from analysis.models import load
+    from analysis.io.checkpoint import fingerprint
+    from analysis.io.models import load
 
     torch.set_num_threads(spec.threads)  # the same reductions as the local runner's
     cfg = spec.cfg

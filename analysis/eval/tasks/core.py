@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from analysis.errors import GraftError, validation_problem
-from analysis.tasks.extract import Extraction, check_filter, clean_number, extract
+from analysis.eval.tasks.extract import Extraction, check_filter, clean_number, extract
 
 Kind = Literal["generate", "choice", "perplexity"]
 KINDS: tuple[str, ...] = ("generate", "choice", "perplexity")
@@ -327,7 +327,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` pairs; bad JSON or non-objects raise naming file and line."""
     if not path.is_file():
         raise GraftError(f"{path}: no such file", "check the path (relative paths in a task YAML start at the YAML)")
-    from analysis.files import decode
+    from analysis.io.files import decode
 
     records: list[tuple[int, dict[str, Any]]] = []
     text = decode(path.read_bytes(), path)

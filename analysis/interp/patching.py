@@ -1,6 +1,6 @@
 """Causal evidence: the donor's activations patched into the target's run on the same tokens.
 
-The metric is the *receiver's* log-probability of the answer the probe forces (:mod:`analysis.probe`:
+The metric is the *receiver's* log-probability of the answer the probe forces (:mod:`analysis.interp.probe`:
 by default the donor's own correct outputs; for choice items, the right choice normalised over the
 item's choices), or a logit difference: each forced token's logit minus that of the receiver's own best
 other token (fixed from the unpatched run, so the metric is a fixed linear read-out). Per item, per
@@ -31,8 +31,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.probe import METRICS, Batch, Metric, MetricFn, alternatives, forward, metric_values, per_item
-from analysis.shifts import Running, Site, by_hook, by_key, hooked, unique
+from analysis.interp.probe import (
+    METRICS,
+    Batch,
+    Metric,
+    MetricFn,
+    alternatives,
+    forward,
+    metric_values,
+    per_item,
+)
+from analysis.interp.shifts import Running, Site, by_hook, by_key, hooked, unique
 
 __all__ = ["METRICS", "Metric", "attribute", "metric_values", "patch", "patch_positions"]
 
@@ -40,7 +49,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from transformer_lens import ActivationCache
 
-    from analysis.models import LoadedModel
+    from analysis.io.models import LoadedModel
 
 def capture(loaded: LoadedModel, batch: Batch, hooks: Sequence[str]) -> tuple[ActivationCache, Tensor]:
     """The activations at ``hooks`` (detached, whole batch) as a TransformerLens ``ActivationCache`` over

@@ -38,13 +38,13 @@ from tqdm.auto import tqdm
 
 from analysis import units
 from analysis.errors import GraftError
-from analysis.probe import Probe, forward, probe_items
+from analysis.interp.probe import Probe, forward, probe_items
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from analysis.models import LoadedModel
-    from analysis.tasks import Task
+    from analysis.eval.tasks import Task
+    from analysis.io.models import LoadedModel
 
 Mode = Literal["teacher", "generate"]
 Positions = Literal["answer", "all", "last"]
@@ -247,7 +247,7 @@ def measure(
 ) -> pd.DataFrame:
     """Per-component activation statistics of donor and target on the probe items (see the module doc;
     ``split`` names the task split that serves as the probe). Teacher mode reads the prompts with the
-    answers a :class:`~analysis.probe.Probe` forces (built here from ``answers`` when not given).
+    answers a :class:`~analysis.interp.probe.Probe` forces (built here from ``answers`` when not given).
 
     Columns: ``donor``, ``target`` (mean |activation|), ``shift`` = donor − target with ``shift_sd`` and
     ``effect``; teacher mode adds ``rel_dist`` and ``rel_dist_sd``; ``n_prompts``. One row per component.
@@ -258,7 +258,7 @@ def measure(
     site_list = sites(lay, kinds)
     run = Running()
     if mode == "teacher":
-        from analysis import probe as probe_mod
+        from analysis.interp import probe as probe_mod
 
         probe = probe or probe_mod.build(task, donor, split=split, limit=limit, answers=answers,
                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -327,7 +327,7 @@ def decode(loaded: LoadedModel, prompts: Sequence[str], stop: Sequence[str], max
            rec: _Recorder) -> Tensor:
     """Greedy decoding without a KV cache (a booted bridge leaves it empty); before each step the
     recorder's weights select the newest token of every row still decoding. Returns steps per row."""
-    from analysis.evaluate import _eos_ids, _left_pad, _pad_id, encode
+    from analysis.eval.evaluate import _eos_ids, _left_pad, _pad_id, encode
 
     tok = loaded.tokenizer
     pad, eos = _pad_id(tok), _eos_ids(loaded.model, tok)

@@ -32,8 +32,8 @@ from torch import Tensor
 from analysis.errors import GraftError
 
 if TYPE_CHECKING:
-    from analysis.models import LoadedModel
-    from analysis.tasks import Item, Task
+    from analysis.eval.tasks import Item, Task
+    from analysis.io.models import LoadedModel
 
 AnswerSource = Literal["donor", "reference"]
 ANSWER_SOURCES: tuple[str, ...] = ("donor", "reference")
@@ -305,7 +305,7 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
           check: bool = True) -> Probe:
     """The probe of ``task``'s ``split`` with the answers to force (see the module doc); the donor is
     evaluated on it once, as the evaluation would, to know which items it gets right."""
-    from analysis.evaluate import _pad_id, encode
+    from analysis.eval.evaluate import _pad_id, encode
 
     if answers not in ANSWER_SOURCES:
         raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(ANSWER_SOURCES)}")
@@ -348,7 +348,7 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
 def item_rows_of(task: Task, tokenizer: Any, item: Item, slot: int) -> list[Row]:
     """The rows of one item with the task's own answers: its choices (choice), the ``target`` template's
     rendering of the gold answer (generate), the text (perplexity); tokenized as the evaluator does."""
-    from analysis.evaluate import encode, encode_pair
+    from analysis.eval.evaluate import encode, encode_pair
 
     if task.kind == "perplexity":
         return [Row(tuple(encode(tokenizer, item.text)), 1, slot)]  # every token after the first is "answer"
@@ -369,7 +369,7 @@ def reference_batches(task: Task, tokenizer: Any, batch_size: int, limit: int | 
                       split: str = "probe") -> list[Batch]:
     """The probe items with the task's own answers (``answers="reference"``), without the donor's check:
     for studies that bring their own prompts and answers."""
-    from analysis.evaluate import _pad_id
+    from analysis.eval.evaluate import _pad_id
 
     rows = [r for i, it in enumerate(probe_items(task, limit, split)) for r in item_rows_of(task, tokenizer, it, i)]
     return make_batches(rows, _pad_id(tokenizer), batch_size)
@@ -378,7 +378,7 @@ def reference_batches(task: Task, tokenizer: Any, batch_size: int, limit: int | 
 def _evaluate(task: Task, donor: LoadedModel, items: list[Item], split: str, limit: int | None, batch_size: int,
               max_new_tokens: int | None) -> list[dict[str, Any]]:
     """The donor's per-item results on the probe items, exactly as ``graftlm eval`` computes them."""
-    from analysis.evaluate import run
+    from analysis.eval.evaluate import run
 
     records = run(donor.model, donor.tokenizer, task, split=split if task.has_splits else "all", limit=limit,
                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False).records

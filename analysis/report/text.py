@@ -1,7 +1,7 @@
 """A study's report: RUN/report.md and a self-contained RUN/report.html, the verdict first.
 
-The numbers come from :mod:`analysis.summary` (``summarize(run)``; re-exported here, as ``report.summarize``
-is what users call); ``write(run)`` regenerates the figures (:mod:`analysis.figures`) and writes both files.
+The numbers come from :mod:`analysis.report.summary`; ``write(run)`` regenerates the figures
+(:mod:`analysis.report.figures`) and writes both files.
 """
 
 from __future__ import annotations
@@ -13,27 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from analysis import metrics
 from analysis.errors import GraftError
-from analysis.files import read_text, write_file
-from analysis.methods import named  # noqa: F401  (report.named)
-from analysis.summary import (  # noqa: F401  (summarize, read_rows, beats_random, ... are report's API too)
-    ANSWER_SOURCES,
-    Finding,
-    Summary,
-    _margin_above_zero,
-    _points,
-    beats_random,
-    localization_notes,
-    notes,
-    read_rows,
-    summarize,
-    verdict,
-)
-from analysis.sweep import (
-    plan_file,
-    short_name,
-)
+from analysis.eval import metrics
+from analysis.io.files import read_text, write_file
+from analysis.report.summary import Summary, _margin_above_zero, _points, beats_random, summarize
+from analysis.study.runfolder import plan_file, short_name
 
 # --- rendering -----------------------------------------------------------------------------------
 
@@ -165,7 +149,7 @@ def _ship(run: Path, summaries: list[Summary]) -> list[str]:
 
 def write(run: str | Path) -> Path:
     """Regenerate the figures and write RUN/report.md and a self-contained RUN/report.html."""
-    from analysis import figures as figs
+    from analysis.report import figures as figs
 
     run = Path(run)
     made = figs.make_all(run)

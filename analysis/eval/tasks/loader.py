@@ -6,9 +6,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from analysis.demo import TASKS_DIR as DEMO_DIR
 from analysis.errors import GraftError
-from analysis.tasks.builtin import BUILTINS, load_builtin
-from analysis.tasks.core import (
+from analysis.eval.tasks.builtin import BUILTINS, load_builtin
+from analysis.eval.tasks.core import (
     Item,
     Task,
     TaskConfig,
@@ -21,8 +22,6 @@ from analysis.tasks.core import (
     read_hub_dataset,
     read_jsonl,
 )
-
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "tasks"
 
 
 def load(
@@ -136,7 +135,7 @@ def _from_records(records: list[RawRecord], config: TaskConfig, *, source: str, 
 
 
 def _load_yaml(path: Path) -> Task:
-    from analysis.files import parse_yaml, read_text
+    from analysis.io.files import parse_yaml, read_text
 
     raw = parse_yaml(read_text(path, "task YAML"), path, "fix the YAML")
     if raw is None:

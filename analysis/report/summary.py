@@ -6,7 +6,7 @@ when no method beats the random control beyond its interval, or the donor is not
 method that misses that strict test but beats random components item by item is said to, with its margin.
 Notes follow: the grid's K (shares resolved, values clipped, a choice at the top of the grid), the donor
 that auto_order picked, items that overlap: drop removed, what copy-all cannot reach. :mod:`analysis.report`
-renders these as text and :mod:`analysis.figures` as pictures; both read them from here.
+renders these as text and :mod:`analysis.report.figures` as pictures; both read them from here.
 """
 
 from __future__ import annotations
@@ -15,19 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import metrics
 from analysis.errors import GraftError
-from analysis.files import parse_yaml, read_text
-from analysis.methods import named
-from analysis.sweep import (
-    KGrid,
-    dropped_line,
-    length_suffix,
-    rankings_meta,
-    read_results,
-    short_name,
-    swapped,
-)
+from analysis.eval import metrics
+from analysis.interp.methods import named
+from analysis.io.files import parse_yaml, read_text
+from analysis.study.config import KGrid
+from analysis.study.runfolder import length_suffix, rankings_meta, read_results, short_name
+from analysis.study.splits import dropped_line
+from analysis.study.sweep import swapped
 
 
 @dataclass

@@ -24,11 +24,11 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from analysis import metrics
 from analysis.errors import GraftError
-from analysis.prefix import Prefix
-from analysis.tasks import Item, Task
-from analysis.tasks import load as load_task
+from analysis.eval import metrics
+from analysis.eval.prefix import Prefix
+from analysis.eval.tasks import Item, Task
+from analysis.eval.tasks import load as load_task
 
 
 @dataclass
@@ -50,7 +50,7 @@ class EvalResult:
     def save(self, out: str | Path, *, force: bool = False, sources: Sequence[str | Path] = ()) -> dict[str, str]:
         """Write ``records.jsonl`` and ``summary.json`` as folder ``out`` (staged: whole or not at all; an
         existing ``out`` is replaced only with ``force``; ``out`` may not be, or lie inside, a source)."""
-        from analysis.files import staged
+        from analysis.io.files import staged
 
         folder = Path(out).expanduser()
         with staged(folder, force=force, sources=sources) as tmp:
@@ -165,7 +165,7 @@ class _Forward:
                  past: Any = None, last_only: bool = False, tag: Hashable = None,
                  keep: int | None = None) -> tuple[torch.Tensor, Any]:
         """One forward. A ``tag`` names a call that repeats identically at every point of a sweep: with a
-        :class:`~analysis.prefix.Prefix`, the layers below the transplant are then replayed, not run."""
+        :class:`~analysis.eval.prefix.Prefix`, the layers below the transplant are then replayed, not run."""
         kwargs: dict[str, Any] = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device),
                                   "use_cache": True}
         if past is not None:
@@ -562,7 +562,7 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
         drafts: Mapping[str, Sequence[int]] | None = None, force: bool = False) -> EvalResult:
     """Evaluate ``model`` on ``task``'s ``split`` (None: ``test`` when the task has splits, else every
     item; ``"retention"``: the retention set, as perplexity). Writes records.jsonl + summary.json into
-    ``out`` when given. A ``prefix`` (:class:`~analysis.prefix.Prefix` over ``model``) replays the
+    ``out`` when given. A ``prefix`` (:class:`~analysis.eval.prefix.Prefix` over ``model``) replays the
     layers it knows unchanged since an earlier evaluation of the same items (for generation, the
     prompts; not with drafts);
     ``drafts`` (item id → token ids a similar model generated) save generation tasks sequential steps
@@ -571,7 +571,7 @@ def run(model: Any, tokenizer: Any, task: Task | str | Path, *, split: str | Non
     check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens)
     sources = sources_of(model, task)
     if out is not None:
-        from analysis.files import check_out
+        from analysis.io.files import check_out
 
         check_out(out, force=force, sources=sources)
     task = task if isinstance(task, Task) else load_task(task)

@@ -8,7 +8,7 @@ candidate component,
 
 so m = 0 is the target, m = e_c transplants c alone, m = 1 transplants every candidate (the sweep's
 copy-all control), and ∂metric/∂m_c = Σ over c's slices of ∂metric/∂W · (W_donor − W_target). The metric
-is the probe's (:mod:`analysis.probe`: the forced answers' log-probability, summed over items). Three
+is the probe's (:mod:`analysis.interp.probe`: the forced answers' log-probability, summed over items). Three
 methods of ``localize`` and ``sweep`` read it:
 
 - ``gradient`` — integrated gradients along the straight path m = s·1, s from 0 to 1 (Gauss–Legendre
@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 
 from analysis import units
 from analysis.errors import GraftError
-from analysis.probe import Batch, Metric, alternatives, metric_values
+from analysis.interp.probe import Batch, Metric, alternatives, metric_values
 
 if TYPE_CHECKING:
-    from analysis.models import LoadedModel
+    from analysis.io.models import LoadedModel
 
 GRADIENT_STEPS = 8  # Gauss–Legendre nodes: exact for a metric polynomial of degree 15 along the path
 COMPLETENESS = 0.01  # gradient's scores must sum to the measured change within this (relative) ...

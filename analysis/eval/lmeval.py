@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from analysis import metrics
 from analysis.errors import GraftError
-from analysis.tasks import Task
+from analysis.eval import metrics
+from analysis.eval.tasks import Task
 
 INSTALL = "pip install lm-eval==0.4.13"
 

@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis import summary  # noqa: E402  (the numbers; analysis.report renders them as text)
-from analysis.files import check_out, write_with  # noqa: E402
-from analysis.sweep import length_suffix  # noqa: E402
+from analysis.io.files import check_out, write_with  # noqa: E402
+from analysis.report import summary  # noqa: E402  (the numbers; analysis.report renders them as text)
+from analysis.study.runfolder import length_suffix
 
 sns.set_theme(style="whitegrid", context="notebook")
 

@@ -1,6 +1,6 @@
 """``localize``: which heads and MLPs carry the task difference between a donor and a target.
 
-Ties :mod:`analysis.shifts`, :mod:`analysis.patching` and :mod:`analysis.select` together on the task's
+Ties :mod:`analysis.interp.shifts`, :mod:`analysis.interp.patching` and :mod:`analysis.interp.select` together on the task's
 probe split (never dev or test), and writes::
 
     OUT/scores.csv  scores.json      every statistic per component (and per model where there is one)
@@ -26,19 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analysis import probe as probe_mod
-from analysis import select, shifts, units
+from analysis import units
 from analysis.errors import GraftError
-from analysis.methods import WEIGHT_SPACE
+from analysis.interp import probe as probe_mod
+from analysis.interp import select, shifts
+from analysis.interp.methods import WEIGHT_SPACE
+from analysis.interp.probe import MetricFn
 from analysis.plan import Plan, now
-from analysis.probe import MetricFn
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from analysis.models import LoadedModel
-    from analysis.probe import Probe
-    from analysis.tasks import Task
+    from analysis.eval.tasks import Task
+    from analysis.interp.probe import Probe
+    from analysis.io.models import LoadedModel
 
 KIND_ALIASES = {"heads": "head", "mlps": "mlp", "neurons": "neuron", "linears": "linear", "groups": "group",
                 "kvs": "kv",
@@ -80,7 +81,7 @@ def parse_kinds(components: str | Sequence[str] | None, method: str) -> list[str
 
 def _load(ref: str | os.PathLike[str] | LoadedModel, dtype: str, allow_pickle: bool,
           trust_remote_code: bool) -> LoadedModel:
-    from analysis.models import LoadedModel, load
+    from analysis.io.models import LoadedModel, load
 
     if isinstance(ref, LoadedModel):
         return ref
@@ -121,7 +122,7 @@ def localize(
     and make a plan of the top K (for each K in ``top``) at strength ``alpha``.
 
     What the causal methods and teacher-mode shifts force as "the answer" is the evaluation's
-    (:mod:`analysis.probe`): ``answers="donor"`` (default) the donor's own outputs on the probe items it
+    (:mod:`analysis.interp.probe`): ``answers="donor"`` (default) the donor's own outputs on the probe items it
     gets right, ``"reference"`` the gold answer through the task's ``target`` template; either way a check
     that the donor produces the forced answers where it is counted right runs first.
     ``mode`` (shifts and lae only): ``teacher`` (both models read prompt + forced answer; default
@@ -135,12 +136,12 @@ def localize(
     ``out`` is written whole or not at all; an existing one is replaced only with ``force``.
 
     As ``transformer_lens.patching`` users do: ``metric`` may be a callable ``metric(logits, batch)`` → one
-    value per item (``logits``: the batch's kept positions; ``batch``: :class:`analysis.probe.Batch`), and
+    value per item (``logits``: the batch's kept positions; ``batch``: :class:`analysis.interp.probe.Batch`), and
     attribution and patching accept ``prompts=[(clean, corrupted), ...]`` instead of a task — the target
     reads the corrupted prompts, the donor the clean ones (the same model twice is classic activation
     patching); the metric callable then says what is measured, at the last position.
     """
-    from analysis import patching, weightspace
+    from analysis.interp import patching, weightspace
 
     method = select.check_method(method)
     kinds = parse_kinds(components, method)
@@ -176,7 +177,7 @@ def localize(
                          "pass 1 or more")
     sources = _sources(donor, target, task)
     if out is not None:
-        from analysis.files import check_out
+        from analysis.io.files import check_out
 
         check_out(out, force=force, sources=sources)
     dataless = method in ("weight", "random")
@@ -184,8 +185,8 @@ def localize(
 
     loaded_task = None
     if not dataless and prompts is None:
-        from analysis import tasks as tasks_mod
-        from analysis.tasks import Task
+        from analysis.eval import tasks as tasks_mod
+        from analysis.eval.tasks import Task
 
         if task is None:
             raise GraftError(f"method {method} needs a task", "pass --task")
@@ -199,7 +200,7 @@ def localize(
     if not dataless or not isinstance(donor, str | os.PathLike):
         d_model = _load(donor, dtype, allow_pickle, trust_remote_code)
         t_model = _load(target, dtype, allow_pickle, trust_remote_code)
-        from analysis.models import require_same_shapes
+        from analysis.io.models import require_same_shapes
 
         require_same_shapes(d_model, t_model)
         lay = shifts.layout_of(t_model)
@@ -207,8 +208,8 @@ def localize(
         names = (d_model.name, t_model.name)
     else:  # weight / random from files: no model is loaded
         from analysis.check import check, require_compatible
-        from analysis.checkpoint import Checkpoint
-        from analysis.models import load_config
+        from analysis.io.checkpoint import Checkpoint
+        from analysis.io.models import load_config
 
         require_compatible(check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
         tck = Checkpoint.open(target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -307,7 +308,7 @@ def localize(
     meta["wall_s"] = round(time.perf_counter() - start, 3)
     result = Localization(method, table, ranking, plans, meta, position_table)
     if out is not None:
-        from analysis.files import staged
+        from analysis.io.files import staged
 
         final = Path(out).expanduser()
         with staged(final, force=force, sources=sources) as tmp:
@@ -318,8 +319,8 @@ def localize(
 
 def _sources(*refs: Any) -> list[Path]:
     """The files and folders behind model and task references (an output may not go there)."""
-    from analysis.models import LoadedModel, source_paths
-    from analysis.tasks import Task
+    from analysis.eval.tasks import Task
+    from analysis.io.models import LoadedModel, source_paths
 
     paths: list[Path] = []
     for ref in refs:

@@ -3,7 +3,7 @@
 The sweep's driver decides *what* to evaluate (:class:`Job`: a point with its plan, split and limit);
 :class:`PointRunner` evaluates it on the pair it holds and returns the result line, without writing
 anything. The same runner runs in the driver (the local study) and in every Ray actor
-(:mod:`analysis.cluster`), so a point's per-item results are the same wherever it ran: same code, same
+(:mod:`analysis.study.cluster`), so a point's per-item results are the same wherever it ran: same code, same
 batch size, same replay of the layers below the transplant, the same drafting rule.
 """
 
@@ -120,7 +120,7 @@ class PointRunner:
     def low(self, plan: Plan) -> int:
         """The lowest decoder layer ``plan`` touches: everything below it is the target's own."""
         from analysis import units
-        from analysis.prefix import lowest_layer
+        from analysis.eval.prefix import lowest_layer
 
         return lowest_layer([c.layer for c in units.select(self.layout, [c.id for c in plan.components])])
 
@@ -136,9 +136,9 @@ class PointRunner:
         return chain.previous if chain.steady else None
 
     def evaluate(self, job: Job) -> Any:
-        """``job`` evaluated (an :class:`~analysis.evaluate.EvalResult`), the transplant applied and undone."""
-        from analysis.evaluate import run as evaluate
-        from analysis.prefix import Prefix
+        """``job`` evaluated (an :class:`~analysis.eval.evaluate.EvalResult`), the transplant applied and undone."""
+        from analysis.eval.evaluate import run as evaluate
+        from analysis.eval.prefix import Prefix
         from analysis.transplant import applied
 
         point, loaded = job.point, self.models[job.model]
@@ -199,7 +199,7 @@ Resumed = Callable[[Job], "dict[str, Any] | None"]  # a job's line already in re
 
 class Executor(Protocol):
     """Where a study's batches of points run: here (:class:`Local`) or on Ray actors
-    (:class:`analysis.cluster.RayExecutor`). ``run`` yields (job, row, seconds) as points finish —
+    (:class:`analysis.study.cluster.RayExecutor`). ``run`` yields (job, row, seconds) as points finish —
     seconds None for a row read back from results.jsonl — and never writes: the driver does."""
 
     def run(self, jobs: list[Job], resumed: Resumed) -> Iterator[tuple[Job, dict[str, Any], float | None]]: ...

