@@ -26,7 +26,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from analysis.eval import evaluate, lmeval, metrics, tasks  # noqa: E402
+from analysis.eval import engine, evaluate, lmeval, metrics, tasks  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,7 +73,7 @@ def main() -> None:
     items = task.items()
     # Tokens both harnesses score: every (context + choice) sequence, as lm-eval runs them; we run each
     # context once and each choice after its first token.
-    per_item = [[evaluate.encode_pair(tok, task.render(it), c) for c in task.continuations(it)] for it in items]
+    per_item = [[engine.encode_pair(tok, task.render(it), c) for c in task.continuations(it)] for it in items]
     logical = sum(len(c) + len(x) for p in per_item for c, x in p)
     forwarded = sum(len(p[0][0]) + sum(len(x) - 1 for _, x in p) for p in per_item)
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models
 
 from analysis.cli import main
 from analysis.errors import GraftError
-from analysis.eval import evaluate, tasks
+from analysis.eval import decoding, engine, evaluate, scoring, tasks
 
 CHARS = sorted(set(string.printable) - set("\x0b\x0c\r"))
 
@@ -158,10 +158,10 @@ def test_batch_size_never_changes_a_result(random_llama, tmp_path: Path, kind: s
 def test_shared_prompt_scoring_equals_full_forward(random_llama) -> None:
     model, tok, _ = random_llama
     requests = [("Question: which?\nAnswer:", [" one", " twenty two", " x"]), ("Hi ", ["there", "you all"])]
-    got = evaluate.loglikelihoods(model, tok, requests, batch_size=2)
+    got = scoring.loglikelihoods(model, tok, requests, batch_size=2)
     for (context, conts), scores in zip(requests, got, strict=True):
         for cont, score in zip(conts, scores, strict=True):
-            ctx_ids, cont_ids = evaluate.encode_pair(tok, context, cont)
+            ctx_ids, cont_ids = engine.encode_pair(tok, context, cont)
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([ctx_ids + cont_ids])).logits[0], -1)
             full = sum(float(logp[len(ctx_ids) - 1 + j, t]) for j, t in enumerate(cont_ids))
@@ -198,7 +198,7 @@ def test_bridge_wrapped_model_gives_the_same_records(random_llama, tmp_path: Pat
               for k, p in paths.items()}
     # Booting TransformerLens wraps the modules of a twin sharing the weights; the wrapped model's KV cache
     # stays empty, which evaluate detects (it recomputes whole sequences); the plain model is untouched.
-    assert evaluate._Forward(loaded.hooked).caches is False and evaluate._Forward(loaded.model).caches
+    assert engine.Forward(loaded.hooked).caches is False and engine.Forward(loaded.model).caches
     for kind, path in paths.items():
         after = evaluate.run(loaded.hooked, loaded.tokenizer, path, max_new_tokens=4, progress=False).records
         for a, b in zip(before[kind], after, strict=True):
@@ -250,7 +250,7 @@ def test_drafts_give_the_greedy_tokens(random_llama, draft_kind: str) -> None:
     """A draft, right or wrong, changes how many sequential steps run, never the tokens."""
     model, tok, _ = random_llama
     prompts = [f"{a}+{b}=" for a, b in zip("0123456789", "9876543210", strict=True)] + ["hello there", "x"]
-    plain = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4)
+    plain = decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4)
     rng = torch.Generator().manual_seed(0)
     drafts = {
         "own": [g.tokens for g in plain],
@@ -258,7 +258,7 @@ def test_drafts_give_the_greedy_tokens(random_llama, draft_kind: str) -> None:
         "empty": [[] for _ in prompts],
         "long": [g.tokens[:2] + [5] * 20 for g in plain],
     }[draft_kind]
-    got = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4, drafts=drafts)
+    got = decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4, drafts=drafts)
     assert [g.tokens for g in got] == [g.tokens for g in plain]
     assert [g.text for g in got] == [g.text for g in plain]
     assert [g.logprob for g in got] == pytest.approx([g.logprob for g in plain], abs=1e-4)
@@ -269,21 +269,21 @@ def test_drafts_that_do_not_pay_are_dropped_for_the_remaining_batches(random_lla
     verifying theirs (a failed draft costs a forward and a rerun prompt); the tokens stay the greedy ones."""
     model, tok, _ = random_llama
     prompts = [f"{a}+{b}=" for a, b in zip("0123456789", "9876543210", strict=True)] * 2
-    plain = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4)
+    plain = decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4)
     verified: list[int] = []  # rows of each draft verification
-    verify = evaluate._verify
+    verify = decoding._verify
 
     def counting(fwd, heads, prompts_, *args, **kwargs):  # type: ignore[no-untyped-def]
         verified.append(len(prompts_))
         return verify(fwd, heads, prompts_, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "_verify", counting)
+    monkeypatch.setattr(decoding, "_verify", counting)
     wrong = [[(g.tokens[0] + 1) % len(tok)] * 6 for g in plain]
-    got = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4, drafts=wrong)
+    got = decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4, drafts=wrong)
     assert [g.tokens for g in got] == [g.tokens for g in plain]
     assert verified == [4]  # the first batch only
     verified.clear()
-    right = evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4,
+    right = decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=6, batch_size=4,
                               drafts=[g.tokens for g in plain])
     assert [g.tokens for g in right] == [g.tokens for g in plain] and verified == [4] * 5
 
@@ -300,26 +300,26 @@ def test_shared_few_shot_head_is_run_once_with_the_same_results(tiny_pairs, fami
     prompts = [shots + f"Q: {a}+{b}=\nA:" + " " * (a % 3) for a, b in zip(range(3, 40, 4), range(10), strict=True)]
     requests = [(p, [" 1", " 12", " 123 and more"]) for p in prompts]
     calls: list[tuple[int, int]] = []  # (rows, positions) of every forward
-    forward = evaluate._Forward.__call__
+    forward = engine.Forward.__call__
 
     def counting(self, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(tuple(ids.shape))
         return forward(self, ids, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate._Forward, "__call__", counting)
-    shared = (evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
-              evaluate.loglikelihoods(model, tok, requests, batch_size=4))
+    monkeypatch.setattr(engine.Forward, "__call__", counting)
+    shared = (decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
+              scoring.loglikelihoods(model, tok, requests, batch_size=4))
     # the head, on its own, once per call (not per batch: every batch shares the run's head)
     assert sum(rows == 1 and width >= len(shots) for rows, width in calls) == 2
     assert not any(rows > 1 and width >= len(shots) for rows, width in calls)  # never again per row
-    monkeypatch.setattr(evaluate, "SHARED_HEAD_MIN_TOKENS", 10**9)
-    whole = (evaluate.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
-             evaluate.loglikelihoods(model, tok, requests, batch_size=4))
+    monkeypatch.setattr(engine, "SHARED_CONTEXT_MIN_TOKENS", 10**9)
+    whole = (decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=4),
+             scoring.loglikelihoods(model, tok, requests, batch_size=4))
     assert [g.tokens for g in shared[0]] == [g.tokens for g in whole[0]]
     assert [g.logprob for g in shared[0]] == pytest.approx([g.logprob for g in whole[0]], abs=1e-4)
-    monkeypatch.setattr(evaluate, "SHARED_HEAD_MIN_TOKENS", 16)
+    monkeypatch.setattr(engine, "SHARED_CONTEXT_MIN_TOKENS", 16)
     same = [prompts[0]] * 4  # identical prompts with identical drafts: the head must stop before the drafts
-    drafted = evaluate.generate(model, tok, same, stop=["\n"], max_new_tokens=5, batch_size=4,
+    drafted = decoding.generate(model, tok, same, stop=["\n"], max_new_tokens=5, batch_size=4,
                                 drafts=[whole[0][0].tokens] * 4)
     assert [g.tokens for g in drafted] == [whole[0][0].tokens] * 4
     for a, b in zip(shared[1], whole[1], strict=True):
@@ -330,7 +330,7 @@ def test_rows_are_grouped_by_length_within_the_batch_size() -> None:
     """Perplexity windows and contexts run in groups of similar length: each row once, no group above
     the batch size, and fewer padded positions than fixed batches of the longest-first order."""
     lengths = [100, 98, 97, 30, 29, 28, 27, 26, 10, 9]
-    groups = evaluate._length_groups(range(len(lengths)), lengths, max_rows=4)
+    groups = engine.length_groups(range(len(lengths)), lengths, max_rows=4)
     assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
     assert all(1 <= len(g) <= 4 for g in groups)
 
@@ -338,7 +338,7 @@ def test_rows_are_grouped_by_length_within_the_batch_size() -> None:
         return sum(len(b) * max(lengths[r] for r in b) for b in batches)
 
     fixed = [list(range(i, min(i + 4, len(lengths)))) for i in range(0, len(lengths), 4)]
-    assert padded(groups) + evaluate.CALL_COST_TOKENS * len(groups) < padded(fixed) + evaluate.CALL_COST_TOKENS * 3
+    assert padded(groups) + engine.CALL_COST_TOKENS * len(groups) < padded(fixed) + engine.CALL_COST_TOKENS * 3
     assert [100, 98, 97] == [lengths[r] for r in groups[0]]  # the long rows do not carry a short one
 
 
@@ -350,25 +350,25 @@ def test_decoding_drops_finished_rows_without_changing_any_row(tiny_pairs, famil
 
     loaded = load(tiny_pairs(family)[1], dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
-    prompts = [evaluate.encode(tok, f"What is {i}*{i}?\nA:") for i in range(8)]
+    prompts = [engine.encode(tok, f"What is {i}*{i}?\nA:") for i in range(8)]
     starts = [([5] * (i % 4), 0.0) for i in range(8)]  # rows 3 and 7 are 3 tokens ahead of rows 0 and 4
 
     def finished(new: list[int]) -> bool:
         return len(new) >= 7
 
     rows: list[int] = []
-    forward = evaluate._Forward.__call__
+    forward = engine.Forward.__call__
 
     def counting(self, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
         rows.append(ids.shape[0])
         return forward(self, ids, *args, **kwargs)
 
-    fwd = evaluate._Forward(model)
+    fwd = engine.Forward(model)
     assert fwd.caches
-    monkeypatch.setattr(evaluate._Forward, "__call__", counting)
+    monkeypatch.setattr(engine.Forward, "__call__", counting)
     with torch.inference_mode():
-        together = evaluate._decode(fwd, evaluate._Heads(fwd), prompts, starts, 0, finished, 0)
-        alone = [evaluate._decode(fwd, evaluate._Heads(fwd), [p], [s], 0, finished, 0)[0]
+        together = decoding._decode(fwd, engine.SharedContext(fwd), prompts, starts, 0, finished, 0)
+        alone = [decoding._decode(fwd, engine.SharedContext(fwd), [p], [s], 0, finished, 0)[0]
                  for p, s in zip(prompts, starts, strict=True)]
     assert [t for t, _ in together] == [t for t, _ in alone]
     assert [lp for _, lp in together] == pytest.approx([lp for _, lp in alone], abs=1e-5)

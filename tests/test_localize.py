@@ -16,7 +16,7 @@ import analysis
 from analysis import units
 from analysis.cli import main
 from analysis.errors import GraftError
-from analysis.eval.evaluate import generate
+from analysis.eval.decoding import generate
 from analysis.interp.localize import localize, rank
 from analysis.io.models import DEMO_DIR, load
 

@@ -9,7 +9,7 @@ from test_shifts import arith_task
 from transformer_lens import patching as tl_patching
 
 from analysis.eval import tasks
-from analysis.eval.evaluate import loglikelihoods
+from analysis.eval.scoring import loglikelihoods
 from analysis.interp import patching, probe, shifts
 from analysis.io.models import load
 

@@ -12,8 +12,9 @@ import torch
 
 from analysis.errors import GraftError
 from analysis.eval import tasks
-from analysis.eval.evaluate import _pad_id, loglikelihoods
+from analysis.eval.engine import pad_id
 from analysis.eval.evaluate import run as evaluate
+from analysis.eval.scoring import loglikelihoods
 from analysis.interp import probe
 from analysis.io.models import load
 
@@ -95,7 +96,7 @@ def test_the_choice_metric_is_the_evaluators_choice(gen2, choice_task, norm: boo
     numbers the evaluator compares (per character with acc_norm)."""
     task = tasks.load(choice_task).with_options(metric="acc_norm" if norm else "acc")
     rows = [r for i, it in enumerate(task.items("probe")) for r in probe.item_rows_of(task, gen2.tokenizer, it, i)]
-    batches = probe.make_batches(rows, _pad_id(gen2.tokenizer), batch_size=10)
+    batches = probe.make_batches(rows, pad_id(gen2.tokenizer), batch_size=10)
     assert all(len(b) <= 12 and len(b) % 4 == 0 for b in batches)  # an item's four choices stay together
     got: dict[int, float] = {}
     with torch.no_grad():

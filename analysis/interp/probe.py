@@ -305,7 +305,7 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
           check: bool = True) -> Probe:
     """The probe of ``task``'s ``split`` with the answers to force (see the module doc); the donor is
     evaluated on it once, as the evaluation would, to know which items it gets right."""
-    from analysis.eval.evaluate import _pad_id, encode
+    from analysis.eval.engine import encode, pad_id
 
     if answers not in ANSWER_SOURCES:
         raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(ANSWER_SOURCES)}")
@@ -313,7 +313,7 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
     tok = donor.tokenizer
     if task.kind == "perplexity":
         rows = [r for i, it in enumerate(items) for r in item_rows_of(task, tok, it, i)]
-        return Probe(task.name, task.kind, split, "text", items, rows, len(items), _pad_id(tok))
+        return Probe(task.name, task.kind, split, "text", items, rows, len(items), pad_id(tok))
     evaluation = _evaluate(task, donor, items, split, limit, batch_size, max_new_tokens)
     right = [bool(r["correct"]) for r in evaluation]
     kept: list[int] = []
@@ -334,7 +334,7 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
             continue
         rows += item_rows
         kept.append(i)
-    probe = Probe(task.name, task.kind, split, answers, [items[i] for i in kept], rows, len(items), _pad_id(tok),
+    probe = Probe(task.name, task.kind, split, answers, [items[i] for i in kept], rows, len(items), pad_id(tok),
                   dropped)
     if not kept:
         why = "the donor answers none of them correctly" if answers == "donor" else "no answer has tokens"
@@ -348,7 +348,7 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
 def item_rows_of(task: Task, tokenizer: Any, item: Item, slot: int) -> list[Row]:
     """The rows of one item with the task's own answers: its choices (choice), the ``target`` template's
     rendering of the gold answer (generate), the text (perplexity); tokenized as the evaluator does."""
-    from analysis.eval.evaluate import encode, encode_pair
+    from analysis.eval.engine import encode, encode_pair
 
     if task.kind == "perplexity":
         return [Row(tuple(encode(tokenizer, item.text)), 1, slot)]  # every token after the first is "answer"
@@ -369,10 +369,10 @@ def reference_batches(task: Task, tokenizer: Any, batch_size: int, limit: int | 
                       split: str = "probe") -> list[Batch]:
     """The probe items with the task's own answers (``answers="reference"``), without the donor's check:
     for studies that bring their own prompts and answers."""
-    from analysis.eval.evaluate import _pad_id
+    from analysis.eval.engine import pad_id
 
     rows = [r for i, it in enumerate(probe_items(task, limit, split)) for r in item_rows_of(task, tokenizer, it, i)]
-    return make_batches(rows, _pad_id(tokenizer), batch_size)
+    return make_batches(rows, pad_id(tokenizer), batch_size)
 
 
 def _evaluate(task: Task, donor: LoadedModel, items: list[Item], split: str, limit: int | None, batch_size: int,

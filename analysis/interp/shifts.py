@@ -327,11 +327,11 @@ def decode(loaded: LoadedModel, prompts: Sequence[str], stop: Sequence[str], max
            rec: _Recorder) -> Tensor:
     """Greedy decoding without a KV cache (a booted bridge leaves it empty); before each step the
     recorder's weights select the newest token of every row still decoding. Returns steps per row."""
-    from analysis.eval.evaluate import _eos_ids, _left_pad, _pad_id, encode
+    from analysis.eval.engine import encode, eos_ids, left_pad, pad_id
 
     tok = loaded.tokenizer
-    pad, eos = _pad_id(tok), _eos_ids(loaded.model, tok)
-    ids, mask, pos = _left_pad([encode(tok, p) for p in prompts], pad)
+    pad, eos = pad_id(tok), eos_ids(loaded.model, tok)
+    ids, mask, pos = left_pad([encode(tok, p) for p in prompts], pad)
     n = len(prompts)
     new: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool)

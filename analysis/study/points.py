@@ -108,7 +108,7 @@ class PointRunner:
     retention: Any
     batch_size: int
     reuse_bytes: int
-    prefixes: dict[int, Any] = field(default_factory=dict)  # per model: the layers below each transplant
+    replays: dict[int, Any] = field(default_factory=dict)  # per model: the layers below each transplant
     chains: dict[str, _Chain] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class PointRunner:
     def low(self, plan: Plan) -> int:
         """The lowest decoder layer ``plan`` touches: everything below it is the target's own."""
         from analysis import units
-        from analysis.eval.prefix import lowest_layer
+        from analysis.eval.replay import lowest_layer
 
         return lowest_layer([c.layer for c in units.select(self.layout, [c.id for c in plan.components])])
 
@@ -138,7 +138,7 @@ class PointRunner:
     def evaluate(self, job: Job) -> Any:
         """``job`` evaluated (an :class:`~analysis.eval.evaluate.EvalResult`), the transplant applied and undone."""
         from analysis.eval.evaluate import run as evaluate
-        from analysis.eval.prefix import Prefix
+        from analysis.eval.replay import LayerReplay
         from analysis.transplant import applied
 
         point, loaded = job.point, self.models[job.model]
@@ -147,20 +147,20 @@ class PointRunner:
         if job.only is not None:
             keep = set(job.only)
             the_task = the_task.without(it for it in the_task.items(job.items_split) if it.id not in keep)
-        prefix = None
+        replay = None
         with contextlib.ExitStack() as stack:
             if job.plan is not None:
                 stack.enter_context(applied(loaded, self.models[job.donor], job.plan))
             if self.reuse_bytes > 0 and (job.plan is not None or job.record_baseline):
-                if id(loaded.model) not in self.prefixes:
-                    self.prefixes[id(loaded.model)] = Prefix(loaded.model, budget_bytes=self.reuse_bytes)
-                prefix = self.prefixes[id(loaded.model)]
+                if id(loaded.model) not in self.replays:
+                    self.replays[id(loaded.model)] = LayerReplay(loaded.model, budget_bytes=self.reuse_bytes)
+                replay = self.replays[id(loaded.model)]
                 # the untouched target (a baseline) records for the points to come
-                start = self.low(job.plan) if job.plan is not None else prefix.depth
-                stack.enter_context(prefix.unchanged_below(start, record=job.record))
+                start = self.low(job.plan) if job.plan is not None else replay.depth
+                stack.enter_context(replay.unchanged_below(start, record=job.record))
             return evaluate(loaded.model, loaded.tokenizer, the_task, split=job.items_split, limit=job.limit,
                             batch_size=self.batch_size, max_new_tokens=point.max_new_tokens, progress=False,
-                            prefix=prefix, drafts=drafts)
+                            replay=replay, drafts=drafts)
 
     def task_of(self, job: Job) -> Any:
         return self.retention if job.on_retention else self.task
@@ -188,10 +188,10 @@ class PointRunner:
 
     def reuse(self) -> dict[str, int]:
         """How many forward calls replayed recorded activations, and how many layer forwards that spared."""
-        prefixes = self.prefixes.values()
-        return {"forward_calls_replayed": sum(p.stats.replayed for p in prefixes),
-                "layer_forwards_skipped": sum(p.stats.skipped_layers for p in prefixes),
-                "forward_calls_full": sum(p.stats.full for p in prefixes)}
+        replays = self.replays.values()
+        return {"forward_calls_replayed": sum(p.stats.replayed for p in replays),
+                "layer_forwards_skipped": sum(p.stats.skipped_layers for p in replays),
+                "forward_calls_full": sum(p.stats.full for p in replays)}
 
 
 Resumed = Callable[[Job], "dict[str, Any] | None"]  # a job's line already in results.jsonl, if any

@@ -6,7 +6,7 @@ stored in ``RUN/config.yaml`` with its hash; resuming with another config is ref
 
 Both models are loaded once; each grid point is an in-memory transplant and restore, never a reload.
 For scoring tasks (choice, perplexity — the retention set too) the activations below a point's lowest
-transplanted layer are recorded once per item set and replayed (:mod:`analysis.eval.prefix`): they cannot
+transplanted layer are recorded once per item set and replayed (:mod:`analysis.eval.replay`): they cannot
 change, and the results are bit-identical to full forwards; generation replays its prompts the same
 way (keys and values included) wherever it decodes without drafts. For generation tasks each dev point
 verifies the previous point's outputs as drafts in one forward (speculative decoding with a

@@ -2,7 +2,7 @@
 
 A transplant that touches only layers ≥ L leaves the residual stream entering layer L unchanged for
 every input. Scoring evaluations (choices, perplexity) make forward calls that do not depend on the
-model's outputs, so the same calls repeat at every point of a sweep. :class:`Prefix` records, per
+model's outputs, so the same calls repeat at every point of a sweep. :class:`LayerReplay` records, per
 forward call, the hidden state entering layer L the first time and replays it afterwards: layers
 below L are skipped (each writes a one-element placeholder into the KV cache so that cache lengths
 and attention masks stay exactly as in a full forward), layer L onward runs as usual. The results
@@ -15,10 +15,10 @@ recorded with the hidden state are written into the KV cache instead of placehol
 layer over an identical cache. Bit-identical to full decoding on Llama, Qwen2, Phi-3, GPT-2 and
 GPT-NeoX; a cache that is not a plain one (Gemma-3's sliding windows) records nothing, so every layer runs.
 
-    prefix = Prefix(target.model)
+    replay = LayerReplay(target.model)
     lowest = lowest_layer([c.layer for c in units.select(layout, [c.id for c in plan.components])])
-    with applied(target, donor, plan), prefix.unchanged_below(lowest):
-        evaluate.run(target.model, target.tokenizer, task, prefix=prefix)
+    with applied(target, donor, plan), replay.unchanged_below(lowest):
+        evaluate.run(target.model, target.tokenizer, task, replay=replay)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 
 
 @dataclass
-class PrefixStats:
+class ReplayStats:
     replayed: int = 0  # forward calls that skipped the layers below a recorded one
     recorded: int = 0  # forward calls whose hidden state was stored
     full: int = 0  # forward calls that ran every layer
@@ -61,7 +61,7 @@ KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer below: the keys 
 Calls = dict[Hashable, tuple[tuple[torch.Tensor, ...], Float[torch.Tensor, "batch pos d_model"], KV | None]]
 
 
-class Prefix:
+class LayerReplay:
     """Records and replays the inputs of decoder layers across evaluations of fixed item sets.
 
     The caller states, with :meth:`unchanged_below`, from which layer on the model may differ from the
@@ -80,7 +80,7 @@ class Prefix:
         self.budget_bytes = budget_bytes
         self.sets: dict[tuple[Hashable, int], Calls] = {}  # (fingerprint, layer) → every call's hidden state
         self.bytes = 0
-        self.stats = PrefixStats()
+        self.stats = ReplayStats()
         self._start = 0  # layers below this one are unchanged since the records were made
         self._wanted: frozenset[int] = frozenset()
         self._replay: Calls | None = None
@@ -101,7 +101,7 @@ class Prefix:
         return self.layers is not None and self.budget_bytes > 0
 
     @contextlib.contextmanager
-    def unchanged_below(self, layer: int, *, record: Iterable[int] = ()) -> Iterator[Prefix]:
+    def unchanged_below(self, layer: int, *, record: Iterable[int] = ()) -> Iterator[LayerReplay]:
         """For the block: layers ``0 .. layer-1`` (and the embeddings) hold the recorded weights.
         Evaluations in it record the input of ``layer`` and of the ``record`` layers at or below it."""
         saved = self._start, self._wanted
@@ -158,7 +158,7 @@ class Prefix:
                 self.stats.recorded += 1
             if self._replay is not None:
                 if tag not in self._replay or not _same(self._replay[tag][0], inputs):
-                    raise RuntimeError(f"prefix replay: call {tag!r} was not recorded with these inputs")
+                    raise RuntimeError(f"layer replay: call {tag!r} was not recorded with these inputs")
                 _, hidden, kv = self._replay[tag]
                 for i in range(self._replay_at):
                     stack.enter_context(_skipped(self.layers[i], i, hidden if i == self._replay_at - 1 else None,
@@ -267,4 +267,4 @@ def lowest_layer(component_layers: list[int | None]) -> int:
     return min(layer for layer in component_layers if layer is not None)
 
 
-__all__ = ["Prefix", "PrefixStats", "decoder_layers", "lowest_layer"]
+__all__ = ["LayerReplay", "ReplayStats", "decoder_layers", "lowest_layer"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.eval import evaluate
-from analysis.eval.prefix import Prefix, decoder_layers, lowest_layer
+from analysis.eval import decoding, scoring
+from analysis.eval.replay import LayerReplay, decoder_layers, lowest_layer
 from analysis.io.models import load
 from analysis.plan import Plan
 from analysis.transplant import applied
@@ -29,7 +29,7 @@ POINTS = [("L3.mlp", 0.5), ("L3.H1", 1.0), ("L1.mlp", 0.5), ("L2.H0", 0.75), ("L
 
 @pytest.fixture(scope="module")
 def deep_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[object, object]]:
-    root = tmp_path_factory.mktemp("prefix")
+    root = tmp_path_factory.mktemp("replay")
     pairs = {}
     for family in FAMILIES:
         layers = {"n_layer": 4} if family == "gpt2" else {"num_hidden_layers": 4}
@@ -39,28 +39,28 @@ def deep_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[obje
     return pairs
 
 
-def _scores(target, prefix: Prefix | None, batch_size: int = 2) -> tuple[list[list[float]], list[tuple[float, int]]]:
-    lls = evaluate.loglikelihoods(target.model, target.tokenizer, REQUESTS, batch_size=batch_size, prefix=prefix)
-    nlls = evaluate.token_nlls(target.model, target.tokenizer, TEXTS, batch_size=batch_size, prefix=prefix)
+def _scores(target, replay: LayerReplay | None, batch_size: int = 2) -> tuple[list[list[float]], list[tuple[float, int]]]:
+    lls = scoring.loglikelihoods(target.model, target.tokenizer, REQUESTS, batch_size=batch_size, replay=replay)
+    nlls = scoring.token_nlls(target.model, target.tokenizer, TEXTS, batch_size=batch_size, replay=replay)
     return lls, nlls
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_replayed_prefix_is_bit_identical_to_full_forwards(deep_pairs, family: str) -> None:
+def test_replayed_layers_are_bit_identical_to_full_forwards(deep_pairs, family: str) -> None:
     donor, target = deep_pairs[family]
     assert decoder_layers(target.model) is not None
-    prefix = Prefix(target.model)
+    replay = LayerReplay(target.model)
     for component, alpha in POINTS:
         plan = Plan.of([component], alpha=alpha)
         lowest = int(component[1])
         with applied(target, donor, plan):
             expected = _scores(target, None)
-            with prefix.unchanged_below(lowest):
-                got = _scores(target, prefix)
+            with replay.unchanged_below(lowest):
+                got = _scores(target, replay)
         assert got == expected, f"{family} {component}: replayed scores differ"  # exact, not approximate
     # records at layers 3, 1 and 2 for both item sets; layers were really skipped
-    assert prefix.stats.replayed > 0 and prefix.stats.skipped_layers >= prefix.stats.replayed
-    assert sorted({layer for _, layer in prefix.sets}) == [1, 2, 3]
+    assert replay.stats.replayed > 0 and replay.stats.skipped_layers >= replay.stats.replayed
+    assert sorted({layer for _, layer in replay.sets}) == [1, 2, 3]
 
 
 PROMPTS = ["The cat sat on the", "1 + 1 =", "abc", SHOTS + "Q: 3+1=\nA:", SHOTS + "Q: 5+1=\nA:", "q"]
@@ -72,52 +72,52 @@ def test_replayed_generation_is_bit_identical_to_decoding_in_full(deep_pairs, fa
     gives exactly the tokens and logprobs of full decoding (where the KV cache is not a plain one, e.g.
     sliding windows, nothing is recorded and every layer runs)."""
     donor, target = deep_pairs[family]
-    prefix = Prefix(target.model)
+    replay = LayerReplay(target.model)
 
-    def generated(p: Prefix | None) -> list[tuple[list[int], float]]:
-        out = evaluate.generate(target.model, target.tokenizer, PROMPTS, stop=["\n"], max_new_tokens=5,
-                                batch_size=2, prefix=p)
+    def generated(p: LayerReplay | None) -> list[tuple[list[int], float]]:
+        out = decoding.generate(target.model, target.tokenizer, PROMPTS, stop=["\n"], max_new_tokens=5,
+                                batch_size=2, replay=p)
         return [(g.tokens, g.logprob) for g in out]
 
     for component, alpha in POINTS:
         with applied(target, donor, Plan.of([component], alpha=alpha)):
             expected = generated(None)
-            with prefix.unchanged_below(int(component[1])):
-                got = generated(prefix)
+            with replay.unchanged_below(int(component[1])):
+                got = generated(replay)
         assert got == expected, f"{family} {component}: replayed generation differs"  # exact
-    assert (prefix.stats.replayed > 0) == (family != "gemma3"), prefix.stats
+    assert (replay.stats.replayed > 0) == (family != "gemma3"), replay.stats
 
 
 def test_other_batching_or_items_never_replay_the_wrong_records(deep_pairs) -> None:
     donor, target = deep_pairs["llama"]
-    prefix = Prefix(target.model)
+    replay = LayerReplay(target.model)
     plan = Plan.of(["L2.mlp"], alpha=0.5)
-    with applied(target, donor, plan), prefix.unchanged_below(2):
-        _scores(target, prefix, batch_size=2)
+    with applied(target, donor, plan), replay.unchanged_below(2):
+        _scores(target, replay, batch_size=2)
         for batch_size in (1, 3):  # another batching is another item set: recorded anew, same results
             expected = _scores(target, None, batch_size)
-            assert _scores(target, prefix, batch_size) == expected
-        shorter = evaluate.loglikelihoods(target.model, target.tokenizer, REQUESTS[:3], batch_size=2, prefix=prefix)
-        assert shorter == evaluate.loglikelihoods(target.model, target.tokenizer, REQUESTS[:3], batch_size=2)
+            assert _scores(target, replay, batch_size) == expected
+        shorter = scoring.loglikelihoods(target.model, target.tokenizer, REQUESTS[:3], batch_size=2, replay=replay)
+        assert shorter == scoring.loglikelihoods(target.model, target.tokenizer, REQUESTS[:3], batch_size=2)
 
 
 def test_memory_budget_keeps_nothing_partial(deep_pairs) -> None:
     donor, target = deep_pairs["llama"]
-    prefix = Prefix(target.model, budget_bytes=4096)  # smaller than one session's hidden states
-    with applied(target, donor, Plan.of(["L3.mlp"], alpha=0.5)), prefix.unchanged_below(3):
-        first = _scores(target, prefix)
-        second = _scores(target, prefix)
+    replay = LayerReplay(target.model, budget_bytes=4096)  # smaller than one session's hidden states
+    with applied(target, donor, Plan.of(["L3.mlp"], alpha=0.5)), replay.unchanged_below(3):
+        first = _scores(target, replay)
+        second = _scores(target, replay)
     assert first == second
-    assert prefix.sets == {} and prefix.bytes == 0 and prefix.stats.replayed == 0
+    assert replay.sets == {} and replay.bytes == 0 and replay.stats.replayed == 0
 
 
 def test_skipped_blocks_are_restored(deep_pairs) -> None:
     donor, target = deep_pairs["qwen2"]
-    prefix = Prefix(target.model)
-    with prefix.unchanged_below(2):
-        _scores(target, prefix)
-        _scores(target, prefix)
-    assert prefix.stats.replayed > 0
+    replay = LayerReplay(target.model)
+    with replay.unchanged_below(2):
+        _scores(target, replay)
+        _scores(target, replay)
+    assert replay.stats.replayed > 0
     for block in decoder_layers(target.model):
         assert "forward" not in block.__dict__  # the class's forward again
     ids = torch.tensor([[5, 6, 7]])
@@ -134,14 +134,14 @@ def test_one_full_evaluation_records_every_wanted_layer(deep_pairs) -> None:
     """A sweep names the lowest layers of all its plans; the first full evaluation records them all, so
     every later point replays (here a point at layer 1 right after one at layer 3)."""
     donor, target = deep_pairs["llama"]
-    prefix = Prefix(target.model)
-    with prefix.unchanged_below(3, record=[1, 2, 0, 7]):  # 0 and 7 mean nothing to record
-        first = _scores(target, prefix)
-    assert sorted({layer for _, layer in prefix.sets}) == [1, 2, 3] and prefix.stats.replayed == 0
+    replay = LayerReplay(target.model)
+    with replay.unchanged_below(3, record=[1, 2, 0, 7]):  # 0 and 7 mean nothing to record
+        first = _scores(target, replay)
+    assert sorted({layer for _, layer in replay.sets}) == [1, 2, 3] and replay.stats.replayed == 0
     with applied(target, donor, Plan.of(["L1.mlp"], alpha=0.5)):
         expected = _scores(target, None)
-        with prefix.unchanged_below(1):
-            assert _scores(target, prefix) == expected
-    assert prefix.stats.replayed == prefix.stats.full  # every call the first evaluation made, replayed
-    with prefix.unchanged_below(3):
-        assert _scores(target, prefix) == first
+        with replay.unchanged_below(1):
+            assert _scores(target, replay) == expected
+    assert replay.stats.replayed == replay.stats.full  # every call the first evaluation made, replayed
+    with replay.unchanged_below(3):
+        assert _scores(target, replay) == first
