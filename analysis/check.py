@@ -10,7 +10,7 @@ from typing import Any
 from analysis import units
 from analysis.errors import GraftError
 from analysis.io.checkpoint import Checkpoint
-from analysis.io.models import ModelRef, load_config
+from analysis.io.refs import ModelRef, load_config
 
 # Config fields whose difference makes a component mean something else in the other model.
 CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

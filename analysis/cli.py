@@ -153,7 +153,8 @@ def eval_cmd(
     from analysis.eval import tasks
     from analysis.eval.evaluate import check_options, describe, run
     from analysis.io.files import check_out
-    from analysis.io.models import load, source_paths
+    from analysis.io.models import load
+    from analysis.io.refs import source_paths
 
     # every argument is checked before any work: numbers, --out, the task file, then the model
     check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens)

@@ -43,20 +43,19 @@ import numpy as np
 from analysis import __version__, units
 from analysis.check import check, require_compatible
 from analysis.errors import GraftError
-from analysis.io.checkpoint import (
+from analysis.io.checkpoint import Checkpoint, cached_sha256, file_sha256
+from analysis.io.files import check_out, moment, staged
+from analysis.io.models import LoadedModel
+from analysis.io.refs import PICKLE_SUFFIXES, load_config, source_paths
+from analysis.io.safetensors import (
     FLOAT_DTYPES,
     RAW_DTYPES,
-    Checkpoint,
     TensorInfo,
-    cached_sha256,
-    file_sha256,
     from_float32,
     read_header,
     to_float32,
     torch_dtype,
 )
-from analysis.io.files import check_out, moment, staged
-from analysis.io.models import PICKLE_SUFFIXES, LoadedModel, load_config, source_paths
 from analysis.plan import Plan, now
 
 if TYPE_CHECKING:

@@ -10,16 +10,8 @@ import torch
 from conftest import build_model
 from safetensors import safe_open
 
-from analysis.io.checkpoint import (
-    RAW_DTYPES,
-    Checkpoint,
-    cached_sha256,
-    file_sha256,
-    from_float32,
-    st_dtype,
-    to_float32,
-    torch_dtype,
-)
+from analysis.io.checkpoint import Checkpoint, cached_sha256, file_sha256
+from analysis.io.safetensors import RAW_DTYPES, from_float32, st_dtype, to_float32, torch_dtype
 
 EDGES = np.array([0, 0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x00000001, 0x00008000,
                   0x00018000, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x477FEFFF, 0x477FF000, 0x33000000,

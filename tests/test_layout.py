@@ -6,9 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "analysis"
-# The one cycle left (issue 15): models.load checks safetensors headers through checkpoint.Checkpoint, and
-# Checkpoint.open loads GGUF and pickle checkpoints through models.load. A new cycle fails the test.
-KNOWN = {frozenset({"analysis.io.checkpoint", "analysis.io.models"})}
+
 
 
 def _module(path: Path) -> str:
@@ -82,7 +80,7 @@ def cycles(edges: dict[str, set[str]]) -> list[frozenset[str]]:
 def test_no_module_imports_one_that_imports_it_back() -> None:
     edges = graph()
     assert {"analysis.report.summary", "analysis.report.figures"} <= edges["analysis.report.text"]  # lazy imports count too
-    assert set(cycles(edges)) <= KNOWN, [sorted(c) for c in cycles(edges) if c not in KNOWN]
+    assert cycles(edges) == [], [sorted(c) for c in cycles(edges)]
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:

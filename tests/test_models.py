@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from analysis.errors import GraftError
-from analysis.io.models import load, resolve
+from analysis.io.models import load
+from analysis.io.refs import resolve
 
 
 def test_bridge_shares_the_hf_parameters(llama_pair: tuple[Path, Path]) -> None:

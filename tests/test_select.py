@@ -14,7 +14,7 @@ from analysis import units
 from analysis.errors import GraftError
 from analysis.interp import select
 from analysis.io.checkpoint import Checkpoint
-from analysis.io.models import load_config
+from analysis.io.refs import load_config
 from analysis.plan import Plan
 
 

@@ -52,7 +52,7 @@ PLAN = ["L0.H1", "L1.N3", "L1.attn.q", "L0.mlp.down"]
                                      (torch.bfloat16, torch.float32)])
 def test_numpy_blend_is_bit_identical_to_torch(alpha: float, src: torch.dtype, out: torch.dtype) -> None:
     """The file path (numpy) and the in-memory path (torch) compute one formula to the same bits."""
-    from analysis.io.checkpoint import RAW_DTYPES, from_float32, st_dtype, to_float32
+    from analysis.io.safetensors import RAW_DTYPES, from_float32, st_dtype, to_float32
 
     gen = torch.Generator().manual_seed(0)
     scale = torch.logspace(-30, 30, 200_000, base=2.0)  # tiny to huge, subnormal bf16/f16 included

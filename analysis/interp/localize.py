@@ -209,7 +209,7 @@ def localize(
     else:  # weight / random from files: no model is loaded
         from analysis.check import check, require_compatible
         from analysis.io.checkpoint import Checkpoint
-        from analysis.io.models import load_config
+        from analysis.io.refs import load_config
 
         require_compatible(check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
         tck = Checkpoint.open(target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -320,7 +320,8 @@ def localize(
 def _sources(*refs: Any) -> list[Path]:
     """The files and folders behind model and task references (an output may not go there)."""
     from analysis.eval.tasks import Task
-    from analysis.io.models import LoadedModel, source_paths
+    from analysis.io.models import LoadedModel
+    from analysis.io.refs import source_paths
 
     paths: list[Path] = []
     for ref in refs:

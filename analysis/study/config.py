@@ -30,8 +30,6 @@ LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error", 
 
 # Keys that say how a study runs, not what it computes: never hashed, so a run begun locally resumes on Ray.
 HOW_KEYS = ("ray",)
-
-
 SHARE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")  # a K given as a share of the components, e.g. "5%"
 
 

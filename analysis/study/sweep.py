@@ -123,7 +123,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
 
 def _sources(cfg: SweepConfig, config: SweepConfig | str | Path) -> list[Path]:
     """What a study reads: a run folder may not be, or lie inside, any of them."""
-    from analysis.io.models import source_paths
+    from analysis.io.refs import source_paths
 
     paths = [p for ref in (cfg.donor, cfg.target) for p in source_paths(ref)]
     paths += [Path(ref) for ref in (cfg.task, cfg.retention) if ref and Path(ref).exists()]
