@@ -26,7 +26,7 @@ _VERBS = {
     "GraftError": "analysis.errors",
     "Plan": "analysis.plan",
     "applied": "analysis.transplant",
-    "apply_patch": "analysis.transplant",
+    "apply_patch": "analysis.graft_files",
     "check": "analysis.check",
     "load": "analysis.io.models",
     "localize": "analysis.interp.localize",

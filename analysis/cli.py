@@ -128,7 +128,7 @@ def apply_patch_cmd(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Rebuild a transplanted model from its target and a graft patch (target hashes are checked)."""
-    from analysis.transplant import apply_patch
+    from analysis.graft_files import apply_patch
 
     written = apply_patch(target, patch, out=out, force=force, allow_pickle=allow_pickle, verify=verify)
     print(f"wrote model {written}")

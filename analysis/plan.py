@@ -84,6 +84,11 @@ class Plan(BaseModel):
         items = [item.model_copy(update={"alpha": None}) for item in self.components]
         return self.model_copy(update={"alpha": alpha, "components": items})
 
+    def with_hashes(self, donor_sha: dict[str, str], target_sha: dict[str, str]) -> Plan:
+        """The same plan with the sources' sha256 (file name → digest) in its provenance."""
+        provenance = self.provenance.model_copy(update={"donor_sha256": donor_sha, "target_sha256": target_sha})
+        return self.model_copy(update={"provenance": provenance})
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
         data["components"] = [item["id"] if set(item) == {"id"} else item for item in data["components"]]

@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 import analysis
 from analysis import units
 from analysis.cli import main
+from analysis.demo import MODELS_DIR as DEMO_DIR
 from analysis.errors import GraftError
 from analysis.eval.decoding import generate
 from analysis.interp.localize import localize, rank
-from analysis.io.models import DEMO_DIR, load
+from analysis.io.models import load
 
 KNOWN = "L1.H2"
 

@@ -19,10 +19,11 @@ from transformers import AutoModelForCausalLM
 
 from analysis import units
 from analysis.errors import GraftError
+from analysis.graft_files import apply_patch, read_patch
 from analysis.io.checkpoint import Checkpoint
 from analysis.io.models import load
 from analysis.plan import Plan
-from analysis.transplant import applied, apply_patch, blend, blend_f32, read_patch, transplant
+from analysis.transplant import applied, blend, blend_f32, transplant
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -267,12 +268,12 @@ def test_killed_mid_write_leaves_nothing_at_out(tiny_pairs, tmp_path: Path) -> N
         import sys, time
         import analysis.transplant
         tr = sys.modules["analysis.transplant"]
-        real = tr._write_folder
+        real = tr.write_folder
         def slow(*a, **k):
             real(*a, **k)
             print("written", flush=True)
             time.sleep(60)
-        tr._write_folder = slow
+        tr.write_folder = slow
         tr.transplant({str(donor)!r}, {str(target)!r}, components=["L*"], out={str(out)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
