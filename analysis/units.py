@@ -337,27 +337,34 @@ def _layer_of(lay: Layout, name: str) -> int | None:
     return int(m.group("layer")) if m and m.group("prefix") == lay.prefix else None
 
 
+def layer_ids(lay: Layout, layer: int, kind: Kind) -> list[str]:
+    """Canonical ids of one layer's components of one kind, in index order (none where the model has no
+    such component: KV heads and groups need grouped-query attention)."""
+    L = layer
+    if kind in ("layer", "attn", "mlp"):
+        return [f"L{L}" if kind == "layer" else f"L{L}.{kind}"]
+    if kind == "head":
+        return [f"L{L}.H{h}" for h in range(lay.n_heads)]
+    if kind in ("kv", "group"):
+        return [f"L{L}.{'KV' if kind == 'kv' else 'G'}{g}" for g in range(lay.n_kv)] if lay.gqa else []
+    if kind == "neuron":
+        return [f"L{L}.N{n}" for n in range(lay.d_mlp)]
+    if kind == "linear":
+        return [f"L{L}.{'attn' if lin in ATTN_LINEARS else 'mlp'}.{lin}" for lin in lay.linears()]
+    return []  # tensors and outer tensors are not per layer
+
+
+LAYER_KINDS: tuple[Kind, ...] = ("layer", "attn", "mlp", "head", "kv", "group", "neuron", "linear")
+
+
 def component_ids(lay: Layout, kinds: Iterable[Kind] = ("layer", "attn", "mlp", "head", "group", "linear")) -> list[str]:
     """Canonical ids of every component of the given kinds, layer by layer."""
     kinds = set(kinds)
     ids: list[str] = []
     for L in range(lay.n_layers):
-        if "layer" in kinds:
-            ids.append(f"L{L}")
-        if "attn" in kinds:
-            ids.append(f"L{L}.attn")
-        if "mlp" in kinds:
-            ids.append(f"L{L}.mlp")
-        if "head" in kinds:
-            ids += [f"L{L}.H{h}" for h in range(lay.n_heads)]
-        if "kv" in kinds and lay.gqa:
-            ids += [f"L{L}.KV{g}" for g in range(lay.n_kv)]
-        if "group" in kinds and lay.gqa:
-            ids += [f"L{L}.G{g}" for g in range(lay.n_kv)]
-        if "neuron" in kinds:
-            ids += [f"L{L}.N{n}" for n in range(lay.d_mlp)]
-        if "linear" in kinds:
-            ids += [f"L{L}.{'attn' if lin in ATTN_LINEARS else 'mlp'}.{lin}" for lin in lay.linears()]
+        for kind in LAYER_KINDS:  # this order within a layer, whatever order ``kinds`` come in
+            if kind in kinds:
+                ids += layer_ids(lay, L, kind)
     if "tensor" in kinds:
         ids += list(lay.shapes)
     elif "outer" in kinds:

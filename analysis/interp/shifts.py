@@ -90,24 +90,16 @@ def sites(lay: units.Layout, kinds: Sequence[str] = DEFAULT_KINDS) -> list[Site]
                          f"use {', '.join(MEASURABLE)}")
     out: list[Site] = []  # unhooked kinds have no site: describe_ids lists them
     for L in range(lay.n_layers):
-        b = f"blocks.{L}"
         for kind in kinds:
-            if kind == "head":
-                out.append(Site(f"{b}.attn.hook_z", "head", L, tuple(f"L{L}.H{h}" for h in range(lay.n_heads))))
-            elif kind == "kv" and lay.gqa:  # a KV head is seen at its keys and at its values
-                ids = tuple(f"L{L}.KV{g}" for g in range(lay.n_kv))
-                out += [Site(f"{b}.attn.hook_{kv}", "kv", L, ids, parts=2) for kv in ("k", "v")]
-            elif kind == "group" and lay.gqa:
-                out.append(Site(f"{b}.attn.hook_z", "group", L, tuple(f"L{L}.G{g}" for g in range(lay.n_kv))))
-            elif kind == "neuron":
-                out.append(Site(f"{b}.mlp.hook_post", "neuron", L, tuple(f"L{L}.N{n}" for n in range(lay.d_mlp))))
-            elif kind == "linear":
-                for lin in lay.linears():
-                    block = "attn" if lin in units.ATTN_LINEARS else "mlp"
-                    out.append(Site(f"{b}.{units.HOOK_LINEAR[lin]}.hook_out", "linear", L, (f"L{L}.{block}.{lin}",)))
-            elif kind in ("attn", "mlp", "layer"):
-                cid = f"L{L}" if kind == "layer" else f"L{L}.{kind}"
-                out.append(Site(units.component(lay, cid).hooks[0], kind, L, (cid,)))  # type: ignore[arg-type]
+            ids = units.layer_ids(lay, L, kind)  # type: ignore[arg-type]
+            if not ids:
+                continue
+            if kind == "linear":  # each projection is a hook point of its own
+                out += [Site(units.component(lay, cid).hooks[0], "linear", L, (cid,)) for cid in ids]
+                continue
+            # the hook names are the components' own (a KV head is seen at its keys and at its values)
+            hooks = units.component(lay, ids[0]).hooks
+            out += [Site(hook, kind, L, tuple(ids), parts=len(hooks)) for hook in hooks]  # type: ignore[arg-type]
     return out
 
 
