@@ -375,3 +375,22 @@ def test_decoding_drops_finished_rows_without_changing_any_row(tiny_pairs, famil
     assert all(len(t) == 7 for t, _ in together)
     batch_steps = rows[: len(rows) - sum(7 - i % 4 for i in range(8))]
     assert batch_steps == [8, 8, 8, 8, 8, 4, 2]  # halved once rows 2, 3, 6, 7 and then 1, 5 were done
+
+
+def test_an_observer_sees_every_forward_of_every_decoding_prompt(bigram) -> None:
+    """generate(observe=...): each forward names its prompts; a prompt counts as decoding in exactly as many
+    forwards as it generated tokens (activation statistics of generated tokens rely on this)."""
+    model, tok = bigram
+    prompts = ["2+2=", "a much longer prompt 1+3=", "7-3", "zz"]
+    seen = torch.zeros(len(prompts))
+
+    def observe(rows: list[int], going: list[bool]) -> None:
+        assert len(rows) == len(going) and len(set(rows)) == len(rows)
+        seen[torch.tensor(rows)] += torch.tensor(going, dtype=torch.float32)
+
+    out = decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, batch_size=3, observe=observe)
+    assert seen.tolist() == [float(g.n_tokens) for g in out]
+    assert [g.text for g in out] == [g.text for g in decoding.generate(model, tok, prompts, stop=["\n"],
+                                                                       max_new_tokens=5, batch_size=3)]
+    with pytest.raises(ValueError, match="drafts"):
+        decoding.generate(model, tok, prompts, stop=["\n"], max_new_tokens=5, drafts=[None] * 4, observe=observe)

@@ -38,8 +38,13 @@ class Generation(NamedTuple):
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequence[str], max_new_tokens: int,
              batch_size: int = 8, progress: bool = False,
              drafts: Sequence[Sequence[int] | None] | None = None,
-             replay: LayerReplay | None = None) -> list[Generation]:
+             replay: LayerReplay | None = None, observe: Observer | None = None) -> list[Generation]:
     """Greedy continuations of ``prompts``. Left padding, longest prompts first.
+
+    ``observe(rows, decoding)`` is called before every forward with the prompts (indices into ``prompts``)
+    whose rows the forward runs, in the batch's order, and which of them are still decoding: the newest
+    position of those is the token being predicted (activation statistics of generated tokens hook in
+    here; not with drafts, whose forwards predict many tokens at once).
 
     ``drafts`` (token ids per prompt, e.g. what a neighbouring point of a sweep generated) are verified
     in one forward per batch, as in speculative decoding: the greedy tokens agree with a draft up to
@@ -50,6 +55,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     hidden states and keys and values, recorded at an earlier evaluation of the same prompts): the
     decoding steps then run every layer on an identical KV cache.
     """
+    if observe is not None and drafts is not None:
+        raise ValueError("observe sees one new token per forward: decode without drafts")
     fwd = Forward(model, replay if drafts is None else None)
     pad, eos = pad_id(tokenizer), eos_ids(model, tokenizer)
     encoded = [encode(tokenizer, p) for p in prompts]
@@ -64,7 +71,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         return len(new) >= max_new_tokens or new[-1] in eos or (
             bool(stops) and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stops))
 
-    shared = SharedContext(fwd, encoded)
+    shared = SharedContext(fwd, encoded, enabled=observe is None)
     rows: list[tuple[list[int], float]] = [([], 0.0)] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
     todo = list(range(len(encoded)))
@@ -91,7 +98,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     fingerprint = hash(("generate", batch_size, tuple(tuple(encoded[i] + rows[i][0]) for i in order)))
     with fwd.replay.session(fingerprint, kv=True) if replaying else contextlib.nullcontext():  # type: ignore[union-attr]
         for b_no, batch in enumerate(batches(order, batch_size)):
-            outs = _decode(fwd, shared, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished, b_no)
+            seen = None if observe is None else (
+                lambda local, going, batch=batch: observe([batch[j] for j in local], going))
+            outs = _decode(fwd, shared, [encoded[i] for i in batch], [rows[i] for i in batch], pad, finished, b_no,
+                           seen)
             for i, out in zip(batch, outs, strict=True):
                 rows[i] = out
             bar.update(len(batch))
@@ -104,6 +114,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     return results
 
 
+# Called before a forward with the rows it runs (their indices) and which of them are still decoding.
+Observer = Callable[[list[int], list[bool]], None]
 # A row that parts from its draft runs its prompt again to decode on: when fewer than this share of the
 # rows verified so far finished on their drafts, the rest of the rows decode without them.
 DRAFT_MIN_ACCEPTED = 0.5
@@ -136,7 +148,8 @@ def _verify(fwd: Forward, shared: SharedContext, prompts: list[list[int]], draft
 
 
 def _decode(fwd: Forward, shared: SharedContext, prompts: list[list[int]], starts: list[tuple[list[int], float]],
-            pad: int, finished: Callable[[list[int]], bool], b_no: int) -> list[tuple[list[int], float]]:
+            pad: int, finished: Callable[[list[int]], bool], b_no: int, observe: Observer | None = None
+            ) -> list[tuple[list[int], float]]:
     """Greedy decoding of a batch, step by step on the KV cache; each row continues after its ``start``
     tokens (already generated) until ``finished``."""
     ids, mask, positions, past = shared.inputs([p + s for p, (s, _) in zip(prompts, starts, strict=True)], pad,
@@ -145,6 +158,8 @@ def _decode(fwd: Forward, shared: SharedContext, prompts: list[list[int]], start
     logprob = [lp for _, lp in starts]
     live = list(range(len(prompts)))  # the rows in the batch's tensors, in their order
     done = [False] * len(prompts)
+    if observe is not None:
+        observe(live, [True] * len(live))
     logits, past = fwd(ids, mask, positions, past=past, last_only=True, tag=("decode", b_no))
     cached = fwd.caches
     while True:
@@ -173,6 +188,8 @@ def _decode(fwd: Forward, shared: SharedContext, prompts: list[list[int]], start
         step = torch.tensor([[pad if done[r] else new[r][-1]] for r in live])
         mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
+        if observe is not None:
+            observe(live, [not done[r] for r in live])
         if cached:
             logits, past = fwd(step, mask, positions, past=past, last_only=True)
         else:  # no usable cache: run the whole sequence again

@@ -162,8 +162,9 @@ class SharedContext:
     reuses it. Given ``every`` row of the run, the opening they all share is used for each batch (one
     forward for the run, however the rows are grouped); otherwise each batch's own common opening."""
 
-    def __init__(self, fwd: Forward, every: Sequence[Sequence[int]] = ()) -> None:
+    def __init__(self, fwd: Forward, every: Sequence[Sequence[int]] = (), enabled: bool = True) -> None:
         self.fwd = fwd
+        self.enabled = enabled  # off: every row runs whole (each forward then covers whole rows)
         self.last: tuple[tuple[int, ...], Any] | None = None
         self.common: list[int] = os.path.commonprefix([list(x) for x in every]) if len(every) > 1 else []
 
@@ -175,7 +176,7 @@ class SharedContext:
         opening: list[int] = self.common if len(self.common) >= SHARED_CONTEXT_MIN_TOKENS else (
             os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else [])
         opening = opening[: max(min(len(x) for x in seqs) - own, 0)]
-        if len(opening) < SHARED_CONTEXT_MIN_TOKENS or not self.fwd.caches:
+        if not self.enabled or len(opening) < SHARED_CONTEXT_MIN_TOKENS or not self.fwd.caches:
             return (*left_pad(seqs, pad), None)
         ids, mask, positions = left_pad([x[len(opening):] for x in seqs], pad)
         if self.last is None or self.last[0] != tuple(opening):

@@ -155,6 +155,10 @@ class _Recorder:
         self.sites = by_hook(site_list)
         self.keep, self.ref = keep, ref
         self.weights: Tensor | None = None  # [b, p], set before each forward
+        # or, while decoding: the newest position of the rows still decoding, which prompts the rows are
+        self.newest: Tensor | None = None  # [b], 1 where the row still decodes
+        self.rows: Tensor | None = None  # [b], the prompt of each row
+        self.n_rows = 0
         self.mag: dict[str, Tensor] = {}
         self.dist: dict[str, Tensor] = {}
         self.norm: dict[str, Tensor] = {}
@@ -164,11 +168,16 @@ class _Recorder:
         return [(hook, self._fn(hook, group)) for hook, group in self.sites.items()]
 
     def _add(self, store: dict[str, Tensor], key: str, value: Tensor) -> None:
+        if self.rows is not None:  # rows → their prompts' slots
+            value = value.new_zeros((self.n_rows, *value.shape[1:])).index_add_(0, self.rows.to(value.device), value)
         store[key] = store[key] + value if key in store else value
 
     def _fn(self, hook: str, group: list[Site]) -> Callable[..., None]:
         def fn(act: Tensor, hook: Any = None) -> None:
             w = self.weights
+            if self.newest is not None:
+                w = torch.zeros(act.shape[:2])
+                w[:, -1] = self.newest
             assert w is not None
             w = w.to(act.device, torch.float32)
             sel = w > 0
@@ -276,6 +285,8 @@ def measure(
                 bar.update(len(batch))
         bar.close()
     elif mode == "generate":
+        from analysis.eval.engine import Forward
+
         items = probe_items(task, limit, split)
         prompts = [task.render(it, target.tokenizer) for it in items]
         new = max_new_tokens or task.max_new_tokens
@@ -285,6 +296,7 @@ def measure(
                 chunk = prompts[start:start + batch_size]
                 mags = []
                 for loaded in (donor, target):
+                    Forward(loaded.hooked).caches  # noqa: B018 (the KV cache is probed once, before the hooks see forwards)
                     rec = _Recorder(site_list)
                     with hooked(loaded, rec.hooks()):
                         steps = decode(loaded, chunk, task.stop, new, rec)
@@ -317,34 +329,18 @@ def measure(
 
 def decode(loaded: LoadedModel, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int,
            rec: _Recorder) -> Tensor:
-    """Greedy decoding without a KV cache (a booted bridge leaves it empty); before each step the
-    recorder's weights select the newest token of every row still decoding. Returns steps per row."""
-    from analysis.eval.engine import encode, eos_ids, left_pad, pad_id
+    """Greedy decoding (:func:`analysis.eval.decoding.generate`) on the bridge-wrapped model; before each
+    forward the recorder learns which prompts its rows are and which still decode, so its hooks read the
+    newest token of those. Returns the decoding steps per prompt."""
+    from analysis.eval.decoding import generate
 
-    tok = loaded.tokenizer
-    pad, eos = pad_id(tok), eos_ids(loaded.model, tok)
-    ids, mask, pos = left_pad([encode(tok, p) for p in prompts], pad)
-    n = len(prompts)
-    new: list[list[int]] = [[] for _ in range(n)]
-    done = torch.zeros(n, dtype=torch.bool)
-    steps = torch.zeros(n)
-    for _ in range(max_new_tokens):
-        w = torch.zeros(ids.shape, dtype=torch.float32)
-        w[:, -1] = (~done).float()
-        rec.weights = w
-        steps += (~done).float()
-        logits = forward(loaded, (ids, mask, pos), logits_to_keep=1)[:, -1]
-        token = logits.argmax(-1).cpu()
-        for r in range(n):
-            if done[r]:
-                continue
-            new[r].append(int(token[r]))
-            if int(token[r]) in eos or any(s and s in tok.decode(new[r], skip_special_tokens=True) for s in stop):
-                done[r] = True
-        if bool(done.all()):
-            break
-        step = torch.where(done, torch.full_like(token, pad), token)
-        ids = torch.cat([ids, step[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps = torch.zeros(len(prompts))
+    rec.n_rows = len(prompts)
+
+    def observe(rows: list[int], decoding: list[bool]) -> None:
+        rec.rows, rec.newest = torch.tensor(rows), torch.tensor(decoding, dtype=torch.float32)
+        steps[rec.rows] += rec.newest
+
+    generate(loaded.hooked, loaded.tokenizer, list(prompts), stop=stop, max_new_tokens=max_new_tokens,
+             batch_size=len(prompts), observe=observe)
     return steps
