@@ -142,6 +142,7 @@ class Forward:
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, positions) with every row's tokens last; positions count real tokens from 0."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -151,6 +152,18 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
             mask[i, width - len(s):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) with every row's tokens first: each keeps positions 0..len-1 after whatever precedes it."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+    return ids, mask
 
 
 SHARED_CONTEXT_MIN_TOKENS = 16  # a shared context shorter than this is not worth its own forward

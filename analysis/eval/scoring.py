@@ -21,6 +21,7 @@ from analysis.eval.engine import (
     length_groups,
     max_length,
     pad_id,
+    right_pad,
 )
 from analysis.eval.replay import LayerReplay
 
@@ -70,12 +71,7 @@ def _score_batches(fwd: Forward, prepared: list[tuple[list[int], list[list[int]]
         for g_no, group in enumerate(groups):
             width = len(rows[group[0]][1]) - 1
             index = torch.tensor([rows[r][0] for r in group])
-            ids2 = torch.full((len(group), width), pad, dtype=torch.long)
-            mask2 = torch.zeros((len(group), width), dtype=torch.long)
-            for g, r in enumerate(group):
-                cont = rows[r][1]
-                ids2[g, : len(cont) - 1] = torch.tensor(cont[:-1])
-                mask2[g, : len(cont) - 1] = 1
+            ids2, mask2 = right_pad([rows[r][1][:-1] for r in group], pad)
             positions2 = mask.sum(-1)[index][:, None] + torch.arange(width)[None, :]
             mask_all = torch.cat([mask[index], mask2], dim=1)
             if fwd.caches:
@@ -131,13 +127,8 @@ def _window_batch(fwd: Forward, batch: list[tuple[int, list[int]]], pad: int, ta
                   nll: list[float], count: list[int]) -> None:
     """Add each window's summed NLL and token count to its text's totals."""
     seqs = [window for _, window in batch]
-    w = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), w), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), w), dtype=torch.long)
-    for r, s in enumerate(seqs):  # right padding: real tokens keep positions 0..len-1
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
-    positions = torch.arange(w)[None, :].expand(len(seqs), w)
+    ids, mask = right_pad(seqs, pad)  # real tokens keep positions 0..len-1
+    positions = torch.arange(ids.shape[1])[None, :].expand(len(seqs), ids.shape[1])
     logits, _ = fwd(ids, mask, positions, tag=tag)
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     for r, (text, s) in enumerate(batch):

@@ -30,6 +30,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from analysis.errors import GraftError
+from analysis.eval.engine import encode, encode_pair, left_pad, pad_id
 
 if TYPE_CHECKING:
     from analysis.eval.tasks import Item, Task
@@ -128,22 +129,17 @@ def make_batches(rows: Sequence[Row], pad: int, batch_size: int) -> list[Batch]:
     out = []
     for chunk in chunks:
         chunk_rows = [(slot, r) for slot, i in enumerate(chunk) for r in by_item[i]]
-        width = max(len(r.ids) for _, r in chunk_rows)
-        n = len(chunk_rows)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
+        ids, mask, pos = left_pad([r.ids for _, r in chunk_rows], pad)
+        n, width = ids.shape
         answer = torch.zeros((n, width), dtype=torch.bool)
         target = torch.zeros((n, width), dtype=torch.long)
         last = torch.zeros((n, width), dtype=torch.bool)
         for b, (_, r) in enumerate(chunk_rows):
             off = width - len(r.ids)
-            ids[b, off:] = torch.tensor(r.ids)
-            mask[b, off:] = 1
             # position j predicts token j + 1: the answer tokens n_prompt.. are predicted from n_prompt − 1..
             answer[b, off + r.n_prompt - 1: width - 1] = True
             target[b, off + r.n_prompt - 1: width - 1] = torch.tensor(r.ids[r.n_prompt:])
             last[b, off + r.n_prompt - 1] = True
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out.append(Batch(ids, mask, pos, answer, target, last,
                          torch.tensor([slot for slot, _ in chunk_rows]),
                          torch.tensor([r.correct for _, r in chunk_rows]),
@@ -168,7 +164,7 @@ def prompt_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: i
                              "make both prompts of a pair the same length in tokens")
         clean.append(Row(tuple(a), len(a), i))
         corrupted.append(Row(tuple(b), len(b), i))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return make_batches(corrupted, pad, batch_size), make_batches(clean, pad, batch_size)
 
 
@@ -305,7 +301,6 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
           check: bool = True) -> Probe:
     """The probe of ``task``'s ``split`` with the answers to force (see the module doc); the donor is
     evaluated on it once, as the evaluation would, to know which items it gets right."""
-    from analysis.eval.engine import encode, pad_id
 
     if answers not in ANSWER_SOURCES:
         raise GraftError(f"unknown answer source {answers!r}", f"use {' or '.join(ANSWER_SOURCES)}")
@@ -348,7 +343,6 @@ def build(task: Task, donor: LoadedModel, *, split: str = "probe", limit: int | 
 def item_rows_of(task: Task, tokenizer: Any, item: Item, slot: int) -> list[Row]:
     """The rows of one item with the task's own answers: its choices (choice), the ``target`` template's
     rendering of the gold answer (generate), the text (perplexity); tokenized as the evaluator does."""
-    from analysis.eval.engine import encode, encode_pair
 
     if task.kind == "perplexity":
         return [Row(tuple(encode(tokenizer, item.text)), 1, slot)]  # every token after the first is "answer"
@@ -369,7 +363,6 @@ def reference_batches(task: Task, tokenizer: Any, batch_size: int, limit: int | 
                       split: str = "probe") -> list[Batch]:
     """The probe items with the task's own answers (``answers="reference"``), without the donor's check:
     for studies that bring their own prompts and answers."""
-    from analysis.eval.engine import pad_id
 
     rows = [r for i, it in enumerate(probe_items(task, limit, split)) for r in item_rows_of(task, tokenizer, it, i)]
     return make_batches(rows, pad_id(tokenizer), batch_size)
