@@ -1,4 +1,5 @@
-"""The one exception users see: a problem and its fix, on one line.
+"""The one exception users see: a problem and its fix, on one line. What the operating system reports about
+a user's files and disks is said the same way (:func:`problem_of`).
 
 Everything below ``cli.py`` raises :class:`GraftError` for bad input; the CLI prints its message and
 exits with code 2, without a traceback.
@@ -7,6 +8,8 @@ exits with code 2, without a traceback.
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,3 +55,41 @@ def _keys_at(model: Any, loc: Iterable[Any]) -> list[str]:
             return []
         model = field.annotation
     return list(getattr(model, "model_fields", {}))
+
+
+# What the operating system reports about a user's files and disks, and what to do about it.
+OS_FIXES = {
+    errno.ENOSPC: "free some space on that disk, or write to another one (nothing half-written was kept)",
+    errno.EDQUOT: "free some space within your quota, or write elsewhere (nothing half-written was kept)",
+    errno.EFBIG: "write to a file system that takes files this large",
+    errno.EROFS: "choose a writable place (this file system is read-only)",
+    errno.EACCES: "check the permissions of that path (an --out must be somewhere you may write)",
+    errno.EPERM: "check the permissions of that path (an --out must be somewhere you may write)",
+    errno.EISDIR: "a folder stands where a file is expected: check the paths",
+    errno.ENOTDIR: "a file stands where a folder is expected: check the paths",
+    errno.ENOENT: "check the path (a file or folder went missing while graftlm ran?)",
+    errno.EEXIST: "choose another path",
+    errno.ENOTEMPTY: "choose another path",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ELOOP: "check the symbolic links in the path",
+    errno.EIO: "the disk reported an error: check it, or write elsewhere",
+    errno.EMFILE: "raise the limit of open files (ulimit -n)",
+    errno.ENFILE: "close other programs' files, or raise the system's limit",
+    errno.EXDEV: "write --out on the same file system as its parent folder",
+    errno.ENOLCK: "this file system cannot lock files: put the run folder on a local disk",
+}
+
+
+def problem_of(err: BaseException) -> str | None:
+    """The one line for an exception that is bad input or the user's environment; None for a bug."""
+    if isinstance(err, GraftError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in OS_FIXES:
+        where = next((f for f in (err.filename, err.filename2) if f), None)
+        what = err.strerror or os.strerror(err.errno)
+        return f"{what}{f': {where}' if where else ''} — {OS_FIXES[err.errno]}"
+    if isinstance(err, UnicodeDecodeError):  # a text file that is not UTF-8, read where no reader named it
+        return f"a file is not UTF-8 text ({err.reason} at byte {err.start}) — save it as UTF-8"
+    if isinstance(err, MemoryError):
+        return "out of memory — use a smaller batch size or limit, or a machine with more memory"
+    return None

@@ -18,6 +18,10 @@ Safetensors targets are written file by file: the kernel copies the byte ranges 
 on all cores, since numpy, hashing and the copy release the GIL. Tensors outside the plan are
 byte-identical and memory stays at a few pieces. Outputs are built in a temporary folder beside
 ``out`` and renamed into place when complete.
+
+Over 400 lines: the formula's three ways out (in memory, to a folder, to a patch) share its checks
+and its float32 steps; apart, the one formula would be written twice (the bytes themselves are
+:mod:`analysis.io.writer`'s).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Component ids (also the pattern syntax, with ``*`` wildcards)::
 The kind ``outer`` lists the tensors outside the decoder layers — the embeddings, the LM head, the final
 norm — each a whole-tensor component named by its HF name. A regression that lives there (an LM head
 trained further, a specialist's embeddings) is out of reach of any choice among heads and MLPs.
+
+Over 400 lines: every family's tensor naming (a :class:`Layout`) and the components cut from it are
+one table read together; apart, a family's naming would be written in two places.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
     import torch
 
     from analysis.eval import tasks
-    from analysis.interp import probe, shifts
+    from analysis.interp import batching, probe, shifts
     from analysis.io.models import load
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -70,7 +70,7 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
     batches = built.batches(batch)
     d_model.bridge, t_model.bridge  # boot both before timing  # noqa: B018
     with torch.no_grad():  # warm-up
-        probe.forward(t_model, batches[0])
+        batching.forward(t_model, batches[0])
     base = psutil.Process().memory_info().rss
     lay = shifts.layout_of(t_model)
 
@@ -78,8 +78,8 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
         if name == "plain":
             with torch.no_grad():
                 for b in batches:
-                    probe.forward(d_model, b, logits_to_keep=1)
-                    probe.forward(t_model, b, logits_to_keep=1)
+                    batching.forward(d_model, b, logits_to_keep=1)
+                    batching.forward(t_model, b, logits_to_keep=1)
         elif name == "streaming":
             shifts.measure(d_model, t_model, t, kinds=("head", "mlp"), batch_size=batch, limit=n, progress=False,
                            probe=built)

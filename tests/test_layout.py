@@ -86,3 +86,32 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset({"a", "b", "c"})]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_modules_stay_short_or_say_why() -> None:
+    """One module, one job: a module over 400 lines states at its top why it is not split."""
+    long = {}
+    for path in ROOT.rglob("*.py"):
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if len(text.splitlines()) > 400 and "Over 400 lines:" not in doc:
+            long[str(path.relative_to(ROOT))] = len(text.splitlines())
+    assert not long, long
+
+
+def test_no_six_lines_written_twice() -> None:
+    """No run of six code lines (imports, comments and blank lines aside) appears twice within analysis/."""
+    first: dict[tuple[str, ...], str] = {}
+    twice = []
+    for path in sorted(ROOT.rglob("*.py")):
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        code = [(n, line) for n, line in enumerate(lines, 1)
+                if line and not line.startswith(("#", "import ", "from "))]
+        for k in range(len(code) - 5):
+            window = tuple(line for _, line in code[k:k + 6])
+            if sum(map(len, window)) < 120:  # closing brackets, `else:`, `return x`: not code worth sharing
+                continue
+            where = f"{path.relative_to(ROOT)}:{code[k][0]}"
+            if first.setdefault(window, where) != where:
+                twice.append((first[window], where))
+    assert not twice, twice

@@ -10,7 +10,7 @@ from transformer_lens import patching as tl_patching
 
 from analysis.eval import tasks
 from analysis.eval.scoring import loglikelihoods
-from analysis.interp import patching, probe, shifts
+from analysis.interp import batching, patching, probe, shifts
 from analysis.io.models import load
 
 
@@ -36,7 +36,7 @@ def test_metric_is_the_evaluators_loglikelihood(pair, task) -> None:
     items = task.items("probe")
     (batch,) = probe.reference_batches(task, target.tokenizer, batch_size=len(items))
     with torch.no_grad():
-        values = patching.metric_values(probe.forward(target, batch), batch)
+        values = patching.metric_values(batching.forward(target, batch), batch)
     ref = loglikelihoods(target.model, target.tokenizer,
                          [(task.render(it), [probe.reference(task, it)]) for it in items])
     got = dict(zip(batch.items, values.tolist(), strict=True))
@@ -47,7 +47,7 @@ def test_metric_is_the_evaluators_loglikelihood(pair, task) -> None:
 def test_head_patching_equals_transformer_lens(pair) -> None:
     donor, target = pair
     lay = shifts.layout_of(target)
-    (batch,) = probe.make_batches([probe.Row((5, 6, 7, 8, 9, 10), 3, 0), probe.Row((11, 12, 13, 14, 15, 16), 4, 1)],
+    (batch,) = batching.make_batches([batching.Row((5, 6, 7, 8, 9, 10), 3, 0), batching.Row((11, 12, 13, 14, 15, 16), 4, 1)],
                                   pad=2, batch_size=2)
     _, cache = donor.bridge.run_with_cache(batch.ids)
 
@@ -116,7 +116,7 @@ def test_capture_is_an_activation_cache_equal_to_run_with_cache(pair) -> None:
     from transformer_lens import ActivationCache
 
     donor, _ = pair
-    (batch,) = probe.make_batches([probe.Row((5, 6, 7, 8, 9, 10), 3, 0)], pad=2, batch_size=1)
+    (batch,) = batching.make_batches([batching.Row((5, 6, 7, 8, 9, 10), 3, 0)], pad=2, batch_size=1)
     names = ["blocks.0.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
     cache, logits = patching.capture(donor, batch, names)
     _, theirs = donor.bridge.run_with_cache(batch.ids, names_filter=names)

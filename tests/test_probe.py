@@ -15,7 +15,7 @@ from analysis.eval import tasks
 from analysis.eval.engine import pad_id
 from analysis.eval.evaluate import run as evaluate
 from analysis.eval.scoring import loglikelihoods
-from analysis.interp import probe
+from analysis.interp import batching, probe
 from analysis.io.models import load
 
 DEMO_ITEMS = Path(__file__).parent.parent / "analysis" / "demo" / "tasks" / "arith.jsonl"
@@ -96,12 +96,12 @@ def test_the_choice_metric_is_the_evaluators_choice(gen2, choice_task, norm: boo
     numbers the evaluator compares (per character with acc_norm)."""
     task = tasks.load(choice_task).with_options(metric="acc_norm" if norm else "acc")
     rows = [r for i, it in enumerate(task.items("probe")) for r in probe.item_rows_of(task, gen2.tokenizer, it, i)]
-    batches = probe.make_batches(rows, pad_id(gen2.tokenizer), batch_size=10)
+    batches = batching.make_batches(rows, pad_id(gen2.tokenizer), batch_size=10)
     assert all(len(b) <= 12 and len(b) % 4 == 0 for b in batches)  # an item's four choices stay together
     got: dict[int, float] = {}
     with torch.no_grad():
         for b in batches:
-            values = probe.metric_values(probe.forward(gen2, b, logits_to_keep=b.keep), b)
+            values = batching.metric_values(batching.forward(gen2, b, logits_to_keep=b.keep), b)
             got.update(zip(b.items, values.tolist(), strict=True))
     items = task.items("probe")
     expected = loglikelihoods(gen2.model, gen2.tokenizer, [(task.render(it), task.continuations(it)) for it in items])

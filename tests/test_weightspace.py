@@ -11,7 +11,7 @@ from test_shifts import arith_task
 
 from analysis import units
 from analysis.eval import tasks
-from analysis.interp import probe, weightspace
+from analysis.interp import batching, probe, weightspace
 from analysis.interp.shifts import layout_of
 from analysis.io.models import load
 from analysis.plan import Plan
@@ -47,7 +47,7 @@ def test_one_component_at_full_strength_is_its_transplant(tiny_pairs, task, fami
         with torch.no_grad():
             ours = blend.logits(m, batch)
             with applied(target, donor, Plan.of([cid])):
-                theirs = probe.forward(target, batch, hooked=False, logits_to_keep=batch.keep)
+                theirs = batching.forward(target, batch, hooked=False, logits_to_keep=batch.keep)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 

@@ -30,8 +30,8 @@ from analysis import units
 from analysis.errors import GraftError
 from analysis.interp import probe as probe_mod
 from analysis.interp import select, shifts
-from analysis.interp.methods import WEIGHT_SPACE
-from analysis.interp.probe import MetricFn
+from analysis.interp.batching import MetricFn
+from analysis.interp.methods import CAUSAL, WEIGHT_SPACE
 from analysis.plan import Plan, now
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def localize(
     ``out`` is written whole or not at all; an existing one is replaced only with ``force``.
 
     As ``transformer_lens.patching`` users do: ``metric`` may be a callable ``metric(logits, batch)`` → one
-    value per item (``logits``: the batch's kept positions; ``batch``: :class:`analysis.interp.probe.Batch`), and
+    value per item (``logits``: the batch's kept positions; ``batch``: :class:`analysis.interp.batching.Batch`), and
     attribution and patching accept ``prompts=[(clean, corrupted), ...]`` instead of a task — the target
     reads the corrupted prompts, the donor the clean ones (the same model twice is classic activation
     patching); the metric callable then says what is measured, at the last position.
@@ -160,7 +160,7 @@ def localize(
     if not callable(metric) and metric not in patching.METRICS:
         raise GraftError(f"unknown metric {metric!r}", f"use {', '.join(patching.METRICS)} or pass a callable")
     if prompts is not None:
-        if method not in ("attribution", "patching"):
+        if method not in CAUSAL:
             raise GraftError(f"prompt pairs are for attribution and patching, not {method}",
                              "use method='attribution' or 'patching'")
         if not callable(metric):
@@ -260,10 +260,12 @@ def localize(
         table[method] = math.nan
         table.loc[ids, method] = values
         meta.update(mode="teacher", metric=metric_name, n_prompts=sum(b.n_items for b in batches), **{method: info})
-    elif method in ("attribution", "patching"):
+    elif method in CAUSAL:
         source_batches = None
         if prompts is not None:  # the target on the corrupted prompts, the donor on the clean ones
-            batches, source_batches = probe_mod.prompt_pairs(t_model.tokenizer, prompts, batch_size)
+            from analysis.interp.batching import prompt_pairs
+
+            batches, source_batches = prompt_pairs(t_model.tokenizer, prompts, batch_size)
             meta.update(prompt_pairs=len(prompts))
         else:
             batches = probe.batches(batch_size)  # type: ignore[union-attr]

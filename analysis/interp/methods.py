@@ -12,6 +12,9 @@ METHODS: tuple[str, ...] = get_args(Method)
 # Methods that read the task (the rest are dataless), and those that read it through forced answers.
 DATA_METHODS: tuple[str, ...] = ("shifts", "lae", "attribution", "patching", "gradient", "greedy", "mask")
 WEIGHT_SPACE: tuple[str, ...] = ("gradient", "greedy", "mask")
+# Causal methods on activations (signed scores: a component can hurt), and those that read a forced probe.
+CAUSAL: tuple[str, ...] = ("attribution", "patching")
+FORCED: tuple[str, ...] = (*CAUSAL, "shifts", *WEIGHT_SPACE)
 
 # What each method measures, for sentences that name it (CLI help, report).
 DESCRIPTIONS = {

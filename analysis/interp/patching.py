@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.interp.probe import (
+from analysis.interp.batching import (
     METRICS,
     Batch,
     Metric,

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from analysis import units
 from analysis.errors import GraftError
-from analysis.interp.probe import Probe, forward, probe_items
+from analysis.interp.batching import forward
+from analysis.interp.probe import Probe, probe_items
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from analysis import units
 from analysis.errors import GraftError
-from analysis.interp.probe import Batch, Metric, alternatives, metric_values
+from analysis.interp.batching import Batch, Metric, alternatives, metric_values
 
 if TYPE_CHECKING:
     from analysis.io.models import LoadedModel

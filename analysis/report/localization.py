@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis.interp.methods import CAUSAL
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -21,7 +23,7 @@ def _label(result: Localization) -> str:
 
 
 def _diverging(result: Localization) -> bool:
-    return result.method in ("attribution", "patching")
+    return result.method in CAUSAL
 
 
 def plot_heads(result: Localization, ax: Any = None) -> Any:

@@ -319,7 +319,7 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
     RUN/rankings/METHOD[-reversed][-tokensN].json, so a resumed run reuses them (``reverse``: 'auto' made
     the config's target the donor; ``probe()``: the probe this donor and decoding length share)."""
     from analysis.interp.localize import localize
-    from analysis.interp.methods import WEIGHT_SPACE
+    from analysis.interp.methods import FORCED
 
     name = f"{method}{'-reversed' if reverse else ''}"
     for cache in (run_dir / "rankings" / f"{name}{suffix}.json", run_dir / "rankings" / f"{name}.json"):
@@ -330,7 +330,7 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
                 return [tuple(x) for x in (data if isinstance(data, list) else data["ranking"])]  # type: ignore[misc]
     cache = run_dir / "rankings" / f"{name}{suffix}.json"
     started = time.perf_counter()
-    forced = method in ("attribution", "patching", "shifts", *WEIGHT_SPACE)
+    forced = method in FORCED
     result = localize(donor, target, task, method=method, components=cfg.components, seed=cfg.seed,
                       limit=cfg.probe_limit, split=cfg.splits["probe"], top=top, answers=cfg.answers,
                       metric=cfg.metric, batch_size=cfg.batch_size, probe=probe() if forced else None,

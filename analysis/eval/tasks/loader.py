@@ -9,13 +9,9 @@ from typing import Any
 from analysis.demo import TASKS_DIR as DEMO_DIR
 from analysis.errors import GraftError
 from analysis.eval.tasks.builtin import BUILTINS, load_builtin
-from analysis.eval.tasks.core import (
-    Item,
-    Task,
-    TaskConfig,
-    _validate_config,
+from analysis.eval.tasks.core import Item, Task, TaskConfig, _validate_config, default_filter
+from analysis.eval.tasks.readers import (
     check_unique,
-    default_filter,
     infer_kind,
     make_item,
     read_datasets_folder,
