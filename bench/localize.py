@@ -82,6 +82,17 @@ class Setup:
             if raw_hf else []
         self.lay = shifts.layout_of(self.t_model)
         self.hooks = {s.hook for s in shifts.sites(self.lay, ("head", "mlp"))}
+        self._probes: dict = {}
+
+    def probe(self, n: int, batch: int):  # -> probe.Probe
+        """The answers every way reads, built once per size: the task's own (random-weight models answer
+        none right, so the donor's own correct answers, the probe's default, would leave none)."""
+        from analysis import probe
+
+        if (n, batch) not in self._probes:
+            self._probes[n, batch] = probe.build(self.task, self.d_model, limit=n, batch_size=batch,
+                                                 answers="reference", check=False)
+        return self._probes[n, batch]
 
     def work(self, name: str, n: int, batch: int, warm: bool = False) -> Callable[[], None]:
         """One way of getting the statistics over ``n`` prompts (``warm``: the first batch only)."""
@@ -90,9 +101,7 @@ class Setup:
         from analysis import probe, shifts
 
         n = batch if warm else n
-        # The answers every way reads: the task's own (random-weight models answer none of them right,
-        # so the donor's own correct answers, the default since the probe forces them, would leave none).
-        built = probe.build(self.task, self.d_model, limit=n, batch_size=batch, answers="reference", check=False)
+        built = self.probe(n, batch)
         batches = built.batches(batch)
         d_model, t_model, lay = self.d_model, self.t_model, self.lay
 
@@ -150,11 +159,10 @@ def peak_child(name: str, donor: str, target: str, task: str, n: int, batch: int
 def attribution_vs_patching(setup: Setup, n: int, batch: int, rounds: int) -> dict:
     from scipy.stats import spearmanr
 
-    from analysis import patching, probe, shifts
+    from analysis import patching, shifts
 
     d_model, t_model = setup.d_model, setup.t_model
-    batches = probe.build(setup.task, d_model, limit=n, batch_size=batch, answers="reference",
-                          check=False).batches(batch)
+    batches = setup.probe(n, batch).batches(batch)
     heads = shifts.sites(shifts.layout_of(t_model), ("head",))
     patching.attribute(t_model, d_model, batches[:1], heads, progress=False)  # warm-up
     t = interleaved({
