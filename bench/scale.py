@@ -7,6 +7,10 @@
    process: its peak RSS (VmHWM) against the model's size.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py
+
+The three studies of 1 and 2 (local, Ray, racing) run interleaved, round by round, each one's best of
+``--rounds`` counting; torch threads fixed (``--threads``, default 1, also for Ray's workers, which
+import this checkout). Ratios are printed last.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+from timing import Measured, fix_threads, interleaved, load_average, use_this_checkout  # noqa: E402
 
 from analysis.study.config import DEMO_CONFIG, SweepConfig
 from analysis.study.sweep import sweep
@@ -92,19 +97,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "graftlm-bench-scale")
     parser.add_argument("--layers", type=int, nargs=3, default=(4, 8, 16), help="the three model sizes, in layers")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each study's best counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in Ray's workers")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    use_this_checkout()
+    fix_threads(args.threads)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     cfg = SweepConfig.load(DEMO_CONFIG)
 
-    local = timed_sweep(cfg, work / "local")
-    on_ray = timed_sweep(cfg, work / "ray", ray=True)
+    t = interleaved({  # each writes its folder anew; the last round's folders are compared below
+        "local": lambda: Measured(timed_sweep(cfg, work / "local")),
+        "ray": lambda: Measured(timed_sweep(cfg, work / "ray", ray=True)),
+        "race": lambda: Measured(timed_sweep(cfg.model_copy(update={"race": 0.05}), work / "race")),
+    }, args.rounds, log=lambda line: print(line, flush=True))
+    local, on_ray, raced = t.best["local"], t.best["ray"], t.best["race"]
     same = rows(work / "local") == rows(work / "ray")
+    print(f"best of {args.rounds} interleaved rounds, {args.threads} torch thread(s), load average {load_average()}")
     print(f"demo study: here {local:.1f} s, on Ray with 2 workers {on_ray:.1f} s (Ray's start and the actors' "
           f"loading included); results.jsonl lines identical: {same}", flush=True)
-
-    raced = timed_sweep(cfg.model_copy(update={"race": 0.05}), work / "race")
     full_items, full_wall, full_chosen = grid_figures(work / "local")
     race_items, race_wall, race_chosen = grid_figures(work / "race")
     print(f"racing grid (race: 0.05): {race_items} item evaluations vs {full_items}, grid wall {race_wall:.1f} s "

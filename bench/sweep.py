@@ -23,6 +23,10 @@ Workloads:
     .venv/bin/python bench/sweep.py                      # demo pair, generation
     .venv/bin/python bench/sweep.py --workload scoring   # SmolLM2 pair, ARC-Easy
     .venv/bin/python bench/sweep.py --workload generation --dev 48 --test 64   # SmolLM2 pair, arithmetic
+
+The ways run interleaved, round by round (graftlm, the loops, graftlm, ...), each way's best of
+``--rounds`` counting (its phases from that round); torch threads fixed (``--threads``, default 1).
+Every way must pick the same best point on dev. Ratios are printed last.
 """
 
 from __future__ import annotations
@@ -32,23 +36,27 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import fix_threads, interleaved, load_average, use_this_checkout  # noqa: E402
 
-from analysis import units
+from analysis import units  # noqa: E402
 from analysis.eval import tasks  # noqa: E402
 from analysis.eval.evaluate import run as evaluate  # noqa: E402
 from analysis.interp.localize import rank  # noqa: E402
 from analysis.io.models import load  # noqa: E402
-from analysis.study.config import DEMO_CONFIG, Controls, SweepConfig
-from analysis.study.sweep import sweep
+from analysis.study.config import DEMO_CONFIG, Controls, SweepConfig  # noqa: E402
+from analysis.study.sweep import sweep  # noqa: E402
 
 CACHE = Path(os.environ.get("GRAFTLM_CACHE", Path.home() / ".cache" / "graftlm")) / "bench"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -187,9 +195,11 @@ def main() -> None:
     parser.add_argument("--method", default="attribution")
     parser.add_argument("--dev", type=int, default=40, help="scoring: dev items")
     parser.add_argument("--test", type=int, default=60, help="scoring: test items")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each way's best counts")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    use_this_checkout()
+    fix_threads(args.threads)
     base = (SweepConfig.load(args.config) if args.config else
             demo_config() if args.workload == "demo" else scoring_config(args.dev, args.test))
     if args.workload == "generation" and not args.config:
@@ -207,55 +217,58 @@ def main() -> None:
     lowest = [units.component(units.layout(load(cfg.target).model.config,
                                            {n: tuple(p.shape) for n, p in load(cfg.target).parameters().items()}),
                               cid).layer for cid, _ in ranking[:8]]
-    rows: list[tuple[str, float]] = []
 
-    phases: dict[str, float] = {}  # the first graftlm sweep's wall by phase (baseline, grid, chosen)
-
-    def graftlm(label: str, config: SweepConfig) -> None:
+    def graftlm(config: SweepConfig) -> dict:
         run = Path(tempfile.mkdtemp(prefix="graftlm-bench-sweep-"))
         (run / "rankings").mkdir()
         (run / "rankings" / f"{args.method}.json").write_text(json.dumps([[c, s] for c, s in ranking]))
-        start = last = time.perf_counter()
-        mine: dict[str, float] = {}
+        last = time.perf_counter()
+        phases: dict[str, float] = {}  # the wall by phase (baseline, grid, chosen)
 
         def timed(point, _row) -> None:  # type: ignore[no-untyped-def]
             nonlocal last
             now = time.perf_counter()
-            mine[point.phase] = mine.get(point.phase, 0.0) + now - last  # (loading goes to the first baseline)
+            phases[point.phase] = phases.get(point.phase, 0.0) + now - last  # (loading goes to the first baseline)
             last = now
 
         sweep(config, run, progress=False, on_point=timed)
-        rows.append((label, time.perf_counter() - start))
-        phases.update(mine if not phases else {})
         reuse = json.loads((run / "environment.json").read_text())["reuse"]
         grid = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
         best = max((r for r in grid if r.get("phase") == "grid"), key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))
-        print(f"{label}: {rows[-1][1]:.2f} s; best on dev K={best['top_k']} α={best['alpha']}: {best['accuracy']:.3f}; "
-              f"reuse: {reuse}", flush=True)
         shutil.rmtree(run, ignore_errors=True)
+        return {"best": (best["top_k"], best["alpha"], round(best["accuracy"], 6)), "phases": phases, "reuse": reuse}
 
-    def loop(label: str, evaluator: Evaluator) -> None:
-        start = time.perf_counter()
+    def loop(evaluator: Evaluator) -> dict:
         grid = naive(cfg, [c for c, _ in ranking], evaluator)
-        rows.append((label, time.perf_counter() - start))
         best = max(grid, key=lambda ka: (grid[ka], -ka[0], -ka[1]))
-        print(f"{label}: {rows[-1][1]:.2f} s; best on dev K={best[0]} α={best[1]}: {grid[best]:.3f}", flush=True)
+        return {"best": (best[0], best[1], round(grid[best], 6))}
 
-    graftlm("graftlm sweep", cfg)
-    if task.kind != "generate":
-        graftlm("graftlm sweep, reuse off", cfg.model_copy(update={"reuse_memory_gb": 0.0}))
-    loop("naive + graftlm evaluate", with_graftlm(cfg.batch_size))
-    if task.kind == "generate":
-        loop("naive + HF generate", with_hf_generate(cfg.batch_size))
     with tempfile.TemporaryDirectory() as folder:
-        loop("naive + lm-eval", with_lm_eval(cfg.batch_size, Path(folder)))
+        ways: dict[str, Callable[[], dict]] = {"graftlm sweep": lambda: graftlm(cfg)}
+        if task.kind != "generate":
+            ways["graftlm sweep, reuse off"] = lambda: graftlm(cfg.model_copy(update={"reuse_memory_gb": 0.0}))
+        ways["naive + graftlm evaluate"] = lambda: loop(with_graftlm(cfg.batch_size))
+        if task.kind == "generate":
+            ways["naive + HF generate"] = lambda: loop(with_hf_generate(cfg.batch_size))
+        ways["naive + lm-eval"] = lambda: loop(with_lm_eval(cfg.batch_size, Path(folder)))
+        t = interleaved(ways, args.rounds, log=lambda line: print(line, flush=True))
+    rows = list(t.best.items())
+    phases = t.best_value("graftlm sweep")["phases"]
+    for label in t.walls:
+        v = t.best_value(label)
+        print(f"{label}: best on dev K={v['best'][0]} α={v['best'][1]}: {v['best'][2]:.3f}"
+              + (f"; reuse: {v['reuse']}" if "reuse" in v else ""))
+    points = {v["best"][:2] for runs in t.values.values() for v in runs}  # (K, α); accuracies printed above
 
     print(f"\n{cfg.task} ({task.kind}) on {cfg.donor} → {cfg.target}: {args.method}, {len(cfg.k)} K × {len(cfg.alpha)} α "
           f"on dev ({cfg.dev_limit or 'all'} items) + baselines + best on test ({cfg.test_limit or 'all'}), "
-          f"{args.threads} torch threads")
+          f"{torch.get_num_threads()} torch thread(s)")
     print(f"localization ({args.method}, once, in no figure): {localize_s:.2f} s; layers of the top 8: {lowest}")
+    print(f"best of {args.rounds} interleaved rounds; load average {load_average()}")
     for label, wall in rows:
-        print(f"{label:32s} {wall:8.2f} s")
+        print(f"{label:32s} {wall:8.2f} s   all rounds {t.spread(label)}")
+    print(f"every way, every round, the same best point (K, α) on dev: "
+          f"{'yes' if len(points) == 1 else f'NO: {sorted(points)}'}")
     ours = rows[0][1]
     for label, wall in rows[1:]:
         print(f"graftlm sweep / {label}: {ours / wall:.2f}×")

@@ -7,7 +7,13 @@ Runs, on the same donor/target pair (sharded bf16 safetensors) and in one go:
   - `cp -r` of the target, the disk's limit for writing a model folder.
 Each runs in its own process; wall time and peak RSS (from GNU time) are reported, best of
 ``--repeat`` rounds (the machine's page cache and other users make single runs swing). graftlm's
-folder is compared with mergekit's output on every tensor, and the ratios are printed last.
+folder is compared with mergekit's output on every tensor, and the ratios are printed last. The
+tools run interleaved, every tool once per round; torch/OpenMP threads of every child are fixed
+(``--threads``, default 1: mergekit's torch; graftlm's copy and blend workers are its own), and the
+``graftlm`` command imports this checkout's ``analysis`` (PYTHONPATH), not whatever the virtualenv's
+editable install points at. mergekit: ``mergekit-yaml`` beside this Python, else the ``mergekit``
+module importable from it (e.g. ``pip install --target DIR --no-deps mergekit==0.1.5 immutables peft``
+and ``PYTHONPATH=DIR``).
 
     .venv/bin/python bench/transplant.py            # ~1B parameters (needs ~14 GB of disk)
     .venv/bin/python bench/transplant.py --small    # a quick check of the script itself
@@ -28,9 +34,23 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from timing import fix_threads, use_this_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def mergekit_yaml() -> list[str]:
+    """The ``mergekit-yaml`` command: the console script beside this Python, else the module's entry point."""
+    if (BIN / "mergekit-yaml").is_file():
+        return [str(BIN / "mergekit-yaml")]
+    import importlib.util
+
+    if importlib.util.find_spec("mergekit") is None:
+        raise SystemExit("needs mergekit: pip install --no-deps mergekit==0.1.5 immutables peft (or --target "
+                         "DIR and PYTHONPATH=DIR)")
+    return [sys.executable, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.argv[0] = "
+            "'mergekit-yaml'; main()"]
 
 
 def llama_config(small: bool) -> dict:
@@ -127,8 +147,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a ~20M-parameter model instead of ~1B")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "graftlm-bench-transplant")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; each tool's best round is reported")
+    parser.add_argument("--repeat", "--rounds", type=int, default=3, help="rounds; each tool's best round is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every child process")
     args = parser.parse_args()
+    use_this_checkout()  # the graftlm command and `python -c` import this checkout's analysis
+    fix_threads(args.threads)
     cfg = llama_config(args.small)
     work = args.workdir / ("small" if args.small else "1b")
     donor, target = work / "donor", work / "target"
@@ -175,7 +198,7 @@ def main() -> None:
         "graftlm → patch, cold hashes": ([*cli, "--patch", "--out", str(outs / "patch-cold")], outs / "patch-cold"),
         "graftlm → patch, warm hashes": ([*cli, "--patch", "--out", str(outs / "patch")], outs / "patch"),
         "graftlm start-up (import analysis.cli)": ([py, "-c", "import analysis.cli, analysis.transplant"], None),
-        "mergekit linear": ([str(BIN / "mergekit-yaml"), str(work / "mergekit.yml"), str(outs / "mk"), "--quiet",
+        "mergekit linear": ([*mergekit_yaml(), str(work / "mergekit.yml"), str(outs / "mk"), "--quiet",
                              "--out-shard-size", "1B"], outs / "mk"),
     }
     for round_ in range(args.repeat):
@@ -198,7 +221,7 @@ def main() -> None:
     print(f"\n{n_params / 1e9:.2f}B parameters, bf16, {len(comps)} linear components at α = 0.5")
     print(f"graftlm folder vs mergekit output, all {len(names)} tensors: {differ} of {total} elements differ "
           f"({changed_differ} of the {changed_total} blended), max |Δ| {worst:g}")
-    print(f"best of {args.repeat} rounds; load average (1, 5, 15 min) before "
+    print(f"best of {args.repeat} interleaved rounds, {args.threads} torch/OpenMP thread(s) a child; load average (1, 5, 15 min) before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load)}")
     print(f"{'tool':<40}{'wall s':>9}{'peak RSS MiB':>15}   all rounds")
     for tool, (wall, rss) in results.items():
