@@ -99,7 +99,7 @@ class Setup:
         """One way of getting the statistics over ``n`` prompts (``warm``: the first batch only)."""
         import torch
 
-        from analysis.interp import shifts
+        from analysis.interp import batching, shifts
 
         n = batch if warm else n
         built = self.probe(n, batch)
