@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import string
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -156,3 +158,69 @@ def pair(tiny_pairs: Callable[[str], tuple[Path, Path]]) -> tuple[object, object
 
     donor, target = tiny_pairs("llama")
     return load(donor, dtype="float32"), load(target, dtype="float32")
+
+
+PRINTABLE = sorted(set(string.printable) - set("\x0b\x0c\r"))
+
+
+def fused_char_tokenizer(folder: Path) -> T.PreTrainedTokenizerBase:
+    """Character tokenizer (newline included) whose decode concatenates; reloaded from disk."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(PRINTABLE)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                              unk_token="<unk>").save_pretrained(folder)
+    return T.AutoTokenizer.from_pretrained(folder)
+
+
+def bigram_model(tok: T.PreTrainedTokenizerBase, table: torch.Tensor) -> T.LlamaForCausalLM:
+    """A Llama whose next-token logits are ``table[last token]``: one-hot embeddings, a layer that adds
+    nothing (zero o_proj and down_proj), and an LM head holding the table — numbers checkable by hand."""
+    hidden = 128
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=0.0,
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, : len(tok)] = torch.eye(len(tok))
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        head = torch.zeros(len(tok), hidden)
+        head[:, : len(tok)] = table.T / math.sqrt(hidden)  # the final norm scales one-hot by sqrt(hidden)
+        model.lm_head.weight.copy_(head)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bigram(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.LlamaForCausalLM, T.PreTrainedTokenizerBase]:
+    tok = fused_char_tokenizer(tmp_path_factory.mktemp("bigram-tok"))
+    table = torch.zeros(len(tok), len(tok))
+    table[:, tok.convert_tokens_to_ids("x")] = 5.0  # every character's favourite next token is "x" ...
+    table[tok.convert_tokens_to_ids("="), tok.convert_tokens_to_ids("4")] = 10.0  # ... but "=" → "4"
+    table[tok.convert_tokens_to_ids("4"), tok.convert_tokens_to_ids("\n")] = 10.0  # and "4" → newline
+    return bigram_model(tok, table), tok
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def random_char_llama(folder: Path, seed: int) -> tuple[T.LlamaForCausalLM, T.PreTrainedTokenizerBase]:
+    """A random 2-layer GQA Llama over the character tokenizer saved in ``folder``."""
+    tok = fused_char_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return T.LlamaForCausalLM(cfg).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.LlamaForCausalLM, T.PreTrainedTokenizerBase, Path]:
+    folder = tmp_path_factory.mktemp("rand-llama")
+    model, tok = random_char_llama(folder, seed=0)
+    model.save_pretrained(folder)
+    return model, tok, folder
