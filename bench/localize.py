@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/timing.py, also when loaded from elsewhere
 from timing import fix_threads, interleaved, load_average, use_this_checkout  # noqa: E402
 
 VARIANTS = ("raw HF", "bridge copy", "streaming", "filtered", "cache")

@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/timing.py, also when loaded from elsewhere
 from timing import Measured, fix_threads, interleaved, load_average, use_this_checkout  # noqa: E402
 
 from analysis.study.config import DEMO_CONFIG, SweepConfig

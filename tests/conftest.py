@@ -13,10 +13,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import os
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+
+from analysis.study.config import SweepConfig
 
 torch.set_num_threads(1)
 
@@ -224,3 +229,59 @@ def random_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.LlamaForCa
     model, tok = random_char_llama(folder, seed=0)
     model.save_pretrained(folder)
     return model, tok, folder
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepConfig]:
+    root = tmp_path_factory.mktemp("study")
+    donor = build_model(root / "donor", "llama", seed=1)
+    target = build_model(root / "target", "llama", seed=2)
+    task = write_task(root)
+    cfg = SweepConfig(donor=str(donor), target=str(target), task=str(task), methods=["weight"], k=[1, 2],
+                      alpha=[0.5, 1.0], components=["head", "mlp"], controls={"random_seeds": [0, 1]}, batch_size=4)
+    return root, cfg
+
+
+def per_item(run: Path) -> dict[str, list]:
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate points"
+    return {r["key"]: r.get("items") or r.get("perplexity") for r in rows}
+
+
+def small(cfg: SweepConfig, **update: object) -> SweepConfig:
+    """The study on a few items: a handful of quick evaluations."""
+    return SweepConfig.model_validate({**cfg.model_dump(), "k": [1], "alpha": [1.0], "dev_limit": 2, "test_limit": 2,
+                                       "retention_limit": 2, "probe_limit": 2,
+                                       "controls": {"random_seeds": [0], "copy_all": False, "weight": False},
+                                       **update})
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({n: fh.get_tensor(n) for n in fh.keys()})  # noqa: SIM118
+    return out
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def arith_task(folder: Path, n: int = 10) -> Path:
+    """A generate task of n probe items (and a few dev/test items localize must not read)."""
+    path = folder / "arith.jsonl"
+    with path.open("w") as fh:
+        for i in range(n + 4):
+            a, b = (7 * i) % 23, (5 * i + 3) % 17
+            split = "probe" if i < n else ("dev" if i % 2 else "test")
+            fh.write(json.dumps({"id": f"a{i}", "prompt": f"{a}+{b}=" + "x" * (i % 4), "answer": str(a + b),
+                                 "split": split}) + "\n")
+    return path

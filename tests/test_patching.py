@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_shifts import arith_task
+from conftest import arith_task
 from transformer_lens import patching as tl_patching
 
 from analysis.eval import tasks
-from analysis.eval.scoring import loglikelihoods
 from analysis.interp import batching, patching, probe, shifts
 from analysis.io.models import load
 
@@ -29,19 +28,6 @@ def near_pair(tiny_pairs):
         for p in donor.parameters().values():
             p.add_(0.05 * p.std() * torch.randn(p.shape, generator=g))
     return donor, tgt
-
-
-def test_metric_is_the_evaluators_loglikelihood(pair, task) -> None:
-    _, target = pair
-    items = task.items("probe")
-    (batch,) = probe.reference_batches(task, target.tokenizer, batch_size=len(items))
-    with torch.no_grad():
-        values = patching.metric_values(batching.forward(target, batch), batch)
-    ref = loglikelihoods(target.model, target.tokenizer,
-                         [(task.render(it), [probe.reference(task, it)]) for it in items])
-    got = dict(zip(batch.items, values.tolist(), strict=True))
-    for i, (expected,) in enumerate(ref):
-        assert got[i] == pytest.approx(expected, abs=1e-4)
 
 
 def test_head_patching_equals_transformer_lens(pair) -> None:

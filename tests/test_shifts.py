@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import arith_task
 
 from analysis.eval import tasks
 from analysis.interp import probe, shifts
-
-
-def arith_task(folder: Path, n: int = 10) -> Path:
-    """A generate task of n probe items (and a few dev/test items localize must not read)."""
-    path = folder / "arith.jsonl"
-    with path.open("w") as fh:
-        for i in range(n + 4):
-            a, b = (7 * i) % 23, (5 * i + 3) % 17
-            split = "probe" if i < n else ("dev" if i % 2 else "test")
-            fh.write(json.dumps({"id": f"a{i}", "prompt": f"{a}+{b}=" + "x" * (i % 4), "answer": str(a + b),
-                                 "split": split}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_shifts import arith_task
+from conftest import arith_task
 
 from analysis import units
 from analysis.eval import tasks
