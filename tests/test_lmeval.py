@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[T.PreTrainedModel, T.PreTrainedTokenizerBase]:
-    from test_evaluate import random_char_llama
+    from conftest import random_char_llama
 
     folder = tmp_path_factory.mktemp("lmeval-llama")
     model, tok = random_char_llama(folder, seed=3)
