@@ -73,6 +73,7 @@ def batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
 
 # model → (its modules' identities, does its KV cache work): probed once per model and wiring
 _CACHE_WORKS: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+_PACK_WORKS: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
 
 
 class Forward:
@@ -91,6 +92,7 @@ class Forward:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.device = next(model.parameters()).device
         self._caches: bool | None = None
+        self._packs: bool | None = None
 
     @property
     def caches(self) -> bool:
@@ -118,6 +120,56 @@ class Forward:
                 self._caches = bool(torch.allclose(full, last, atol=tol, rtol=tol))
             _CACHE_WORKS[self.model] = (wiring, self._caches)
         return self._caches
+
+    @property
+    def packs(self) -> bool:
+        """Does a packed row (a context followed by several continuations, each seeing the context and
+        itself through a 4D mask) give the logits of separate full forwards? Probed once per model wiring
+        (as :attr:`caches`); a model that ignores custom masks, or a bridge that does, is scored unpacked."""
+        if self._packs is not None:
+            return self._packs
+        wiring = hash(tuple(map(id, self.model.modules()))) if isinstance(self.model, torch.nn.Module) else 0
+        known = _PACK_WORKS.get(self.model)
+        if known is not None and known[0] == wiring:
+            self._packs = known[1]
+            return self._packs
+        self._packs = False
+        if self.keep and not self.window_limited:
+            ctx, a, b = [5, 9, 2, 7], [3, 8], [6, 1, 4]
+            row = Packing()
+            row.add(0, (ctx, [a + [0], b + [0]]))  # the continuations' last tokens are never inputs
+            try:
+                packed = self.packed(row, tag=None)
+                full = [self(torch.tensor([ctx + c]), torch.ones(1, len(ctx) + len(c), dtype=torch.long),
+                             torch.arange(len(ctx) + len(c))[None])[0][0] for c in (a, b)]
+                expected = torch.cat([full[0][len(ctx) - 1:], full[1][len(ctx):]])
+                tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 1e-1
+                self._packs = packed.shape == expected.shape and bool(torch.allclose(packed, expected, atol=tol, rtol=tol))
+            except (TypeError, ValueError, RuntimeError, IndexError):  # a model that takes no 4D mask
+                self._packs = False
+        _PACK_WORKS[self.model] = (wiring, self._packs)
+        return self._packs
+
+    @property
+    def window_limited(self) -> bool:
+        """Sliding-window attention (Gemma-3, Mistral): a custom mask would override the window."""
+        cfg = getattr(self.model, "config", None)
+        return bool(getattr(cfg, "sliding_window", None)) and any(
+            t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
+
+    def packed(self, row: Packing, tag: Hashable = None) -> torch.Tensor:
+        """Logits at the row's kept positions (``row.keep``), one forward with its 4D mask; float32."""
+        ids, mask, positions, keep = row.tensors()
+        floor = torch.finfo(next(self.model.parameters()).dtype).min
+        additive = torch.zeros(mask.shape, dtype=next(self.model.parameters()).dtype).masked_fill_(~mask, floor)
+        kwargs: dict[str, Any] = {"attention_mask": additive.to(self.device), "position_ids": positions.to(self.device),
+                                  "use_cache": False, "logits_to_keep": keep.to(self.device)}
+        if self.replay is not None and tag is not None:
+            with self.replay.call(tag, ids, additive, positions):
+                out = self.model(ids.to(self.device), **kwargs)
+        else:
+            out = self.model(ids.to(self.device), **kwargs)
+        return out.logits[0].float()
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  past: Any = None, last_only: bool = False, tag: Hashable = None,
@@ -164,6 +216,58 @@ def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
     return ids, mask
+
+
+class Packing:
+    """Several scoring requests in one row: each context once, then each of its continuations (all but the
+    last token: they are only predicted) seeing the context and itself, never another request or another
+    continuation. Positions restart per request; the logits kept are the context's last position (it
+    predicts every continuation's first token) and each continuation's inputs (they predict the rest)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.positions: list[int] = []
+        self.segments: list[tuple[int, int, int, int]] = []  # (start, length, its context's start, length)
+        self.keep: list[int] = []
+        self.requests: list[tuple[int, int, list[tuple[int, list[int]]]]] = []  # (request, first kept, [(kept, cont)])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @staticmethod
+    def size(request: tuple[Sequence[int], Sequence[Sequence[int]]]) -> int:
+        ctx, conts = request
+        return len(ctx) + sum(len(c) - 1 for c in conts)
+
+    def add(self, index: int, request: tuple[Sequence[int], Sequence[Sequence[int]]]) -> None:
+        ctx, conts = request
+        start = len(self.ids)
+        self.ids += list(ctx)
+        self.positions += list(range(len(ctx)))
+        self.segments.append((start, len(ctx), start, 0))
+        first = len(self.keep)
+        self.keep.append(start + len(ctx) - 1)
+        kept = []
+        for cont in conts:
+            at = len(self.ids)
+            self.ids += list(cont[:-1])
+            self.positions += list(range(len(ctx), len(ctx) + len(cont) - 1))
+            self.segments.append((at, len(cont) - 1, start, len(ctx)))
+            kept.append((len(self.keep), list(cont)))
+            self.keep += list(range(at, at + len(cont) - 1))
+        self.requests.append((index, first, kept))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [1, L], the boolean mask [1, 1, L, L] (True: may attend), positions [1, L], kept positions."""
+        n = len(self.ids)
+        mask = torch.zeros((n, n), dtype=torch.bool)
+        causal = torch.ones((n, n), dtype=torch.bool).tril_()
+        for start, length, context, ctx_len in self.segments:
+            rows = slice(start, start + length)
+            mask[rows, start:start + length] = causal[:length, :length]
+            mask[rows, context:context + ctx_len] = True  # a continuation sees its whole context
+        return (torch.tensor([self.ids]), mask[None, None], torch.tensor([self.positions]),
+                torch.tensor(self.keep))
 
 
 SHARED_CONTEXT_MIN_TOKENS = 16  # a shared context shorter than this is not worth its own forward
