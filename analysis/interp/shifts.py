@@ -181,20 +181,23 @@ class _Recorder:
                 w[:, -1] = self.newest
             assert w is not None
             w = w.to(act.device, torch.float32)
+            # Only the weighted positions are read (the answer's few, or the newest token): every
+            # statistic is a weighted sum over them, gathered once per hook point.
             sel = w > 0
+            rows = sel.nonzero()[:, 0]
+            ws = w[sel][:, None]  # [n_sel, 1]
+            picked = act.detach()[sel].float()  # [n_sel, ...]
             if self.keep:
-                self.kept[group[0].hook] = act.detach()[sel].float()
+                self.kept[group[0].hook] = picked
+            b = act.shape[0]
             for s in group:
-                v = s.view(act.detach()).float()
-                self._add(self.mag, s.key, torch.einsum("bpgf,bp->bg", v.abs(), w) / v.shape[-1] / s.parts)
+                here = s.view(picked[None])[0]  # [n_sel, g, f]
+                mag = torch.zeros(b, len(s.ids), device=act.device).index_add_(0, rows, ws * here.abs().mean(-1))
+                self._add(self.mag, s.key, mag / s.parts)
                 if self.ref is not None:
                     r = s.view(self.ref[s.hook][None])[0]  # [n_sel, g, f]
-                    here = v[sel]
                     rms = lambda t: t.pow(2).mean(-1).sqrt()  # noqa: E731
-                    rows = sel.nonzero()[:, 0]
-                    ws = w[sel][:, None]
-                    b = v.shape[0]
-                    dist = torch.zeros(b, len(s.ids), device=v.device).index_add_(0, rows, ws * rms(here - r))
+                    dist = torch.zeros(b, len(s.ids), device=act.device).index_add_(0, rows, ws * rms(here - r))
                     norm = torch.zeros_like(dist).index_add_(0, rows, ws * (rms(here) + rms(r)) / 2)
                     self._add(self.dist, s.key, dist)
                     self._add(self.norm, s.key, norm)
