@@ -203,7 +203,7 @@ def main() -> None:
     for r in rows:
         best = max(r["limit"], after)
         print(f"ratio {r['name']}: achieved / matmul limit {r['achieved'] / best:.2f} "
-              f"(real tokens only: {r['useful'] / best:.2f})")
+              f"(body and attention, LM head aside: {r['useful'] / best:.2f})")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,26 @@ def test_packed_rows_score_as_full_forwards(tiny_pairs, family: str, monkeypatch
                 logp = torch.log_softmax(model(torch.tensor([ctx_ids + cont_ids])).logits[0], -1)
             assert score == pytest.approx(sum(float(logp[len(ctx_ids) - 1 + j, t]) for j, t in enumerate(cont_ids)),
                                           abs=1e-4)
+
+
+@pytest.mark.real
+def test_real_smollm2_packed_rows_pick_the_same_choices(monkeypatch) -> None:
+    """SmolLM2-135M-Instruct on 40 real ARC-Easy items: packed rows and the context + per-choice passes pick
+    the same choice on every item (acc and acc_norm), log-likelihoods within 1e-4."""
+    import importlib.util
+    from pathlib import Path
+
+    from analysis.eval import evaluate, tasks
+
+    spec = importlib.util.spec_from_file_location("bench_evaluate", Path(__file__).resolve().parents[1] / "bench" / "evaluate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, tok = bench.load_smollm2()
+    task = tasks.load("arc_easy", split="test", limit=40)
+    assert engine.Forward(model).packs
+    packed = evaluate.run(model, tok, task, batch_size=8, progress=False).records
+    monkeypatch.setattr(engine.Forward, "packs", property(lambda self: False))
+    unpacked = evaluate.run(model, tok, task, batch_size=8, progress=False).records
+    for a, b in zip(packed, unpacked, strict=True):
+        assert (a["correct_acc"], a["correct_acc_norm"]) == (b["correct_acc"], b["correct_acc_norm"])
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
