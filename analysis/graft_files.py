@@ -114,16 +114,16 @@ def apply_patch(target: str | Path, patch: str | Path, *, out: str | Path, force
     raw = tck.streamable and all(tck.st_dtype(n) == i.dtype for n, i in infos.items())
     with (staged(out, force=force, sources=sources) as tmp, Jobs() as jobs,
           torch_threads(1) if not raw else contextlib.nullcontext()):
-        hashes = Hashes(jobs, tck, verify=verify)
+        hashes = Hashes(jobs, tck, verify=verify, copied=tck if tck.streamable else None)
         if raw:  # the patch holds the final bytes: the kernel copies them in like the rest
             outs = [Out(n, i.dtype, i.shape, i.nbytes, (partial(copy_tensor_bytes, i),)) for n, i in infos.items()]
-            write_folder(tmp, tck, outs, jobs)
+            write_folder(tmp, tck, outs, jobs, hashes)
         else:
             _, changed = read_patch(file)
             if tck.streamable:
                 outs = [Out(n, tck.st_dtype(n) or "", tuple(t.shape), tck.infos[n].nbytes,  # type: ignore[index]
                              (partial(write_torch, partial(t.to, tck.dtype(n))),)) for n, t in changed.items()]
-                write_folder(tmp, tck, outs, jobs)
+                write_folder(tmp, tck, outs, jobs, hashes)
             else:
                 if tck.ref.path is not None:
                     copy_small_files(tck.ref.path, tmp)

@@ -469,7 +469,7 @@ def transplant(
     # The pool sits inside the staging folder's block: on an error, running jobs finish before the folder goes.
     with (staged(out, force=force, sources=sources) as tmp, Jobs() as jobs,
           torch_threads(1) if needs_torch else contextlib.nullcontext()):
-        hashes = Hashes(jobs, dck, tck)
+        hashes = Hashes(jobs, dck, tck, copied=tck if not patch and not materialize else None)
         if patch:
             final = write_patch(tmp, outs, the_plan, hashes, jobs)
             write_patch_readme(tmp, final, len(outs), out)
@@ -479,7 +479,7 @@ def transplant(
                     copy_small_files(tck.ref.path, tmp)
                 save_materialized(tck, compute_changes(edits, tck, dck, tck.dtypes()), tmp)
             else:
-                write_folder(tmp, tck, outs, jobs)
+                write_folder(tmp, tck, outs, jobs, hashes)
             write_card(tmp, the_plan.with_hashes(*hashes.result()), list(_by_param(edits)))
     return out
 

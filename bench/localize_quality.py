@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -117,14 +119,16 @@ def race(name: str, methods: list[str], out: Path, error: float) -> list[dict]:
     import shutil
 
     pairs = _bench_module("pairs")
-    folder = pairs.build(name, log=False)
+    pairs.build(name, log=False)  # the models the full study reads
     full = out / name
     if not (full / "results.jsonl").is_file():
         study(name, methods, out)
     raced = out / f"race-{error:g}" / name
     if not raced.exists() and (full / "rankings").is_dir():  # the same rankings: only the grid differs
         shutil.copytree(full / "rankings", raced / "rankings")
-    sweep(config_for(folder, methods).model_copy(update={"race": error}), raced, progress=False)
+    # the full study's own config (the run folder keeps it), raced: only how the dev grid runs differs
+    full_cfg = SweepConfig.model_validate(yaml.safe_load((full / "config.yaml").read_text()))
+    sweep(full_cfg.model_copy(update={"race": error}), raced, progress=False)
     rows = []
     chosen = {run: {f.method: f for f in report.summarize(run)[0].methods} for run in (full, raced)}
     grids = {run: [r for r in report.read_rows(run)[1] if r.get("phase") == "grid"] for run in (full, raced)}

@@ -187,11 +187,23 @@ def file_sha256(file: Path, verify: bool = False) -> str:
     key, ctime = _cache_key(file)
     with open(file, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()  # releases the GIL: files hash in parallel
+    remember_sha256(file, digest, (key, ctime))
+    return digest
+
+
+def remember_sha256(file: Path, digest: str, identity: tuple[str, int] | None = None) -> None:
+    """Remember a file's sha256 computed elsewhere (while it was copied), under the file's identity as it
+    was when reading began (``identity``: a change during the read then leaves it unmatched)."""
+    key, ctime = identity or _cache_key(file)
     with _CACHE_LOCK:
         cache = _read_hash_cache()
         cache[key] = {"sha256": digest, "ctime_ns": ctime}
         _write_hash_cache(cache)
-    return digest
+
+
+def file_identity(file: Path) -> tuple[str, int]:
+    """What the hash cache knows a file by (path, size, inode, mtime; and ctime)."""
+    return _cache_key(file)
 
 
 _CACHE_LOCK = threading.Lock()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analysis.errors import GraftError
-from analysis.io.checkpoint import Checkpoint, cached_sha256, file_sha256
+from analysis.io.checkpoint import Checkpoint, cached_sha256, file_identity, file_sha256, remember_sha256
 from analysis.io.files import moment
 from analysis.io.refs import PICKLE_SUFFIXES
 from analysis.io.safetensors import (
@@ -73,19 +74,39 @@ class Jobs:
 
 
 class Hashes:
-    """The sources' sha256: remembered ones at once, the others computed as jobs (first in the queue)."""
+    """The sources' sha256: remembered ones at once, the others computed as jobs (first in the queue) —
+    except the weight files of ``copied``, whose bytes :func:`write_folder` reads anyway: it hashes them
+    as they stream to the output (one read of each file, not two)."""
 
-    def __init__(self, jobs: Jobs, *sources: Checkpoint, verify: bool = False) -> None:
+    def __init__(self, jobs: Jobs, *sources: Checkpoint, verify: bool = False, copied: Checkpoint | None = None) -> None:
         self._parts: list[list[tuple[str, str | Future[str]]]] = []
+        self._jobs, self._verify = jobs, verify
+        self._streamed: dict[Path, Future[str]] = {}  # weight files write_folder hashes while copying
         for ck in sources:
-            self._parts.append([(f.name, (None if verify else cached_sha256(f)) or jobs.submit(file_sha256, f, verify))
-                                for f in ck.hashed_files()])
+            part: list[tuple[str, str | Future[str]]] = []
+            for f in ck.hashed_files():
+                known = None if verify else cached_sha256(f)
+                if known:
+                    part.append((f.name, known))
+                elif ck is copied and ck.infos is not None and f.suffix == ".safetensors":
+                    self._streamed[f] = Future()
+                    part.append((f.name, self._streamed[f]))
+                else:
+                    part.append((f.name, jobs.submit(file_sha256, f, verify)))
+            self._parts.append(part)
+
+    def streamed(self, file: Path) -> Future[str] | None:
+        """The pending hash of ``file`` for the job that copies it to compute (taken once)."""
+        return self._streamed.pop(file, None)
 
     def placeholders(self) -> list[dict[str, str]]:
         """Stand-ins as long as any real answer's YAML: an all-digit hex digest gets quoted."""
         return [dict.fromkeys((name for name, _ in part), "0" * 64) for part in self._parts]
 
     def result(self) -> list[dict[str, str]]:
+        for file, future in list(self._streamed.items()):  # no copy read them: hash them on their own
+            future.set_result(file_sha256(file, self._verify))
+            del self._streamed[file]
         return [{name: h if isinstance(h, str) else h.result() for name, h in part} for part in self._parts]
 
 
@@ -154,18 +175,57 @@ def copy_small_files(src: Path, tmp: Path) -> None:
         shutil.copyfile(item, tmp / item.name)
 
 
+STREAM_CHUNK = 8 << 20  # bytes read, hashed and written at a time when a copy also hashes
+
+
+def copy_and_hash(file: Path, fd: int, gaps: list[tuple[int, int]], digest: Future[str]) -> None:
+    """Read ``file`` once, front to back: every byte into its sha256, the bytes inside ``gaps`` written to
+    ``fd`` at the same offsets; the digest is remembered and set on ``digest`` (its exception too)."""
+    try:
+        identity = file_identity(file)
+        h = hashlib.sha256()
+        buf = memoryview(bytearray(STREAM_CHUNK))
+        src = os.open(file, os.O_RDONLY)
+        try:
+            size, pos, g = os.fstat(src).st_size, 0, 0
+            while pos < size:
+                n = os.preadv(src, [buf[: min(STREAM_CHUNK, size - pos)]], pos)
+                if n == 0:
+                    raise GraftError(f"{file} ended early", "re-download the model")
+                h.update(buf[:n])  # hashlib releases the GIL on large buffers
+                end = pos + n
+                while g < len(gaps) and gaps[g][0] < end:
+                    a, b = max(gaps[g][0], pos), min(gaps[g][1], end)
+                    if b > a:
+                        pwrite_all(fd, buf[a - pos: b - pos], a)
+                    if gaps[g][1] <= end:
+                        g += 1
+                    else:
+                        break
+                pos = end
+        finally:
+            os.close(src)
+        moment(f"copied and hashed {file.name}")
+        remember_sha256(file, h.hexdigest(), identity)
+        digest.set_result(h.hexdigest())
+    except BaseException as err:
+        digest.set_exception(err)
+        raise
+
+
 def copy_gaps(file: Path, fd: int, gaps: list[tuple[int, int]]) -> None:
     for start, end in gaps:
         copy_range(file, fd, start, start, end - start)
     moment(f"copied {file.name}")
 
 
-def write_folder(tmp: Path, tck: Checkpoint, outs: list[Out], jobs: Jobs) -> None:
+def write_folder(tmp: Path, tck: Checkpoint, outs: list[Out], jobs: Jobs, hashes: Hashes | None = None) -> None:
     """The target's files with the changed tensors' bytes replaced, written by parallel jobs.
 
     The kernel copies every byte range no changed tensor covers, one job per file (two copies into
     one file contend for its lock and run no faster than one; into two files they run twice as
-    fast); the writers fill the rest, as many small jobs that keep every core busy to the end.
+    fast); the writers fill the rest, as many small jobs that keep every core busy to the end. A file
+    whose sha256 ``hashes`` still needs is read once instead, hashed as its ranges are written.
     """
     assert tck.infos is not None and tck.ref.path is not None
     copy_small_files(tck.ref.path, tmp)
@@ -191,7 +251,9 @@ def write_folder(tmp: Path, tck: Checkpoint, outs: list[Out], jobs: Jobs) -> Non
                 writes += [(w, fd, info.offset) for w in changed[info.name].writers]
                 pos = info.offset + info.nbytes
             gaps.append((pos, file.stat().st_size))
-            copies.append((copy_gaps, file, fd, [(a, b) for a, b in gaps if b > a]))
+            ranges = [(a, b) for a, b in gaps if b > a]
+            digest = hashes.streamed(file) if hashes is not None else None
+            copies.append((copy_gaps, file, fd, ranges) if digest is None else (copy_and_hash, file, fd, ranges, digest))
         jobs.wait([jobs.submit(*job) for job in copies + writes])
     finally:
         for fd in fds:
