@@ -180,29 +180,38 @@ STREAM_CHUNK = 8 << 20  # bytes read, hashed and written at a time when a copy a
 
 def copy_and_hash(file: Path, fd: int, gaps: list[tuple[int, int]], digest: Future[str]) -> None:
     """Read ``file`` once, front to back: every byte into its sha256, the bytes inside ``gaps`` written to
-    ``fd`` at the same offsets; the digest is remembered and set on ``digest`` (its exception too)."""
+    ``fd`` at the same offsets; the digest is remembered and set on ``digest`` (its exception too).
+
+    Two buffers in turn: while this thread hashes one chunk, a writer thread writes the previous chunk's
+    ranges (hashlib and pwrite release the GIL), so the copy costs no more than the hash it rides on."""
+    def write(view: memoryview, pos: int) -> None:
+        end = pos + len(view)
+        for a, b in gaps:
+            if a < end and b > pos:
+                lo, hi = max(a, pos), min(b, end)
+                pwrite_all(fd, view[lo - pos: hi - pos], lo)
+
     try:
         identity = file_identity(file)
         h = hashlib.sha256()
-        buf = memoryview(bytearray(STREAM_CHUNK))
+        buffers = [memoryview(bytearray(STREAM_CHUNK)) for _ in range(2)]
+        pending: list[Future[None] | None] = [None, None]
         src = os.open(file, os.O_RDONLY)
         try:
-            size, pos, g = os.fstat(src).st_size, 0, 0
-            while pos < size:
-                n = os.preadv(src, [buf[: min(STREAM_CHUNK, size - pos)]], pos)
-                if n == 0:
-                    raise GraftError(f"{file} ended early", "re-download the model")
-                h.update(buf[:n])  # hashlib releases the GIL on large buffers
-                end = pos + n
-                while g < len(gaps) and gaps[g][0] < end:
-                    a, b = max(gaps[g][0], pos), min(gaps[g][1], end)
-                    if b > a:
-                        pwrite_all(fd, buf[a - pos: b - pos], a)
-                    if gaps[g][1] <= end:
-                        g += 1
-                    else:
-                        break
-                pos = end
+            with ThreadPoolExecutor(max_workers=1) as writer:
+                size, pos, k = os.fstat(src).st_size, 0, 0
+                while pos < size:
+                    if pending[k] is not None:
+                        pending[k].result()  # the buffer's last chunk is written: reuse it
+                    n = os.preadv(src, [buffers[k][: min(STREAM_CHUNK, size - pos)]], pos)
+                    if n == 0:
+                        raise GraftError(f"{file} ended early", "re-download the model")
+                    pending[k] = writer.submit(write, buffers[k][:n], pos)
+                    h.update(buffers[k][:n])
+                    pos, k = pos + n, 1 - k
+                for job in pending:
+                    if job is not None:
+                        job.result()
         finally:
             os.close(src)
         moment(f"copied and hashed {file.name}")
