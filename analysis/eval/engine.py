@@ -15,7 +15,7 @@ import inspect
 import math
 import os
 import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -94,61 +94,61 @@ class Forward:
         self._caches: bool | None = None
         self._packs: bool | None = None
 
+    def _probed(self, known: weakref.WeakKeyDictionary[Any, tuple[int, bool]], probe: Callable[[], bool]) -> bool:
+        """A fact that the model's wiring decides, not its weights: probed once per model and wiring."""
+        wiring = hash(tuple(map(id, self.model.modules()))) if isinstance(self.model, torch.nn.Module) else 0
+        seen = known.get(self.model)
+        if seen is not None and seen[0] == wiring:
+            return seen[1]
+        answer = probe()
+        known[self.model] = (wiring, answer)
+        return answer
+
+    def _tolerance(self) -> float:
+        """Half precision: cached, packed and full attention round differently."""
+        return 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 1e-1
+
     @property
     def caches(self) -> bool:
         """Does the KV cache give the full forward's logits? A TransformerLens bridge booted over the
-        model leaves the cache empty (seen with TL 4.3), so we probe once per model (its wiring, not its
-        weights, decides) and otherwise recompute."""
-        if self._caches is not None:
-            return self._caches
-        wiring = hash(tuple(map(id, self.model.modules()))) if isinstance(self.model, torch.nn.Module) else 0
-        known = _CACHE_WORKS.get(self.model)
-        if known is not None and known[0] == wiring:
-            self._caches = known[1]
-        else:
-            vocab = self.model.get_input_embeddings().num_embeddings
-            ids = (torch.arange(1, 7) % vocab)[None, :]
-            ones = torch.ones_like(ids)
-            full, _ = self(ids, ones, torch.arange(6)[None, :], last_only=True)
-            _, past = self(ids[:, :-1], ones[:, :-1], torch.arange(5)[None, :], last_only=True)
-            if past is None or not hasattr(past, "batch_select_indices") or past.get_seq_length() != 5:
-                self._caches = False
-            else:
-                last, _ = self(ids[:, -1:], ones, torch.tensor([[5]]), past=past, last_only=True)
-                # half precision: cached and full attention round differently
-                tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 1e-1
-                self._caches = bool(torch.allclose(full, last, atol=tol, rtol=tol))
-            _CACHE_WORKS[self.model] = (wiring, self._caches)
+        model leaves the cache empty (seen with TL 4.3), so we probe once per model and otherwise recompute."""
+        if self._caches is None:
+            self._caches = self._probed(_CACHE_WORKS, self._cache_reproduces)
         return self._caches
+
+    def _cache_reproduces(self) -> bool:
+        vocab = self.model.get_input_embeddings().num_embeddings
+        ids = (torch.arange(1, 7) % vocab)[None, :]
+        ones = torch.ones_like(ids)
+        full, _ = self(ids, ones, torch.arange(6)[None, :], last_only=True)
+        _, past = self(ids[:, :-1], ones[:, :-1], torch.arange(5)[None, :], last_only=True)
+        if past is None or not hasattr(past, "batch_select_indices") or past.get_seq_length() != 5:
+            return False
+        last, _ = self(ids[:, -1:], ones, torch.tensor([[5]]), past=past, last_only=True)
+        return bool(torch.allclose(full, last, atol=self._tolerance(), rtol=self._tolerance()))
 
     @property
     def packs(self) -> bool:
         """Does a packed row (a context followed by several continuations, each seeing the context and
-        itself through a 4D mask) give the logits of separate full forwards? Probed once per model wiring
+        itself through a 4D mask) give the logits of separate full forwards? Probed once per model
         (as :attr:`caches`); a model that ignores custom masks, or a bridge that does, is scored unpacked."""
-        if self._packs is not None:
-            return self._packs
-        wiring = hash(tuple(map(id, self.model.modules()))) if isinstance(self.model, torch.nn.Module) else 0
-        known = _PACK_WORKS.get(self.model)
-        if known is not None and known[0] == wiring:
-            self._packs = known[1]
-            return self._packs
-        self._packs = False
-        if self.keep and not self.window_limited:
-            ctx, a, b = [5, 9, 2, 7], [3, 8], [6, 1, 4]
-            row = Packing()
-            row.add(0, (ctx, [a + [0], b + [0]]))  # the continuations' last tokens are never inputs
-            try:
-                packed = self.packed(row, tag=None)
-                full = [self(torch.tensor([ctx + c]), torch.ones(1, len(ctx) + len(c), dtype=torch.long),
-                             torch.arange(len(ctx) + len(c))[None])[0][0] for c in (a, b)]
-                expected = torch.cat([full[0][len(ctx) - 1:], full[1][len(ctx):]])
-                tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 1e-1
-                self._packs = packed.shape == expected.shape and bool(torch.allclose(packed, expected, atol=tol, rtol=tol))
-            except (TypeError, ValueError, RuntimeError, IndexError):  # a model that takes no 4D mask
-                self._packs = False
-        _PACK_WORKS[self.model] = (wiring, self._packs)
+        if self._packs is None:
+            self._packs = self.keep and not self.window_limited and self._probed(_PACK_WORKS, self._packing_reproduces)
         return self._packs
+
+    def _packing_reproduces(self) -> bool:
+        ctx, a, b = [5, 9, 2, 7], [3, 8], [6, 1, 4]
+        row = Packing()
+        row.add(0, (ctx, [a + [0], b + [0]]))  # the continuations' last tokens are never inputs
+        try:
+            packed = self.packed(row, tag=None)
+            full = [self(torch.tensor([ctx + c]), torch.ones(1, len(ctx) + len(c), dtype=torch.long),
+                         torch.arange(len(ctx) + len(c))[None])[0][0] for c in (a, b)]
+        except (TypeError, ValueError, RuntimeError, IndexError):  # a model that takes no 4D mask
+            return False
+        expected = torch.cat([full[0][len(ctx) - 1:], full[1][len(ctx):]])
+        return packed.shape == expected.shape and bool(torch.allclose(packed, expected, atol=self._tolerance(),
+                                                                      rtol=self._tolerance()))
 
     @property
     def window_limited(self) -> bool:
