@@ -1,6 +1,6 @@
-"""Scoring on the engine: the log-likelihood of continuations after their context (a shared context is run
-once for all its choices; rows grouped by length) and per-token negative log-likelihoods for perplexity,
-in windows over long texts."""
+"""Scoring on the engine: the log-likelihood of continuations after their context (each context run once:
+packed beside its choices in rows without padding, or its KV cache shared by them) and per-token negative
+log-likelihoods for perplexity, in windows over long texts."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from analysis.eval.replay import LayerReplay
 def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], *,
                    batch_size: int = 8, progress: bool = False, replay: LayerReplay | None = None) -> list[list[float]]:
     """Sum of logprobs of each continuation after its context: ``[(context, [cont, ...]), ...]`` →
-    ``[[logprob, ...], ...]``. Each context is run once; its KV cache is shared by all its continuations.
+    ``[[logprob, ...], ...]``. Each context is run once: packed in a row beside its continuations where the
+    model takes a 4D mask (:attr:`~analysis.eval.engine.Forward.packs`), else its KV cache shared by them.
     With a ``replay``, the layers it knows unchanged are replayed from its records (same results)."""
     fwd = Forward(model, replay)
     pad = pad_id(tokenizer)
