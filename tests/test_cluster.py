@@ -66,6 +66,16 @@ def test_on_ray_the_same_lines_and_report_as_here(study: SweepConfig, ray_here: 
         report.write(here).read_text().replace(str(here), "RUN")
 
 
+def test_a_raced_study_on_ray_writes_the_lines_it_writes_here(study: SweepConfig, ray_here: Any, tmp_path: Path) -> None:
+    """race: the dev grid races in the driver (sequential by nature), the rest runs on the workers: every
+    line, raced ones included, as a raced study here writes it."""
+    raced = study.model_copy(update={"race": 0.05, "k": [1, 2, 4], "alpha": [0.5, 1.0]})
+    here = sweep(raced, tmp_path / "here", progress=False)
+    there = sweep(raced, tmp_path / "ray", progress=False, ray=True)
+    assert lines(there) == lines(here)
+    assert json.loads((there / "environment.json").read_text())["reuse"]["ray_workers"] == 2
+
+
 def test_a_worker_killed_mid_point_loses_nothing(study: SweepConfig, ray_here: Any, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL one actor while it holds a point: the point runs again on a new actor, every key is written

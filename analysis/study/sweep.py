@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from analysis.errors import GraftError
 from analysis.io.files import check_out, write_file
 from analysis.plan import Plan
 from analysis.study.config import RayOptions, SweepConfig, ray_options, resolve_k
@@ -81,9 +80,6 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     if on_ray is not None:
         from analysis.study.cluster import require_ray
 
-        if cfg.race is not None:  # a race is sequential: each point is judged against the best before it
-            raise GraftError("race: runs the dev grid point after point in this process, not on Ray",
-                             "drop race: from the config, or run without --ray / ray:")
         require_ray()
     check_out(run_dir, replace=False, sources=_sources(cfg, config))
     check_device(cfg.device)
