@@ -80,7 +80,7 @@ class Hashes:
 
     def __init__(self, jobs: Jobs, *sources: Checkpoint, verify: bool = False, copied: Checkpoint | None = None) -> None:
         self._parts: list[list[tuple[str, str | Future[str]]]] = []
-        self._jobs, self._verify = jobs, verify
+        self._verify = verify
         self._streamed: dict[Path, Future[str]] = {}  # weight files write_folder hashes while copying
         for ck in sources:
             part: list[tuple[str, str | Future[str]]] = []
