@@ -148,6 +148,9 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size (speed only, never results).")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (the summary).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    device_map: Annotated[str | None, typer.Option(
+        "--device-map", help="transformers' device_map: auto, balanced, sequential, or a JSON object of module → "
+                             "device (cpu, disk, a GPU index); modules may be offloaded to disk.")] = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:
@@ -163,7 +166,9 @@ def eval_cmd(
     task_file = [Path(task)] if Path(task).exists() else []
     check_out(out, force=force, sources=[*source_paths(model), *task_file])
     loaded_task = tasks.load(task, split=split, limit=limit)  # a bad task file fails before the model loads
-    loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    placement = _device_map_option(device_map)
+    loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device_map=placement,
+                  editable=False)
     result = run(loaded.model, loaded.tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size,
                  max_new_tokens=max_new_tokens, out=out, progress=not as_json, force=force)
     if as_json:
@@ -171,6 +176,17 @@ def eval_cmd(
     else:
         out_console.print(describe(result.summary), highlight=False)
         out_console.print(f"records: {result.paths['records']}")
+
+
+def _device_map_option(text: str | None) -> str | dict[str, int | str] | None:
+    """--device-map: a strategy name, or a JSON object of module → device."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)  # an object: it starts with "{"
+    except ValueError as err:
+        raise GraftError(f"--device-map is not a JSON object: {err}",
+                         'write it as \'{"model.layers.1": "disk", "": "cpu"}\'') from err
 
 
 @app.command("sweep")

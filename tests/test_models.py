@@ -77,3 +77,30 @@ def test_device_map_places_modules_and_refuses_offload(llama_pair: tuple[Path, P
     assert "\n" not in str(err.value)
     with pytest.raises(GraftError, match="unknown device_map 'everywhere'"):
         load(target, device_map="everywhere")
+
+
+def test_an_evaluation_reads_a_model_offloaded_to_disk(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """`graftlm eval --device-map` with a layer offloaded to disk (what a transplant refuses): the same
+    records as the model loaded whole; a map that is not JSON is one line."""
+    import json
+
+    from analysis.cli import main
+
+    _, target = llama_pair
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"id": f"i{i}", "prompt": f"{i} plus {i} is", "choices": [" two", " three"],
+                                        "answer": i % 2}) + "\n" for i in range(6)))
+    offload = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+               "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapped = load(target, device_map=offload, editable=False)
+    assert any(p.device.type == "meta" for p in mapped.model.parameters())  # really offloaded
+    for out, extra in (("whole", []), ("offloaded", ["--device-map", json.dumps(offload)])):
+        with pytest.raises(SystemExit) as done:
+            main(["eval", "-m", str(target), "--task", str(task), "-o", str(tmp_path / out), *extra])
+        assert done.value.code in (0, None)
+    records = [(tmp_path / o / "records.jsonl").read_text() for o in ("whole", "offloaded")]
+    assert records[0] == records[1]
+    with pytest.raises(SystemExit) as bad:
+        main(["eval", "-m", str(target), "--task", str(task), "-o", str(tmp_path / "bad"), "--device-map", "{layers: disk}"])
+    assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+

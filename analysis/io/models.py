@@ -186,13 +186,16 @@ def load(
     online: bool = False,
     attn_implementation: str = "eager",
     device_map: str | dict[str, int | str] | None = None,
+    editable: bool = True,
 ) -> LoadedModel:
     """Load a model reference for analysis.
 
     ``attn_implementation`` defaults to eager because the TransformerLens bridge forces eager
     attention: loading eager from the start keeps the HF model's logits and the bridge's identical.
     ``device_map`` (transformers' own: ``auto``, ``balanced``, ``sequential`` or module → device) spreads
-    a model that does not fit one device over several, and over the CPU; ``device`` is then unused.
+    a model that does not fit one device over several, and over the CPU; ``device`` is then unused. A map
+    that offloads modules (to disk, behind accelerate's hooks) is refused unless ``editable=False``: an
+    offloaded weight cannot be transplanted into in place, but a model only evaluated reads it as any other.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,7 +263,7 @@ def load(
         raise gguf_unreadable(mref, err) from err
     if device_map is None:
         model.to(device)
-    else:
+    elif editable:
         _refuse_offload(mref, model)
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -289,6 +292,7 @@ def _refuse_offload(mref: ModelRef, model: PreTrainedModel) -> None:
         raise GraftError(f"{mref.text}: device_map offloaded {len(offloaded)} tensors ({offloaded[0]}, …) to CPU or "
                          "disk behind hooks, where a transplant cannot edit them in place",
                          "give the devices room for the whole model (device_map: auto over more GPUs, or the CPU "
-                         "as a device: device_map: {'': cpu} places every module there)")
+                         "as a device: device_map: {'': cpu} places every module there); `graftlm eval`, which only "
+                         "reads weights, takes an offloading --device-map")
 
 
