@@ -309,7 +309,7 @@ def _finish_run(run: Path) -> None:
         table = Table(title=f"{summary.task}: {summary.donor_ref} → {summary.target_ref}"
                       + (f" (max_new_tokens {summary.max_new_tokens})" if summary.max_new_tokens else ""),
                       box=box.SIMPLE_HEAD)
-        for col in report.HEADER:
+        for col in report.header(summary):
             table.add_column(col, overflow="fold")  # a narrow terminal folds numbers, never cuts them
         for row in report.headline(summary):
             table.add_row(*row)

@@ -226,3 +226,28 @@ def test_gradient_completeness_is_stated_and_a_miss_is_flagged() -> None:
     assert note(0.004).endswith("(0.40% apart, 32 path nodes).")
     assert note(0.03).endswith("(3.00% apart, 32 path nodes; more than the 1% tolerance even at 32 nodes: "
                                "its scores are approximate).")
+
+
+def test_a_retention_benchmark_is_reported_as_accuracy_points(tmp_path: Path) -> None:
+    """retention: a second benchmark (questions, not texts): its accuracy beside each point, and the change
+    against the target in points, paired by question — what an arithmetic transplant did to ARC-Easy."""
+    run = write_run(tmp_path / "run", [i % 10 < 6 for i in range(100)])
+
+    def retention(phase: str, who: str, right: int, **point: object) -> dict:
+        key = "|".join([phase, "retention", who, str(point.get("method") or "-"), str(point.get("top_k")),
+                        str(point.get("alpha")), "None", "None"])
+        items = [{"id": f"q{i}", "correct": i < right} for i in range(50)]
+        return {"key": key, "phase": phase, "split": "retention", "who": who, "max_new_tokens": None, "seed": None,
+                "accuracy": right / 50, "k": right, "n": 50, "items": items, **point}
+
+    rows = [retention("baseline", "a", 40), retention("baseline", "b", 40),
+            retention("chosen", "transplant", 35, method="attribution", top_k=2, alpha=1.0)]
+    with (run / "results.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    (summary,) = report.summarize(run)
+    assert summary.retention_metric == "accuracy" and summary.retention == {"donor": 0.8, "target": 0.8}
+    change = summary.methods[0].retention_change
+    assert change is not None and change.value == pytest.approx(-0.1)  # 5 of 50 questions lost
+    assert "retention accuracy -10.0 points" in summary.verdict[0]
+    md = report.markdown(run)
+    assert "retention accuracy (Δ points, 95% CI)" in md and "0.700 (-10.0 points [" in md

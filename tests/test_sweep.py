@@ -208,3 +208,21 @@ def test_device_map_runs_the_study_with_the_same_results(study: tuple[Path, Swee
     assert mapped.digest() != cfg.digest()
     assert per_item(sweep(mapped, tmp_path / "mapped", progress=False)) == \
         per_item(sweep(cfg, tmp_path / "plain", progress=False))
+
+
+def test_a_second_benchmark_as_retention_is_scored_by_accuracy(study, tmp_path: Path) -> None:
+    """retention: a choice task instead of texts: every model and chosen point is evaluated on it, and the
+    report gives accuracies and their paired change in points."""
+    from analysis import report
+
+    _, cfg = study
+    questions = tmp_path / "second.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"Is {i} even?", "choices": [" yes", " no"],
+                                             "answer": i % 2}) + "\n" for i in range(12)))
+    run = sweep(small(cfg, retention=str(questions), retention_limit=12), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    on_retention = [r for r in rows if r.get("split") == "retention"]
+    assert on_retention and all(r["n"] == 12 and r.get("perplexity") is None for r in on_retention)
+    (summary,) = report.summarize(run)
+    assert summary.retention_metric == "accuracy" and summary.methods[0].retention_change is not None
+    assert "retention accuracy (Δ points, 95% CI)" in report.markdown(run)

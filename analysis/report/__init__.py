@@ -15,7 +15,7 @@ from analysis.report.summary import (
     summarize,
     verdict,
 )
-from analysis.report.text import HEADER, headline, markdown, write
+from analysis.report.text import HEADER, header, headline, markdown, write
 
-__all__ = ["ANSWER_SOURCES", "HEADER", "Finding", "Summary", "beats_random", "headline", "localization_notes",
+__all__ = ["ANSWER_SOURCES", "HEADER", "Finding", "Summary", "beats_random", "header", "headline", "localization_notes",
            "markdown", "named", "notes", "read_rows", "summarize", "verdict", "write"]

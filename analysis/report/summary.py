@@ -37,9 +37,9 @@ class Finding:
     tir: float
     recovery: metrics.Recovery
     vs_target: metrics.McNemar
-    retention: float | None = None  # perplexity on the retention set, when measured
+    retention: float | None = None  # on the retention set, when measured: its perplexity, or its accuracy
     plan: list[str] = field(default_factory=list)
-    retention_change: metrics.Change | None = None  # its perplexity against the target's, with an interval
+    retention_change: metrics.Change | None = None  # against the target's (perplexity: relative; accuracy: points)
     vs_random: metrics.Change | None = None  # accuracy minus the random control's at its budget (seeds averaged)
 
 
@@ -54,13 +54,14 @@ class Summary:
     donor: dict[str, metrics.Accuracy]  # split → accuracy
     target: dict[str, metrics.Accuracy]
     donor_vs_target: metrics.McNemar
-    retention: dict[str, float | None]  # donor / target perplexity
-    donor_retention_change: metrics.Change | None  # the donor's perplexity against the target's
+    retention: dict[str, float | None]  # donor / target perplexity (or accuracy: ``retention_metric``)
+    donor_retention_change: metrics.Change | None  # the donor's against the target's
     methods: list[Finding]
     controls: list[Finding]
     random_pooled: dict[tuple[int, float], metrics.Accuracy]
     verdict: list[str]
     notes: list[str] = field(default_factory=list)  # what qualifies the numbers: K grid, auto_order, dropped items
+    retention_metric: str = "perplexity"  # what the retention set measures: perplexity or accuracy
 
 
 def read_rows(run: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -184,9 +185,13 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, confi
     if target_test is None or donor_test is None:
         return None
     d_vs_t = _paired(donor_test, target_test)
-    retention = {role: (r.get("perplexity") if (r := get("baseline", "retention", name)) else None)
-                 for role, name in (("donor", d), ("target", t))}
     target_retention = get("baseline", "retention", t)
+    # a retention set of texts measures perplexity; one of questions (a second benchmark) measures accuracy
+    on_accuracy = target_retention is not None and target_retention.get("perplexity") is None \
+        and target_retention.get("accuracy") is not None
+    measure = "accuracy" if on_accuracy else "perplexity"
+    retention = {role: (r.get(measure) if (r := get("baseline", "retention", name)) else None)
+                 for role, name in (("donor", d), ("target", t))}
 
     def finding(row: dict[str, Any], label: str) -> Finding:
         acc = _acc(row)
@@ -195,7 +200,7 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, confi
                        metrics.tir(acc.accuracy, target["test"].accuracy),
                        metrics.gap_recovery(acc, target["test"], donor["test"], d_vs_t.p_value,
                                             items=_recovery_items(row, target_test, donor_test)),
-                       _paired(row, target_test), ret.get("perplexity") if ret else None, row.get("plan") or [],
+                       _paired(row, target_test), ret.get(measure) if ret else None, row.get("plan") or [],
                        _retention_change(ret, target_retention))
 
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
@@ -214,7 +219,7 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, confi
     controls = [finding(r, _control_label(r)) for r in control_rows]
     summary = Summary(mnt, order.get("donor_ref", d), order.get("target_ref", t), task, donor, target, d_vs_t,
                       retention, _retention_change(get("baseline", "retention", d), target_retention), methods,
-                      controls, _pool_random(control_rows), [])
+                      controls, _pool_random(control_rows), [], retention_metric=measure)
     summary.verdict = verdict(summary)
     grid = [r for r in rows if r.get("phase") == "grid" and r.get("max_new_tokens") == mnt]
     summary.notes = notes(summary, order, {m: {r["top_k"] for r in grid if r["method"] == m} for m in
@@ -240,10 +245,14 @@ def _vs_random(row: dict[str, Any], random_rows: list[dict[str, Any]]) -> metric
 
 
 def _retention_change(row: dict[str, Any] | None, target: dict[str, Any] | None) -> metrics.Change | None:
-    """Perplexity change on the retention texts against the target, paired by text (None for runs
-    written before per-text results were kept)."""
+    """The change on the retention set against the target, paired by item: perplexity's relative change
+    over texts, or accuracy's difference in points over questions (None for runs written before per-item
+    results were kept)."""
     if row is None or target is None:
         return None
+    if row.get("perplexity") is None and row.get("accuracy") is not None:
+        mine, theirs = _aligned(row, target)
+        return metrics.accuracy_difference(mine, theirs) if mine else None
     mine = {str(i["id"]): i for i in row.get("items") or [] if "nll" in i}
     theirs = {str(i["id"]): i for i in target.get("items") or [] if "nll" in i}
     ids = sorted(mine.keys() & theirs.keys())
@@ -318,7 +327,10 @@ def _margin_above_zero(f: Finding) -> bool:
 
 def _method_line(f: Finding, s: Summary, wins: bool) -> str:
     """One method's verdict: the strict test, else its margin over random components at its budget."""
-    cost = f", retention perplexity {f.retention_change}" if f.retention_change is not None else ""
+    cost = "" if f.retention_change is None else f", retention perplexity {f.retention_change}" \
+        if s.retention_metric == "perplexity" else (f", retention accuracy {f.retention_change.value * 100:+.1f} "
+                                                     f"points (95% CI {f.retention_change.ci_low * 100:+.1f} to "
+                                                     f"{f.retention_change.ci_high * 100:+.1f})")
     numbers = f"test {f.acc} vs target {s.target['test']}, gap recovery {f.recovery}"
     m = f.vs_random
     if wins:

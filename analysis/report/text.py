@@ -25,10 +25,14 @@ def _fmt_acc(a: metrics.Accuracy) -> str:
     return f"{a.accuracy:.3f} ({a.k}/{a.n}; {a.ci_low:.3f}–{a.ci_high:.3f})"
 
 
-def _fmt_retention(ppl: float | None, change: metrics.Change | None) -> str:
+def _fmt_retention(value: float | None, change: metrics.Change | None, measure: str = "perplexity") -> str:
+    """Perplexity with its relative change, or accuracy with its change in points, each [95% CI]."""
+    shown = _fmt(value) if measure == "perplexity" or value is None else f"{value:.3f}"
     if change is None:
-        return _fmt(ppl)
-    return f"{_fmt(ppl)} ({change.value:+.1%} [{change.ci_low * 100:+.1f}, {change.ci_high * 100:+.1f}])"
+        return shown
+    if measure == "perplexity":
+        return f"{shown} ({change.value:+.1%} [{change.ci_low * 100:+.1f}, {change.ci_high * 100:+.1f}])"
+    return f"{shown} ({change.value * 100:+.1f} points [{change.ci_low * 100:+.1f}, {change.ci_high * 100:+.1f}])"
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -46,14 +50,16 @@ def _gap_reason(s: Summary) -> str:
 
 def headline(s: Summary) -> list[list[str]]:
     """The table printed at the end of a sweep: one row per model / method / control."""
-    rows = [["target", short_name(s.target_ref), _fmt_acc(s.target["test"]), "1", "0%", "—", _fmt(s.retention.get("target"))],
+    m = s.retention_metric
+    rows = [["target", short_name(s.target_ref), _fmt_acc(s.target["test"]), "1", "0%", "—",
+             _fmt_retention(s.retention.get("target"), None, m)],
             ["donor", short_name(s.donor_ref), _fmt_acc(s.donor["test"]), _fmt(metrics.tir(s.donor["test"].accuracy,
                                                                                  s.target["test"].accuracy)),
-             "100%", _fmt(s.donor_vs_target.p_value), _fmt_retention(s.retention.get("donor"), s.donor_retention_change)]]
+             "100%", _fmt(s.donor_vs_target.p_value), _fmt_retention(s.retention.get("donor"), s.donor_retention_change, m)]]
     for f in [*s.methods, *s.controls]:
         kind = "method" if f in s.methods else "control"
         rows.append([kind, f.label, _fmt_acc(f.acc), _fmt(f.tir), f.recovery.describe("") if f.recovery.value is not None else "—",
-                     _fmt(f.vs_target.p_value), _fmt_retention(f.retention, f.retention_change)])
+                     _fmt(f.vs_target.p_value), _fmt_retention(f.retention, f.retention_change, m)])
     for (k, a), acc in s.random_pooled.items():
         rows.append(["control", f"random K={k} α={a}, seeds pooled", _fmt_acc(acc), "", "", "", ""])
     return rows
@@ -61,6 +67,12 @@ def headline(s: Summary) -> list[list[str]]:
 
 HEADER = ["", "model / point", "test accuracy (k/n; 95% CI)", "TIR", "gap recovery (95% CI)", "McNemar p vs target",
           "retention ppl (Δ, 95% CI)"]
+
+
+def header(s: Summary) -> list[str]:
+    """The headline table's columns: the last says what the retention set measured."""
+    return [*HEADER[:-1], "retention ppl (Δ, 95% CI)" if s.retention_metric == "perplexity"
+            else "retention accuracy (Δ points, 95% CI)"]
 
 
 def _environment(run: Path) -> dict[str, Any]:
@@ -83,7 +95,7 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
         parts += [f"> {line}" for line in s.verdict] + [""]
         if s.notes:
             parts += ["Notes:", "", *(f"- {line}" for line in s.notes), ""]
-        parts += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        parts += ["| " + " | ".join(header(s)) + " |", "|" + "---|" * len(HEADER)]
         parts += ["| " + " | ".join(r) + " |" for r in headline(s)]
         parts += ["", f"Baselines on dev: donor {_fmt_acc(s.donor['dev'])}, target {_fmt_acc(s.target['dev'])}. "
                   "K and α were chosen on dev; every figure above is on test, which selection never saw. "
