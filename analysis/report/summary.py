@@ -187,9 +187,7 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, confi
     d_vs_t = _paired(donor_test, target_test)
     target_retention = get("baseline", "retention", t)
     # a retention set of texts measures perplexity; one of questions (a second benchmark) measures accuracy
-    on_accuracy = target_retention is not None and target_retention.get("perplexity") is None \
-        and target_retention.get("accuracy") is not None
-    measure = "accuracy" if on_accuracy else "perplexity"
+    measure = "accuracy" if target_retention and target_retention.get("perplexity") is None else "perplexity"
     retention = {role: (r.get(measure) if (r := get("baseline", "retention", name)) else None)
                  for role, name in (("donor", d), ("target", t))}
 
@@ -327,10 +325,9 @@ def _margin_above_zero(f: Finding) -> bool:
 
 def _method_line(f: Finding, s: Summary, wins: bool) -> str:
     """One method's verdict: the strict test, else its margin over random components at its budget."""
-    cost = "" if f.retention_change is None else f", retention perplexity {f.retention_change}" \
-        if s.retention_metric == "perplexity" else (f", retention accuracy {f.retention_change.value * 100:+.1f} "
-                                                     f"points (95% CI {f.retention_change.ci_low * 100:+.1f} to "
-                                                     f"{f.retention_change.ci_high * 100:+.1f})")
+    r = f.retention_change
+    cost = "" if r is None else f", retention perplexity {r}" if s.retention_metric == "perplexity" else \
+        f", retention accuracy {r.value * 100:+.1f} points (95% CI {r.ci_low * 100:+.1f} to {r.ci_high * 100:+.1f})"
     numbers = f"test {f.acc} vs target {s.target['test']}, gap recovery {f.recovery}"
     m = f.vs_random
     if wins:
