@@ -251,3 +251,4 @@ def test_a_retention_benchmark_is_reported_as_accuracy_points(tmp_path: Path) ->
     assert "retention accuracy -10.0 points" in summary.verdict[0]
     md = report.markdown(run)
     assert "retention accuracy (Δ points, 95% CI)" in md and "0.700 (-10.0 points [" in md
+    assert "Retention: accuracy on a second benchmark" in md and "perplexity on off-task text" not in md

@@ -101,8 +101,10 @@ def markdown(run: str | Path, figures: list[Path] | None = None) -> str:
                   "K and α were chosen on dev; every figure above is on test, which selection never saw. "
                   "Accuracy intervals are Wilson's; gap recovery (transplant − target) / (donor − target) has a "
                   "paired percentile bootstrap interval over the test items; the gap itself: "
-                  f"{_gap_reason(s)}. Retention: perplexity on off-task text, its change against the target's "
-                  "with a bootstrap interval over the texts (paired).", ""]
+                  f"{_gap_reason(s)}. Retention: " + ("perplexity on off-task text, its change against the "
+                  "target's with a bootstrap interval over the texts (paired)." if s.retention_metric == "perplexity"
+                  else "accuracy on a second benchmark, its change against the target's in points with a "
+                  "bootstrap interval over the questions (paired)."), ""]
         for f in s.methods:
             against = (f"; against random components at the same budget {_points(f.vs_random)}"
                        if f.vs_random is not None else "")
