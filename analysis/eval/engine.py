@@ -261,10 +261,9 @@ class Packing:
         """ids [1, L], the boolean mask [1, 1, L, L] (True: may attend), positions [1, L], kept positions."""
         n = len(self.ids)
         mask = torch.zeros((n, n), dtype=torch.bool)
-        causal = torch.ones((n, n), dtype=torch.bool).tril_()
         for start, length, context, ctx_len in self.segments:
             rows = slice(start, start + length)
-            mask[rows, start:start + length] = causal[:length, :length]
+            mask[rows, start:start + length] = torch.ones((length, length), dtype=torch.bool).tril_()
             mask[rows, context:context + ctx_len] = True  # a continuation sees its whole context
         return (torch.tensor([self.ids]), mask[None, None], torch.tensor([self.positions]),
                 torch.tensor(self.keep))
@@ -285,12 +284,17 @@ class SharedContext:
         self.last: tuple[tuple[int, ...], Any] | None = None
         self.common: list[int] = os.path.commonprefix([list(x) for x in every]) if len(every) > 1 else []
 
+    @property
+    def run_once(self) -> bool:
+        """Every row of the run shares an opening worth a forward of its own."""
+        return len(self.common) >= SHARED_CONTEXT_MIN_TOKENS
+
     def inputs(self, seqs: Sequence[Sequence[int]], pad: int, tag: Hashable, own: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Left-padded (ids, mask, positions) of ``seqs`` after their shared opening, and a KV cache holding
         it (None when no opening is worth sharing: then ids are the whole rows). Every row keeps at least
         its last ``own`` tokens out of the opening (the positions whose logits the caller reads)."""
-        opening: list[int] = self.common if len(self.common) >= SHARED_CONTEXT_MIN_TOKENS else (
+        opening: list[int] = self.common if self.run_once else (
             os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else [])
         opening = opening[: max(min(len(x) for x in seqs) - own, 0)]
         if not self.enabled or len(opening) < SHARED_CONTEXT_MIN_TOKENS or not self.fwd.caches:

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from analysis.errors import GraftError
 from analysis.eval.engine import (
-    SHARED_CONTEXT_MIN_TOKENS,
     Forward,
     Packing,
     SharedContext,
@@ -49,14 +48,15 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
         prepared.append((ctx[-room:] if len(ctx) > room else ctx, cont_ids))
     results: list[list[float]] = [[] for _ in prepared]
     bar = tqdm(total=len(prepared), desc="loglikelihood", disable=not progress, leave=False)
-    packed = len(SharedContext(fwd, [ctx for ctx, _ in prepared]).common) < SHARED_CONTEXT_MIN_TOKENS and fwd.packs
+    shared = SharedContext(fwd, [ctx for ctx, _ in prepared])
+    packed = not shared.run_once and fwd.packs
     fingerprint = hash(("loglikelihood", batch_size, packed, tuple((tuple(c), tuple(map(tuple, cs))) for c, cs in prepared)))
     with fwd.replay.session(fingerprint) if fwd.replay is not None else contextlib.nullcontext():
         if packed:  # (few-shot prompts share their examples: those run once for all instead)
             _score_packed(fwd, prepared, min(PACK_TOKENS_PER_ROW * batch_size, PACK_TOKENS_MAX), results, bar)
         else:  # contexts of similar length together (padding costs as much as real tokens), batch_size at most
             batches = length_groups(range(len(prepared)), [len(ctx) for ctx, _ in prepared], max_rows=batch_size)
-            _score_batches(fwd, prepared, batches, pad, results, bar)
+            _score_batches(fwd, shared, prepared, batches, pad, results, bar)
     bar.close()
     return results
 
@@ -89,9 +89,8 @@ def _score_packed(fwd: Forward, prepared: list[tuple[list[int], list[list[int]]]
         bar.update(len(row.requests))
 
 
-def _score_batches(fwd: Forward, prepared: list[tuple[list[int], list[list[int]]]], batches: list[list[int]],
-                   pad: int, results: list[list[float]], bar: Any) -> None:
-    shared = SharedContext(fwd, [ctx for ctx, _ in prepared])
+def _score_batches(fwd: Forward, shared: SharedContext, prepared: list[tuple[list[int], list[list[int]]]],
+                   batches: list[list[int]], pad: int, results: list[list[float]], bar: Any) -> None:
     for b_no, batch in enumerate(batches):
         ids, mask, positions, past = shared.inputs([prepared[i][0] for i in batch], pad, ("shared-context", b_no))
         logits, past = fwd(ids, mask, positions, past=past, last_only=True, tag=("context", b_no))
