@@ -167,8 +167,7 @@ def eval_cmd(
     check_out(out, force=force, sources=[*source_paths(model), *task_file])
     loaded_task = tasks.load(task, split=split, limit=limit)  # a bad task file fails before the model loads
     placement = _device_map_option(device_map)
-    loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device_map=placement,
-                  editable=False)
+    loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device_map=placement)
     result = run(loaded.model, loaded.tokenizer, loaded_task, split=split, limit=limit, batch_size=batch_size,
                  max_new_tokens=max_new_tokens, out=out, progress=not as_json, force=force)
     if as_json:

@@ -244,33 +244,22 @@ def applied(
     by name, and ``.bridge`` / ``.model`` to run. ``with analysis.applied(t, d, plan) as grafted:
     grafted.bridge.run_with_cache(...)`` sees the transplanted weights at every hook.
     """
-    import torch
-
     params = target.parameters()
     lay = units.layout(target.model.config, {n: tuple(p.shape) for n, p in params.items()})
     edits = edits_for(plan, lay, allow_extrapolation=allow_extrapolation)
-    donor_src = donor if isinstance(donor, Checkpoint) else donor.parameters()
+    donor_src = donor if isinstance(donor, Checkpoint) else donor.tensors()
     touched = {e.slice.param for e in edits}
     for name in touched:
         if name not in donor_src:
             raise GraftError(f"the donor has no tensor {name}", "run `graftlm check` on the pair")
-        if tuple(params[name].shape) != tuple(donor_src[name].shape if not isinstance(donor_src, Checkpoint)
-                                              else donor_src.shape(name)):
+        # shapes from the parameters (an offloaded one is an empty tensor of the right shape)
+        shape = donor.shape(name) if isinstance(donor, Checkpoint) else donor.parameters()[name].shape
+        if tuple(params[name].shape) != tuple(shape):
             raise GraftError(f"tensor {name} has different shapes in donor and target", "run `graftlm check`")
     storage = {n: target.storage_dtypes.get(n, params[n].dtype) for n in touched}
-    changed = compute_changes(edits, params, donor_src, storage)
-    saved = {n: params[n].detach().clone() for n in touched}
-    try:
-        with torch.no_grad():
-            for name, value in changed.items():
-                params[name].copy_(value.to(params[name].dtype))
-        target.sync(changed)  # the bridge's split copies of fused q/k/v and gate/up follow the edit
+    changed = compute_changes(edits, target.tensors(), donor_src, storage)
+    with target.edited(changed):
         yield Applied(target, changed)
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-        target.sync(saved)
 
 
 # --- validation ----------------------------------------------------------------------------------

@@ -58,25 +58,59 @@ def test_bad_or_missing_device_is_one_clear_error(llama_pair: tuple[Path, Path])
             load(target, device="cuda")
 
 
-def test_device_map_places_modules_and_refuses_offload(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
+OFFLOAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+           "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+def test_device_map_places_modules(llama_pair: tuple[Path, Path]) -> None:
     """device_map (transformers' own) loads a model spread over devices — here every module on the CPU,
-    the same logits as a plain load; a map that offloads a layer to disk behind hooks (its parameters
-    left empty, on 'meta') is refused with one line: a transplant edits weights in place."""
+    the same logits as a plain load; an unknown strategy is one line."""
     _, target = llama_pair
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     plain = load(target)
     for device_map in ("auto", {"": "cpu"}):
         mapped = load(target, device_map=device_map)
-        assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
+        assert {p.device.type for p in mapped.model.parameters()} == {"cpu"} and not mapped.offloaded
         with torch.no_grad():
             torch.testing.assert_close(mapped.model(ids).logits, plain.model(ids).logits, rtol=0, atol=0)
-    offload = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-               "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    with pytest.raises(GraftError, match=r"device_map offloaded \d+ tensors \(model.layers.1.") as err:
-        load(target, device_map=offload)
-    assert "\n" not in str(err.value)
-    with pytest.raises(GraftError, match="unknown device_map 'everywhere'"):
+    with pytest.raises(GraftError, match="unknown device_map 'everywhere'") as err:
         load(target, device_map="everywhere")
+    assert "\n" not in str(err.value)
+
+
+def test_a_transplant_into_an_offloaded_model_is_served_never_written(llama_pair: tuple[Path, Path]) -> None:
+    """A layer offloaded to disk (transformers points accelerate at the source's own safetensors file):
+    inside ``applied`` both views compute what the model loaded whole computes with the same transplant,
+    after it the offloaded model's own logits return bit-exactly, and the source files never change.
+    Methods that differentiate the weights refuse an offloaded model with one line."""
+    from analysis import applied, units
+    from analysis.interp.weightspace import Blend
+    from analysis.plan import Plan
+
+    donor, target = llama_pair
+    sources = {f: f.read_bytes() for f in (*target.glob("*.safetensors"), *donor.glob("*.safetensors"))}
+    whole, off = load(target), load(target, device_map=OFFLOAD)
+    off_donor = load(donor, device_map=OFFLOAD)
+    assert off.offloaded and all(n.startswith("model.layers.1.") for n in off.offloaded)
+    torch.testing.assert_close(off.tensor("model.layers.1.mlp.up_proj.weight"),
+                               whole.parameters()["model.layers.1.mlp.up_proj.weight"], rtol=0, atol=0)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    plan = Plan.of(["L0.H1", "L1.mlp", "L1.H0"], alpha=0.5)
+    with torch.no_grad():
+        before = off.model(ids).logits
+        with applied(whole, load(donor), plan):
+            want = whole.model(ids).logits
+        with applied(off, off_donor, plan) as grafted:
+            torch.testing.assert_close(grafted.model(ids).logits, want, rtol=0, atol=0)
+            torch.testing.assert_close(grafted.bridge(ids), want, rtol=1e-5, atol=1e-6)  # the twin's hooks too
+        assert not torch.equal(want, before)
+        torch.testing.assert_close(off.model(ids).logits, before, rtol=0, atol=0)
+        torch.testing.assert_close(off.bridge(ids), before, rtol=1e-5, atol=1e-6)
+    assert {f: f.read_bytes() for f in sources} == sources
+    lay = units.layout(off.model.config, {n: tuple(p.shape) for n, p in off.parameters().items()})
+    with pytest.raises(GraftError, match="model.layers.1.* is offloaded") as err:
+        Blend(off, off_donor, ["L1.mlp"], lay)  # gradient, greedy, mask
+    assert "\n" not in str(err.value)
 
 
 def test_an_evaluation_reads_a_model_offloaded_to_disk(llama_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -90,9 +124,8 @@ def test_an_evaluation_reads_a_model_offloaded_to_disk(llama_pair: tuple[Path, P
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps({"id": f"i{i}", "prompt": f"{i} plus {i} is", "choices": [" two", " three"],
                                         "answer": i % 2}) + "\n" for i in range(6)))
-    offload = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-               "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    mapped = load(target, device_map=offload, editable=False)
+    offload = OFFLOAD
+    mapped = load(target, device_map=offload)
     assert any(p.device.type == "meta" for p in mapped.model.parameters())  # really offloaded
     for out, extra in (("whole", []), ("offloaded", ["--device-map", json.dumps(offload)])):
         with pytest.raises(SystemExit) as done:

@@ -201,13 +201,21 @@ def test_a_study_of_a_real_pair(tmp_path: Path) -> None:
 
 
 def test_device_map_runs_the_study_with_the_same_results(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
-    """device_map: auto (here every module lands on the CPU) runs localization, the grid and the controls
-    through the placed models, with the per-item results of a plain load; it is part of the config hash."""
-    cfg = small(study[1])
-    mapped = cfg.model_copy(update={"device_map": "auto"})
-    assert mapped.digest() != cfg.digest()
-    assert per_item(sweep(mapped, tmp_path / "mapped", progress=False)) == \
-        per_item(sweep(cfg, tmp_path / "plain", progress=False))
+    """device_map: auto (here every module lands on the CPU), and a map that offloads a layer to disk (a
+    model that does not fit the devices), run localization, the grid and the controls through the placed
+    models with the per-item results of a plain load, and leave both sources' files as they were; the map
+    is part of the config hash."""
+    cfg = small(study[1], methods=["weight", "shifts"], answers="reference",
+                controls={"random_seeds": [0], "copy_all": True, "weight": False})
+    sources = {f: f.read_bytes() for ref in (cfg.donor, cfg.target) for f in Path(ref).glob("*.safetensors")}
+    plain = per_item(sweep(cfg, tmp_path / "plain", progress=False))
+    offload = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+               "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    for name, device_map in (("auto", "auto"), ("offloaded", offload)):
+        mapped = cfg.model_copy(update={"device_map": device_map})
+        assert mapped.digest() != cfg.digest()
+        assert per_item(sweep(mapped, tmp_path / name, progress=False)) == plain, name
+    assert {f: f.read_bytes() for f in sources} == sources
 
 
 def test_a_second_benchmark_as_retention_is_scored_by_accuracy(study, tmp_path: Path) -> None:

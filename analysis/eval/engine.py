@@ -76,6 +76,15 @@ _CACHE_WORKS: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKey
 _PACK_WORKS: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
 
 
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its embedding's device (with a device_map, where accelerate runs it — an
+    offloaded embedding is an empty 'meta' tensor), else its first parameter's."""
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None) if hasattr(model, "get_input_embeddings") else None
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 class Forward:
     """Calls the model; asks for logits only where needed when the model supports ``logits_to_keep``
     (the LM head is a large share of a small model's FLOPs)."""
@@ -90,7 +99,7 @@ class Forward:
         self.keep = "logits_to_keep" in params
         # transformers >= 5.2x renamed past_key_values to cache (the old name warns).
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self._caches: bool | None = None
         self._packs: bool | None = None
 

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from analysis.errors import GraftError
-from analysis.eval.engine import left_pad, pad_id
+from analysis.eval.engine import input_device, left_pad, pad_id
 
 if TYPE_CHECKING:
     from analysis.io.models import LoadedModel
@@ -149,7 +149,7 @@ def forward(loaded: LoadedModel, batch: Batch | tuple[Tensor, Tensor, Tensor], *
     """Logits of the HF model (``hooked``: the copy whose modules the bridge wraps, so bridge hooks fire)."""
     ids, mask, pos = (batch.ids, batch.mask, batch.pos) if isinstance(batch, Batch) else batch
     model = loaded.hooked if hooked else loaded.model
-    dev = loaded.model.device
+    dev = input_device(loaded.model)
     out = model(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False, **kwargs)
     return out.logits
 

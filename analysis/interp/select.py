@@ -165,7 +165,7 @@ def getter(source: LoadedModel | Checkpoint) -> Getter:
                 raise GraftError(f"{ck.ref.text} has no tensor {name}", "run `graftlm check` on the pair")
             return ck.get(name)
         return get
-    params = source.parameters()
+    params = source.tensors()  # offloaded weights read where accelerate keeps them
 
     def get_param(name: str) -> torch.Tensor:
         if name not in params:

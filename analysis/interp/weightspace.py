@@ -91,6 +91,12 @@ class Blend:
     def __init__(self, target: LoadedModel, donor: LoadedModel, ids: Sequence[str], lay: units.Layout) -> None:
         if not ids:
             raise GraftError("no candidate components to score", "pass component kinds such as head,mlp")
+        if target.offloaded or donor.offloaded:
+            # functional_call's weights would be replaced by accelerate's hooks, which load the stored ones
+            first = (target.offloaded or donor.offloaded)[0]
+            raise GraftError(f"gradient, greedy and mask differentiate the weights, which must stay on a device; "
+                             f"{first} is offloaded", "give device_map room for every module, or localize with "
+                             "shifts, lae, attribution, patching or weight")
         self.model = target.model
         self.ids = list(ids)
         self.n = len(self.ids)

@@ -8,14 +8,17 @@ made through either view is seen by both.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from analysis.errors import GraftError
+from analysis.io import offload
+from analysis.io.offload import Offloaded
 from analysis.io.refs import (
     GGUF_ERRORS,
     ModelRef,
@@ -65,12 +68,14 @@ class LoadedModel:
     _bridge: TransformerBridge | None = None
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     _hooked: PreTrainedModel | None = None
+    _offloaded: dict[str, Offloaded] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Names are taken before the bridge boots: booting renames modules (and, for fused q/k/v,
         # re-registers the fused projection under another name), but keeps the same Parameter objects.
         if not self._params:
             self._params = hf_parameters(self.model)
+            self._offloaded = offload.find(self.model)
 
     @property
     def name(self) -> str:
@@ -88,7 +93,10 @@ class LoadedModel:
         if self._bridge is None:
             from transformer_lens.model_bridge import TransformerBridge
 
-            shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+            shared: dict[int, Any] = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+            # the twin's hooks read offloaded weights through the same loader, so an edit served there
+            # (:meth:`edited`) reaches both views
+            shared.update({id(where.loader): where.loader for where in self._offloaded.values()})
             self._hooked = copy.deepcopy(self.model, shared)
             with hub_mode(False):
                 self._bridge = TransformerBridge.boot_transformers(
@@ -111,6 +119,44 @@ class LoadedModel:
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         """HF parameter names (as in the checkpoint) → live parameters, also after the bridge boots."""
         return self._params
+
+    @property
+    def offloaded(self) -> list[str]:
+        """Parameters accelerate keeps off the devices (``device_map`` offload): read with :meth:`tensor`."""
+        return list(self._offloaded)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A parameter's value: the live tensor, or an offloaded one as accelerate serves it (a copy)."""
+        where = self._offloaded.get(name)
+        return self._params[name] if where is None else where.read()
+
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """Every parameter's value by HF name (offloaded ones read when asked for)."""
+        return _Values(self)
+
+    @contextlib.contextmanager
+    def edited(self, changed: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Compute with ``changed`` (name → value) in place of the model's own tensors for the block, in
+        both views (:attr:`model`, :attr:`bridge`); restored bit-exactly after. A resident parameter is
+        overwritten in place and copied back; an offloaded one is served from memory in place of the
+        stored copy, which is never written (it may be the source checkpoint itself)."""
+        import torch
+
+        resident = {n: v for n, v in changed.items() if n not in self._offloaded}
+        saved = {n: self._params[n].detach().clone() for n in resident}
+        elsewhere = {n: (self._offloaded[n], v.to(self._params[n].dtype)) for n, v in changed.items()
+                     if n in self._offloaded}
+        try:
+            with offload.served(elsewhere), torch.no_grad():
+                for name, value in resident.items():
+                    self._params[name].copy_(value.to(self._params[name].dtype))
+                self.sync(changed)  # the bridge's split copies of fused q/k/v and gate/up follow the edit
+                yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self._params[name].copy_(value)
+            self.sync(changed)
 
     def sync(self, names: Iterable[str]) -> None:
         """Refresh the bridge's split copies of fused tensors after they were edited in place.
@@ -136,6 +182,22 @@ class LoadedModel:
                     gate, up = mlp.split_gate_up_matrix(mlp.original_component)
                     _copy_linear(mlp.gate.original_component, gate)
                     _copy_linear(getattr(mlp, "in").original_component, up)
+
+
+class _Values(Mapping[str, "torch.Tensor"]):
+    """:meth:`LoadedModel.tensors`: parameter values by name, offloaded ones read on access."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._loaded.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded.parameters())
+
+    def __len__(self) -> int:
+        return len(self._loaded.parameters())
 
 
 def _copy_linear(dest: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -186,7 +248,6 @@ def load(
     online: bool = False,
     attn_implementation: str = "eager",
     device_map: str | dict[str, int | str] | None = None,
-    editable: bool = True,
 ) -> LoadedModel:
     """Load a model reference for analysis.
 
@@ -194,8 +255,9 @@ def load(
     attention: loading eager from the start keeps the HF model's logits and the bridge's identical.
     ``device_map`` (transformers' own: ``auto``, ``balanced``, ``sequential`` or module → device) spreads
     a model that does not fit one device over several, and over the CPU; ``device`` is then unused. A map
-    that offloads modules (to disk, behind accelerate's hooks) is refused unless ``editable=False``: an
-    offloaded weight cannot be transplanted into in place, but a model only evaluated reads it as any other.
+    that offloads modules (to disk or the CPU, behind accelerate's hooks) works too: a transplant's edit of
+    an offloaded weight is served from memory (:meth:`LoadedModel.edited`), never written where accelerate
+    stores it — for a safetensors folder, the source files themselves.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -263,8 +325,6 @@ def load(
         raise gguf_unreadable(mref, err) from err
     if device_map is None:
         model.to(device)
-    elif editable:
-        _refuse_offload(mref, model)
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -282,17 +342,5 @@ def _device_map(device_map: str | dict[str, int | str]) -> str | dict[str, int |
         raise GraftError(f"unknown device_map {device_map!r}",
                          "use auto, balanced, balanced_low_0, sequential, or a mapping of modules to devices")
     return device_map
-
-
-def _refuse_offload(mref: ModelRef, model: PreTrainedModel) -> None:
-    """A device_map that left weights off every device (offloaded: the module holds an empty 'meta'
-    tensor and accelerate streams the weights in per forward) cannot be transplanted into in place."""
-    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if offloaded:
-        raise GraftError(f"{mref.text}: device_map offloaded {len(offloaded)} tensors ({offloaded[0]}, …) to CPU or "
-                         "disk behind hooks, where a transplant cannot edit them in place",
-                         "give the devices room for the whole model (device_map: auto over more GPUs, or the CPU "
-                         "as a device: device_map: {'': cpu} places every module there); `graftlm eval`, which only "
-                         "reads weights, takes an offloading --device-map")
 
 
