@@ -201,6 +201,8 @@ def test_each_decoding_length_gets_its_own_figures(tmp_path: Path) -> None:
     names = {p.name for p in figures.make_all(run)}
     assert {"recovery-tokensdefault.png", "recovery-tokens16.png", "accuracy_vs_k-tokens16.svg"} <= names
     assert not any(n.startswith("recovery.") for n in names)
+    # and the paper's figure: every length's curve on one set of axes
+    assert "accuracy_vs_k_by_length.png" in names
 
 
 def test_a_key_written_twice_counts_once(tmp_path: Path) -> None:

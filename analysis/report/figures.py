@@ -1,6 +1,7 @@
 """Figures of a sweep run, regenerated from RUN/results.jsonl alone (PNG for reading, SVG for papers).
 
     accuracy_vs_k     the paper's curve: dev accuracy against K, one line per α, per method
+    accuracy_vs_k_by_length  (several decoding lengths) dev accuracy against K, one line per length
     accuracy_vs_alpha dev accuracy against α at each method's chosen K
     recovery          test accuracy and gap recovery, each with its 95% interval, per method beside its controls
     components        which components each method chose (layer × component heatmap)
@@ -75,6 +76,48 @@ def accuracy_vs_k(run: str | Path, folder: Path, s: summary.Summary, name: str =
         ax.legend(title="α", fontsize=8)
     fig.suptitle("Accuracy against the number of transplanted components" + _length(s), y=1.03)
     return _save(fig, folder, name)
+
+
+def accuracy_vs_k_by_length(run: str | Path, folder: Path, summaries: list[summary.Summary],
+                            name: str = "accuracy_vs_k_by_length") -> list[Path]:
+    """The paper's figure: dev accuracy against K, one line per decoding length (at each K the best α on
+    dev), one panel per method; each length's donor and target as dashed lines of its colour."""
+    frame = grid_frame(run)
+    if frame.empty or len(summaries) < 2:
+        return []
+    frame["length"] = [_length_label(v) for v in frame["max_new_tokens"]]
+    frame = frame.loc[frame.groupby(["method", "top_k", "length"])["accuracy"].idxmax()]
+    lengths = sorted(frame["length"].unique(), key=lambda v: (isinstance(v, str), v))
+    colors = dict(zip(lengths, sns.color_palette("viridis", len(lengths)), strict=True))
+    methods = sorted(frame["method"].unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for mnt in lengths:
+            part = frame[(frame["method"] == method) & (frame["length"] == mnt)].sort_values("top_k")
+            ax.errorbar(part["top_k"], part["accuracy"], yerr=[part["accuracy"] - part["ci_low"],
+                                                               part["ci_high"] - part["accuracy"]],
+                        marker="o", capsize=2, color=colors[mnt], label=str(mnt))
+        for s in summaries:
+            color = colors.get(_length_label(s.max_new_tokens))
+            if color is not None:
+                ax.axhline(s.donor["dev"].accuracy, color=color, ls="--", lw=1)
+                ax.axhline(s.target["dev"].accuracy, color=color, ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ks = sorted(frame["top_k"].unique())
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_title(method)
+        ax.set_xlabel("components transplanted (K)")
+        ax.set_ylabel("dev accuracy (95% CI)")
+        ax.legend(title="max_new_tokens", fontsize=8)
+    fig.suptitle("Accuracy against K at each decoding length (dashed: donor, dotted: target; best α per K)",
+                 y=1.03)
+    return _save(fig, folder, name)
+
+
+def _length_label(max_new_tokens: Any) -> int | str:
+    """A decoding length as a legend shows it: the number, or "default" (the task's own)."""
+    return "default" if max_new_tokens is None or pd.isna(max_new_tokens) else int(max_new_tokens)
 
 
 def accuracy_vs_alpha(run: str | Path, folder: Path, s: summary.Summary, name: str = "accuracy_vs_alpha") -> list[Path]:
@@ -223,4 +266,4 @@ def make_all(run: str | Path, folder: str | Path | None = None) -> list[Path]:
         suffix = length_suffix(s.max_new_tokens, len(summaries) > 1)
         for fn in (accuracy_vs_k, accuracy_vs_alpha, recovery, components):
             made += fn(run, out, s, fn.__name__ + suffix)
-    return made
+    return made + accuracy_vs_k_by_length(run, out, summaries)
