@@ -58,12 +58,40 @@ PROBE = {"specialist": 128, "next-release": 128, "quantized": 32}
 
 
 def config(recipe: str) -> SweepConfig:
+    if recipe in CURVES:
+        return CURVES[recipe]()
     folder = pairs.pair_folder(recipe)
     pair = json.loads((folder / "pair.json").read_text())
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), task=pair["task"],
                        retention=str(retention_set()), k=["1%", "2%", "5%", "10%"], alpha=[0.5, 1.0],
                        controls=Controls(random_seeds=[0, 1, 2], copy_all=True, weight=True),
                        probe_limit=PROBE[recipe], dev_limit=100, test_limit=300, retention_limit=40, batch_size=16)
+
+
+QWEN = pairs.CACHE.parent / "qwen2-5-coder-0-5b-instruct"  # bench/profile_eval.py --gguf dequantizes it here
+
+
+def qwen_curve() -> SweepConfig:
+    """The paper's curve (issue 14, point 3): GSM8K accuracy against K at max_new_tokens 32, 64 and 128, on
+    Qwen2.5-Coder-0.5B-Instruct against a copy with layers 8–15 rounded to 3 bits, the donor chosen by
+    auto-order per length. The paper's unit (one linear projection), its K ∈ {8 … 128} and α = 1; its
+    statistic (lae) beside ours (gradient), random linears and copy-all beside both. The item counts are
+    what one CPU thread affords in about an hour (decoding 128 tokens of a 0.5B model, 8-shot prompts);
+    the intervals say how little that is."""
+    folder = pairs.pair_folder("quantized", str(QWEN))
+    return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), auto_order=True, task="gsm8k",
+                       methods=["lae", "gradient"], components=["linear"], k=[8, 16, 32, 64, 128], alpha=[1.0],
+                       max_new_tokens=[32, 64, 128], retention=str(retention_set()), retention_limit=20,
+                       controls=Controls(random_seeds=[0], copy_all=True, weight=False),
+                       probe_limit=12, dev_limit=32, test_limit=64, batch_size=32)
+
+
+CURVES = {"qwen-curve": qwen_curve}
+
+
+def pair_of(recipe: str) -> Path:
+    """The pair folder a study reads."""
+    return Path(config(recipe).target).parent
 
 
 def run(recipe: str) -> Path:
@@ -82,12 +110,12 @@ def publish(recipe: str) -> None:
     (dst / "figures").mkdir(exist_ok=True)
     for fig in (src / "figures").glob("*.png"):
         shutil.copy2(fig, dst / "figures" / fig.name)
-    shutil.copy2(pairs.pair_folder(recipe) / "pair.json", dst / "pair.json")
+    shutil.copy2(pair_of(recipe) / "pair.json", dst / "pair.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES], default=[])
+    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES, *CURVES], default=[])
     parser.add_argument("--publish", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
