@@ -66,16 +66,21 @@ def accuracy_vs_k(run: str | Path, folder: Path, s: summary.Summary, name: str =
         sns.lineplot(sub, x="top_k", y="accuracy", hue="alpha", marker="o", palette="viridis", ax=ax)
         ax.axhline(s.donor["dev"].accuracy, color="tab:green", ls="--", lw=1, label="donor")
         ax.axhline(s.target["dev"].accuracy, color="tab:red", ls="--", lw=1, label="target")
-        ax.set_xscale("log", base=2)
-        ks = sorted(sub["top_k"].unique())
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-        ax.set_title(method)
-        ax.set_xlabel("components transplanted (K)")
-        ax.set_ylabel("dev accuracy")
-        ax.legend(title="α", fontsize=8)
+        _k_axis(ax, sub["top_k"], method, "dev accuracy", "α")
     fig.suptitle("Accuracy against the number of transplanted components" + _length(s), y=1.03)
     return _save(fig, folder, name)
+
+
+def _k_axis(ax: plt.Axes, ks: pd.Series, title: str, ylabel: str, legend: str) -> None:
+    """A panel of accuracy against K: K on a log₂ axis ticked at the grid's values."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(ks.unique())
+    ax.set_xticks(ticks, [str(k) for k in ticks])
+    ax.minorticks_off()
+    ax.set_title(title)
+    ax.set_xlabel("components transplanted (K)")
+    ax.set_ylabel(ylabel)
+    ax.legend(title=legend, fontsize=8)
 
 
 def accuracy_vs_k_by_length(run: str | Path, folder: Path, summaries: list[summary.Summary],
@@ -102,14 +107,7 @@ def accuracy_vs_k_by_length(run: str | Path, folder: Path, summaries: list[summa
             if color is not None:
                 ax.axhline(s.donor["dev"].accuracy, color=color, ls="--", lw=1)
                 ax.axhline(s.target["dev"].accuracy, color=color, ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ks = sorted(frame["top_k"].unique())
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-        ax.set_title(method)
-        ax.set_xlabel("components transplanted (K)")
-        ax.set_ylabel("dev accuracy (95% CI)")
-        ax.legend(title="max_new_tokens", fontsize=8)
+        _k_axis(ax, frame["top_k"], method, "dev accuracy (95% CI)", "max_new_tokens")
     fig.suptitle("Accuracy against K at each decoding length (dashed: donor, dotted: target; best α per K)",
                  y=1.03)
     return _save(fig, folder, name)

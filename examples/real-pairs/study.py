@@ -74,16 +74,17 @@ QWEN = pairs.CACHE.parent / "qwen2-5-coder-0-5b-instruct"  # bench/profile_eval.
 def qwen_curve() -> SweepConfig:
     """The paper's curve (issue 14, point 3): GSM8K accuracy against K at max_new_tokens 32, 64 and 128, on
     Qwen2.5-Coder-0.5B-Instruct against a copy with layers 8–15 rounded to 3 bits, the donor chosen by
-    auto-order per length. The paper's unit (one linear projection), its K ∈ {8 … 128} and α = 1; its
-    statistic (lae) beside ours (gradient), random linears and copy-all beside both. The item counts are
-    what one CPU thread affords in about an hour (decoding 128 tokens of a 0.5B model, 8-shot prompts);
-    the intervals say how little that is."""
+    auto-order per length. The paper's unit (one linear projection), its K ∈ {8 … 128}, α = 1 and its
+    statistic (lae), with random linears and copy-all beside it. The item counts are what one CPU thread
+    affords in about an hour and a half (each item's 8-shot prompt is ~800 tokens of a 0.5B model, the
+    shared 740-token context run once); the intervals say how little that is — rerun with larger limits
+    where a GPU is lent."""
     folder = pairs.pair_folder("quantized", str(QWEN))
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), auto_order=True, task="gsm8k",
-                       methods=["lae", "gradient"], components=["linear"], k=[8, 16, 32, 64, 128], alpha=[1.0],
+                       methods=["lae"], components=["linear"], k=[8, 16, 32, 64, 128], alpha=[1.0],
                        max_new_tokens=[32, 64, 128], retention=str(retention_set()), retention_limit=20,
                        controls=Controls(random_seeds=[0], copy_all=True, weight=False),
-                       probe_limit=12, dev_limit=32, test_limit=64, batch_size=32)
+                       probe_limit=12, dev_limit=16, test_limit=32, batch_size=32)
 
 
 CURVES = {"qwen-curve": qwen_curve}
