@@ -99,3 +99,37 @@ def test_sites_cover_component_ids(pair) -> None:
     for kinds in (("head",), ("mlp", "attn"), ("neuron",), ("linear",), ("group",), ("layer",)):
         got = [r["id"] for r in shifts.describe_ids(shifts.sites(lay, kinds))]
         assert sorted(got) == sorted(units.component_ids(lay, kinds))  # type: ignore[arg-type]
+
+
+def test_generate_mode_runs_a_shared_opening_once_with_the_same_statistics(pair, tmp_path, monkeypatch) -> None:
+    """Few-shot prompts share their opening: in generate mode (lae) it runs once per batch, not once per
+    row, and the statistics are those of decoding every row whole — the opening's own forward is read by
+    no statistic."""
+    import yaml
+    from conftest import arith_task
+
+    from analysis.eval import engine
+
+    data = arith_task(tmp_path, n=6)
+    opening = "Add the numbers, then say the sum. "  # the tiny model reads 64 positions
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": data.name, "kind": "generate", "description": opening}))
+    task = tasks.load(tmp_path / "t.yaml")
+    donor, target = pair
+    widths: list[tuple[int, int]] = []
+    forward = engine.Forward.__call__
+
+    def counting(self, ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        widths.append(tuple(ids.shape))
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Forward, "__call__", counting)
+    kw = dict(answers="reference", kinds=("head", "mlp"), mode="generate", max_new_tokens=3, progress=False)
+    shared = shifts.measure(donor, target, task, **kw)
+    opening_tokens = len(opening) - 4
+    assert sum(rows == 1 and width >= opening_tokens for rows, width in widths) == 2  # once per model
+    assert not any(rows > 1 and width >= opening_tokens for rows, width in widths)
+    monkeypatch.setattr(engine, "SHARED_CONTEXT_MIN_TOKENS", 10**9)
+    whole = shifts.measure(donor, target, task, **kw)
+    cols = ["donor", "target", "shift", "shift_sd"]
+    torch.testing.assert_close(torch.tensor(shared[cols].to_numpy()), torch.tensor(whole[cols].to_numpy()),
+                               rtol=1e-4, atol=1e-6)

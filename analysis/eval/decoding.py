@@ -44,7 +44,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
     ``observe(rows, decoding)`` is called before every forward with the prompts (indices into ``prompts``)
     whose rows the forward runs, in the batch's order, and which of them are still decoding: the newest
     position of those is the token being predicted (activation statistics of generated tokens hook in
-    here; not with drafts, whose forwards predict many tokens at once).
+    here; not with drafts, whose forwards predict many tokens at once). Empty lists announce the forward
+    of an opening every prompt shares (few-shot examples), run once: a row of no prompt.
 
     ``drafts`` (token ids per prompt, e.g. what a neighbouring point of a sweep generated) are verified
     in one forward per batch, as in speculative decoding: the greedy tokens agree with a draft up to
@@ -71,7 +72,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, stop: Sequen
         return len(new) >= max_new_tokens or new[-1] in eos or (
             bool(stops) and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stops))
 
-    shared = SharedContext(fwd, encoded, enabled=observe is None)
+    shared = SharedContext(fwd, encoded, before_opening=None if observe is None else lambda: observe([], []))
     rows: list[tuple[list[int], float]] = [([], 0.0)] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, leave=False)
     todo = list(range(len(encoded)))

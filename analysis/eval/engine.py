@@ -287,9 +287,10 @@ class SharedContext:
     reuses it. Given ``every`` row of the run, the opening they all share is used for each batch (one
     forward for the run, however the rows are grouped); otherwise each batch's own common opening."""
 
-    def __init__(self, fwd: Forward, every: Sequence[Sequence[int]] = (), enabled: bool = True) -> None:
+    def __init__(self, fwd: Forward, every: Sequence[Sequence[int]] = (),
+                 before_opening: Callable[[], None] | None = None) -> None:
         self.fwd = fwd
-        self.enabled = enabled  # off: every row runs whole (each forward then covers whole rows)
+        self.before_opening = before_opening  # told before the opening's own forward (a row of no prompt)
         self.last: tuple[tuple[int, ...], Any] | None = None
         self.common: list[int] = os.path.commonprefix([list(x) for x in every]) if len(every) > 1 else []
 
@@ -306,11 +307,13 @@ class SharedContext:
         opening: list[int] = self.common if self.run_once else (
             os.path.commonprefix([list(x) for x in seqs]) if len(seqs) > 1 else [])
         opening = opening[: max(min(len(x) for x in seqs) - own, 0)]
-        if not self.enabled or len(opening) < SHARED_CONTEXT_MIN_TOKENS or not self.fwd.caches:
+        if len(opening) < SHARED_CONTEXT_MIN_TOKENS or not self.fwd.caches:
             return (*left_pad(seqs, pad), None)
         ids, mask, positions = left_pad([x[len(opening):] for x in seqs], pad)
         if self.last is None or self.last[0] != tuple(opening):
             one = torch.tensor([opening])
+            if self.before_opening is not None:
+                self.before_opening()
             _, cache = self.fwd(one, torch.ones_like(one), torch.arange(len(opening))[None], last_only=True, tag=tag)
             self.last = (tuple(opening), cache)
         past = copy.deepcopy(self.last[1])

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from analysis import units
 from analysis.errors import GraftError
+from analysis.interp import hfhooks
 from analysis.interp.batching import forward
 from analysis.interp.probe import Probe, probe_items
 
@@ -138,6 +139,24 @@ def by_hook(site_list: Sequence[Site]) -> dict[str, list[Site]]:
 
 
 @contextlib.contextmanager
+def reading(loaded: LoadedModel, fwd: list[tuple[str, Callable[..., Any]]]) -> Iterator[Any]:
+    """Read-only hooks at bridge hook points for the block, yielding the model to run: the HF model itself
+    with the hooks on its modules where every point has one (:mod:`analysis.interp.hfhooks`: its KV cache
+    works, no wrappers), else the bridge-wrapped copy with bridge hooks."""
+    from analysis.eval.engine import Forward
+
+    where = hfhooks.points(loaded, [name for name, _ in fwd])
+    model = loaded.model if where is not None else loaded.hooked
+    Forward(model).caches  # noqa: B018 (whether the KV cache works is probed once, before any hook sees a forward)
+    if where is not None:
+        with hfhooks.attached(where, fwd):
+            yield model
+    else:
+        with hooked(loaded, fwd):
+            yield model
+
+
+@contextlib.contextmanager
 def hooked(loaded: LoadedModel, fwd: list[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
     """Bridge hooks for the duration of the block; removed on exit, also when the block raises."""
     bridge = loaded.bridge  # boots the bridge: its hook points wrap the HF model's modules
@@ -176,6 +195,8 @@ class _Recorder:
     def _fn(self, hook: str, group: list[Site]) -> Callable[..., None]:
         def fn(act: Tensor, hook: Any = None) -> None:
             w = self.weights
+            if self.newest is not None and not len(self.newest):
+                return  # the forward of an opening all prompts share: no prompt's newest token is in it
             if self.newest is not None:
                 w = torch.zeros(act.shape[:2])
                 w[:, -1] = self.newest
@@ -274,12 +295,12 @@ def measure(
                 w = batch.weights(positions)
                 rec_d = _Recorder(site_list, keep=True)
                 rec_d.weights = w
-                with hooked(donor, rec_d.hooks()):
-                    forward(donor, batch, logits_to_keep=1)
+                with reading(donor, rec_d.hooks()) as model:
+                    forward(donor, batch, hooked=model is donor.hooked, logits_to_keep=1)
                 rec_t = _Recorder(site_list, ref=rec_d.kept)
                 rec_t.weights = w
-                with hooked(target, rec_t.hooks()):
-                    forward(target, batch, logits_to_keep=1)
+                with reading(target, rec_t.hooks()) as model:
+                    forward(target, batch, hooked=model is target.hooked, logits_to_keep=1)
                 count = w.sum(1, keepdim=True).clamp(min=1)
                 for s in unique(site_list):
                     md, mt = rec_d.mag[s.key] / count, rec_t.mag[s.key] / count
@@ -289,7 +310,6 @@ def measure(
                 bar.update(len(batch))
         bar.close()
     elif mode == "generate":
-        from analysis.eval.engine import Forward
 
         items = probe_items(task, limit, split)
         prompts = [task.render(it, target.tokenizer) for it in items]
@@ -300,10 +320,9 @@ def measure(
                 chunk = prompts[start:start + batch_size]
                 mags = []
                 for loaded in (donor, target):
-                    Forward(loaded.hooked).caches  # noqa: B018 (the KV cache is probed once, before the hooks see forwards)
                     rec = _Recorder(site_list)
-                    with hooked(loaded, rec.hooks()):
-                        steps = decode(loaded, chunk, task.stop, new, rec)
+                    with reading(loaded, rec.hooks()) as model:
+                        steps = decode(model, loaded.tokenizer, chunk, task.stop, new, rec)
                     mags.append({k: v / steps[:, None].clamp(min=1) for k, v in rec.mag.items()})
                 for s in unique(site_list):
                     md, mt = mags[0][s.key], mags[1][s.key]
@@ -331,9 +350,9 @@ def measure(
     return pd.DataFrame(rows).set_index("id")
 
 
-def decode(loaded: LoadedModel, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int,
+def decode(model: Any, tokenizer: Any, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int,
            rec: _Recorder) -> Tensor:
-    """Greedy decoding (:func:`analysis.eval.decoding.generate`) on the bridge-wrapped model; before each
+    """Greedy decoding (:func:`analysis.eval.decoding.generate`) on the model the hooks ride on; before each
     forward the recorder learns which prompts its rows are and which still decode, so its hooks read the
     newest token of those. Returns the decoding steps per prompt."""
     from analysis.eval.decoding import generate
@@ -342,9 +361,9 @@ def decode(loaded: LoadedModel, prompts: Sequence[str], stop: Sequence[str], max
     rec.n_rows = len(prompts)
 
     def observe(rows: list[int], decoding: list[bool]) -> None:
-        rec.rows, rec.newest = torch.tensor(rows), torch.tensor(decoding, dtype=torch.float32)
-        steps[rec.rows] += rec.newest
+        rec.rows, rec.newest = torch.tensor(rows, dtype=torch.long), torch.tensor(decoding, dtype=torch.float32)
+        steps[rec.rows] += rec.newest  # (no rows: the shared opening's forward, which no statistic reads)
 
-    generate(loaded.hooked, loaded.tokenizer, list(prompts), stop=stop, max_new_tokens=max_new_tokens,
+    generate(model, tokenizer, list(prompts), stop=stop, max_new_tokens=max_new_tokens,
              batch_size=len(prompts), observe=observe)
     return steps

@@ -75,7 +75,7 @@ def qwen_curve() -> SweepConfig:
     """The paper's curve (issue 14, point 3): GSM8K accuracy against K at max_new_tokens 32, 64 and 128, on
     Qwen2.5-Coder-0.5B-Instruct against a copy with layers 8–15 rounded to 3 bits, the donor chosen by
     auto-order per length. The paper's unit (one linear projection), its K ∈ {8 … 128}, α = 1 and its
-    statistic (lae), with random linears and copy-all beside it. The item counts are what one CPU thread
+    statistic (lae), with random linears beside it. The item counts are what one CPU thread
     affords in about an hour and a half (each item's 8-shot prompt is ~800 tokens of a 0.5B model, the
     shared 740-token context run once); the intervals say how little that is — rerun with larger limits
     where a GPU is lent."""
@@ -83,8 +83,8 @@ def qwen_curve() -> SweepConfig:
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), auto_order=True, task="gsm8k",
                        methods=["lae"], components=["linear"], k=[8, 16, 32, 64, 128], alpha=[1.0],
                        max_new_tokens=[32, 64, 128], retention=str(retention_set()), retention_limit=20,
-                       controls=Controls(random_seeds=[0], copy_all=True, weight=False),
-                       probe_limit=12, dev_limit=16, test_limit=32, batch_size=32)
+                       controls=Controls(random_seeds=[0], copy_all=False, weight=False),
+                       probe_limit=12, dev_limit=16, test_limit=24, batch_size=32)
 
 
 CURVES = {"qwen-curve": qwen_curve}
