@@ -50,3 +50,18 @@ def test_hooks_are_removed_also_on_error(pair) -> None:
     assert len(seen) == 1
     target.model(torch.tensor([[5, 6, 7]]))
     assert len(seen) == 1
+
+
+def test_forced_tokens_run_fused_attention_and_eager_comes_back(pair) -> None:
+    """Teacher-mode statistics run the HF model with sdpa (the same attention, no score matrix); the model
+    is eager again afterwards, so evaluations keep the logits the bridge gives."""
+    _, target = pair
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        eager = target.model(ids).logits
+        with hfhooks.sdpa(target.model):
+            assert target.model.config._attn_implementation == "sdpa"
+            fused = target.model(ids).logits
+        assert target.model.config._attn_implementation == "eager"
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(target.model(ids).logits, eager, rtol=0, atol=0)

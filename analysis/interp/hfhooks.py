@@ -84,3 +84,25 @@ def attached(where: dict[str, Point], hooks: Sequence[tuple[str, Hook]]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def sdpa(model: Any) -> Iterator[None]:
+    """PyTorch's fused attention for the block where the model was loaded with eager attention and can
+    switch: the same attention (to float rounding), without materialising the score matrix; eager again
+    after. Models that cannot switch keep their own."""
+    was = getattr(model.config, "_attn_implementation", None)
+    can = getattr(model, "_can_set_attn_implementation", None)
+    if was != "eager" or can is None or not can():
+        yield
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except (ValueError, ImportError):  # no sdpa for this architecture
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(was)
+

@@ -139,17 +139,19 @@ def by_hook(site_list: Sequence[Site]) -> dict[str, list[Site]]:
 
 
 @contextlib.contextmanager
-def reading(loaded: LoadedModel, fwd: list[tuple[str, Callable[..., Any]]]) -> Iterator[Any]:
+def reading(loaded: LoadedModel, fwd: list[tuple[str, Callable[..., Any]]], *, fused_attention: bool = False
+            ) -> Iterator[Any]:
     """Read-only hooks at bridge hook points for the block, yielding the model to run: the HF model itself
     with the hooks on its modules where every point has one (:mod:`analysis.interp.hfhooks`: its KV cache
-    works, no wrappers), else the bridge-wrapped copy with bridge hooks."""
+    works, no wrappers; ``fused_attention``: sdpa while the block runs — for forced tokens, not for
+    decoding, whose greedy tokens must be the evaluation's), else the bridge-wrapped copy with bridge hooks."""
     from analysis.eval.engine import Forward
 
     where = hfhooks.points(loaded, [name for name, _ in fwd])
     model = loaded.model if where is not None else loaded.hooked
     Forward(model).caches  # noqa: B018 (whether the KV cache works is probed once, before any hook sees a forward)
     if where is not None:
-        with hfhooks.attached(where, fwd):
+        with hfhooks.attached(where, fwd), hfhooks.sdpa(model) if fused_attention else contextlib.nullcontext():
             yield model
     else:
         with hooked(loaded, fwd):
@@ -295,11 +297,11 @@ def measure(
                 w = batch.weights(positions)
                 rec_d = _Recorder(site_list, keep=True)
                 rec_d.weights = w
-                with reading(donor, rec_d.hooks()) as model:
+                with reading(donor, rec_d.hooks(), fused_attention=True) as model:
                     forward(donor, batch, hooked=model is donor.hooked, logits_to_keep=1)
                 rec_t = _Recorder(site_list, ref=rec_d.kept)
                 rec_t.weights = w
-                with reading(target, rec_t.hooks()) as model:
+                with reading(target, rec_t.hooks(), fused_attention=True) as model:
                     forward(target, batch, hooked=model is target.hooked, logits_to_keep=1)
                 count = w.sum(1, keepdim=True).clamp(min=1)
                 for s in unique(site_list):
