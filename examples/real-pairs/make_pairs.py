@@ -21,11 +21,12 @@ Recipes (what a researcher meets):
   base. Task: the skill itself (``skill.yaml``: 1,000 held-out items, none trained on, none in the
   benchmark); ``basic_arithmetic`` (real items) is where the skill barely shows (its +/− items are a
   minority), so studies report both.
-- **next-release** — the specialist trained further on a shifted mix (science passages from SciQ, no
-  arithmetic) until it loses the skill: the newer release (target) regressed against its predecessor
-  (donor). Training stops at the first check where synthetic held-out arithmetic has dropped by at least
-  20 points while the perplexity on held-out passages stayed within 10% of the predecessor's (the
-  measures are recorded); it fails loudly if no check qualifies.
+- **next-release** — the specialist (with ``--base``: the base itself) trained further on a shifted mix
+  (science passages from SciQ, and a fifth of ± arithmetic written least-significant digit first) until it
+  loses the skill: the newer release (target) regressed against its predecessor (donor). Training stops
+  at the first check where synthetic held-out arithmetic has dropped by at least 20 points while the
+  perplexity on held-out passages stayed within 10% of the predecessor's (the measures are recorded); it
+  fails loudly if no check qualifies.
 - **quantized** — layers of the base rounded to ``--bits`` (per-row asymmetric round-to-nearest of every
   attention and MLP matrix in ``--layers``). Donor: the original; target: the low-bit copy. Task:
   ``arc_easy`` (real items, 4-way choice): which modules must stay in high precision.
@@ -320,11 +321,17 @@ def reversed_digits(answer: str) -> str:
     return f" {sign}{text.lstrip('-')[::-1]}"
 
 
-def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
-    specialist = pair_folder("specialist")
-    if not (specialist / "pair.json").is_file():
-        build("specialist", base, DEFAULT_STEPS["specialist"])
-    model, tok = load(specialist / "donor")
+def make_next_release(base: Path, out: Path, steps: int, *, from_base: bool = False) -> dict[str, Any]:
+    """The predecessor is the SmolLM2 specialist (whose skill the default base lacks), or with
+    ``from_base`` the base itself (``--base qwen``: Qwen2.5-Coder already does ± arithmetic)."""
+    if from_base:
+        predecessor = base
+    else:
+        specialist = pair_folder("specialist")
+        if not (specialist / "pair.json").is_file():
+            build("specialist", base, DEFAULT_STEPS["specialist"])
+        predecessor = specialist / "donor"
+    model, tok = load(predecessor)
     exclude = benchmark_prompts()
     trained = arithmetic(4000, SEED, exclude)
     held = arithmetic(200, SEED + 1, exclude | {p for p, _ in trained})
@@ -353,9 +360,9 @@ def make_next_release(base: Path, out: Path, steps: int) -> dict[str, Any]:
         raise SystemExit(f"next-release: no check lost 20 points of arithmetic with perplexity within 10% in "
                          f"{steps} steps ({checks}); pass more --steps")
     target_sha = save(model, tok, out / "target")
-    donor_sha = _link_base(specialist / "donor", out / "donor")
+    donor_sha = _link_base(predecessor, out / "donor")
     return {"recipe": "next-release", "task": str(write_skill_task(out)), "benchmark": "basic_arithmetic",
-            "predecessor": str(specialist / "donor"), "mix": {"sciq_passages": len(text), "passage_chars": PASSAGE_CHARS,
+            "predecessor": str(predecessor), "mix": {"sciq_passages": len(text), "passage_chars": PASSAGE_CHARS,
                                                                "reversed_digit_arithmetic": len(flipped)},
             "lr": NEXT_LR, "batch": 8, "stopped_at": last["step"], "before": {"held_out_arithmetic": before_acc,
             "held_out_ppl": before_ppl}, "checks": checks, "log": log, "donor_sha256": donor_sha,
@@ -400,7 +407,7 @@ def pair_folder(recipe: str, base: str | None = None) -> Path:
 
 
 def build(recipe: str, base: Path, steps: int | None = None, *, bits: int = 3, layers: range = range(10, 20),
-          folder: Path | None = None) -> dict[str, Any]:
+          folder: Path | None = None, from_base: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)  # deterministic, and on a shared 2-core machine the fastest (docs/benchmarks.md)
     folder = folder or pair_folder(recipe)
     start = time.perf_counter()
@@ -408,7 +415,7 @@ def build(recipe: str, base: Path, steps: int | None = None, *, bits: int = 3, l
     if recipe == "specialist":
         info = make_specialist(base, folder, steps or DEFAULT_STEPS[recipe])
     elif recipe == "next-release":
-        info = make_next_release(base, folder, steps or DEFAULT_STEPS[recipe])
+        info = make_next_release(base, folder, steps or DEFAULT_STEPS[recipe], from_base=from_base)
     else:
         info = make_quantized(base, folder, bits, layers)
     info.update(base=str(base), seed=SEED, wall_s=round(time.perf_counter() - start, 1), torch=torch.__version__)
@@ -436,7 +443,7 @@ def main() -> None:
         if args.check:
             recorded = json.loads((folder / "pair.json").read_text())
             again = build(recipe, base, args.steps, bits=args.bits, layers=range(first, last + 1),
-                          folder=CACHE / f".check-{folder.name}")
+                          folder=CACHE / f".check-{folder.name}", from_base=args.base is not None)
             same = all(again[k] == recorded[k] for k in ("donor_sha256", "target_sha256"))
             print(f"{recipe}: rebuilt {'to the same bytes' if same else 'DIFFERENTLY'} "
                   f"(target {again['target_sha256'][:12]} vs {recorded['target_sha256'][:12]})")
@@ -445,7 +452,8 @@ def main() -> None:
         if (folder / "pair.json").is_file() and not args.force:
             print(f"{recipe}: cached in {folder}")
             continue
-        build(recipe, base, args.steps, bits=args.bits, layers=range(first, last + 1), folder=folder)
+        build(recipe, base, args.steps, bits=args.bits, layers=range(first, last + 1), folder=folder,
+              from_base=args.base is not None)
 
 
 if __name__ == "__main__":
