@@ -1,6 +1,8 @@
 """Activation shifts between donor and target on a task's probe items, streamed through scoped hooks.
 
-Every component is seen at a TransformerLens hook point of the bridge (``units.Component.hooks``); a
+Every component is seen at a TransformerLens hook point of the bridge (``units.Component.hooks``), read
+on the HF model's own modules wherever the point is one's input or output (:func:`reading`,
+:mod:`analysis.interp.hfhooks`: KV cache, shared few-shot opening, sdpa), else on the bridge; a
 :class:`Site` views one hook point as G equal components (the heads of ``hook_z``, the neurons of
 ``mlp.hook_post``, or the whole output of ``hook_mlp_out`` / a projection). Hooks reduce each batch to
 per-prompt numbers on the spot and add them to running sums, so memory is O(components) across
@@ -312,7 +314,6 @@ def measure(
                 bar.update(len(batch))
         bar.close()
     elif mode == "generate":
-
         items = probe_items(task, limit, split)
         prompts = [task.render(it, target.tokenizer) for it in items]
         new = max_new_tokens or task.max_new_tokens
