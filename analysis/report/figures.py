@@ -108,8 +108,8 @@ def accuracy_vs_k_by_length(run: str | Path, folder: Path, summaries: list[summa
                 ax.axhline(s.donor["dev"].accuracy, color=color, ls="--", lw=1)
                 ax.axhline(s.target["dev"].accuracy, color=color, ls=":", lw=1)
         _k_axis(ax, frame["top_k"], method, "dev accuracy (95% CI)", "max_new_tokens")
-    fig.suptitle("Accuracy against K at each decoding length (dashed: donor, dotted: target; best α per K)",
-                 y=1.03)
+    fig.suptitle("Accuracy against K at each decoding length\n(dashed: donor, dotted: target; best α per K)",
+                 y=1.06)
     return _save(fig, folder, name)
 
 
