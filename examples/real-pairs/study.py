@@ -69,18 +69,15 @@ def config(recipe: str) -> SweepConfig:
                        probe_limit=PROBE[recipe], dev_limit=100, test_limit=300, retention_limit=40, batch_size=16)
 
 
-QWEN = pairs.CACHE.parent / "qwen2-5-coder-0-5b-instruct"  # bench/profile_eval.py --gguf dequantizes it here
-
-
 def qwen_curve() -> SweepConfig:
     """The paper's curve (issue 14, point 3): GSM8K accuracy against K at max_new_tokens 32, 64 and 128, on
     Qwen2.5-Coder-0.5B-Instruct against a copy with layers 8–15 rounded to 3 bits, the donor chosen by
     auto-order per length. The paper's unit (one linear projection), its K ∈ {8 … 128}, α = 1 and its
-    statistic (lae), with random linears beside it. The item counts are what one CPU thread
-    affords in about an hour and a half (each item's 8-shot prompt is ~800 tokens of a 0.5B model, the
-    shared 740-token context run once); the intervals say how little that is — rerun with larger limits
-    where a GPU is lent."""
-    folder = pairs.pair_folder("quantized", str(QWEN))
+    statistic (lae), with random linears beside it. Even these item counts cost one CPU thread more than
+    two hours (each item's 8-shot prompt is ~800 tokens of a 0.5B model, the shared 740-token opening run
+    once; the 128-token leg did not finish in the session that ran it); the intervals say how little that
+    is — rerun with larger limits where a GPU is lent."""
+    folder = pairs.pair_folder("quantized", "qwen")
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), auto_order=True, task="gsm8k",
                        methods=["lae"], components=["linear"], k=[8, 16, 32, 64, 128], alpha=[1.0],
                        max_new_tokens=[32, 64, 128], retention=str(retention_set()), retention_limit=20,
