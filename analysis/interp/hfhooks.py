@@ -13,6 +13,7 @@ None and callers keep the bridge.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,20 @@ class Point:
     convert: Callable[[torch.Tensor], torch.Tensor] | None
 
 
+# Resolved once per model and set of hook points: a statistics pass asks for every batch of both models.
+_RESOLVED: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], dict[str, Point] | None]] = weakref.WeakKeyDictionary()
+
+
 def points(loaded: LoadedModel, names: Sequence[str]) -> dict[str, Point] | None:
     """Each bridge hook point of ``names`` on :attr:`LoadedModel.model`, or None if any has no HF module."""
+    known = _RESOLVED.setdefault(loaded.model, {})
+    key = tuple(names)
+    if key not in known:
+        known[key] = _resolve(loaded, names)
+    return known[key]
+
+
+def _resolve(loaded: LoadedModel, names: Sequence[str]) -> dict[str, Point] | None:
     bridge = loaded.bridge
     twin = {id(m): n for n, m in loaded.hooked.named_modules()}
     own = dict(loaded.model.named_modules())

@@ -288,15 +288,11 @@ def copy_tensor_bytes(info: TensorInfo, fd: int, base: int) -> None:
 
 def save_materialized(tck: Checkpoint, changed: dict[str, torch.Tensor], folder: Path) -> None:
     """GGUF or pickle targets: apply to the model loaded once, and save as safetensors with the tokenizer."""
-    import torch
 
     loaded = tck.loaded
     assert loaded is not None
-    params = loaded.parameters()
-    with torch.no_grad():
-        for name, value in changed.items():
-            params[name].copy_(value.to(params[name].dtype))
-    loaded.model.save_pretrained(folder, safe_serialization=True)
+    with loaded.edited(changed):  # the one way a loaded model's weights change (and change back)
+        loaded.model.save_pretrained(folder, safe_serialization=True)
     loaded.tokenizer.save_pretrained(folder)
 
 
