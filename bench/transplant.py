@@ -4,6 +4,8 @@ Runs, on the same donor/target pair (sharded bf16 safetensors) and in one go:
   - the `graftlm transplant` command writing an HF folder, and writing a graft patch, each with the
     sources' sha256 computed ("cold": an empty hash cache) and remembered from an earlier run ("warm");
   - mergekit (`mergekit-yaml`, a `linear` merge whose per-tensor weights give the same tensors);
+  - the same, cold, with the pair named by hub id from a hub cache (as a user's downloaded models are): the
+    weights' sha256 are their blobs' names there, so a first transplant reads no source just to hash it;
   - `cp -r` of the target, the disk's limit for writing a model folder.
 Each runs in its own process; wall time and peak RSS (from GNU time) are reported, best of
 ``--repeat`` rounds (the machine's page cache and other users make single runs swing). graftlm's
@@ -122,6 +124,26 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
         return wall, int(report.read().split()[-1]) / 1024
 
 
+def hub_entry(folder: Path, hub: Path, repo_id: str) -> None:
+    """``folder`` as huggingface_hub lays out a download of ``repo_id`` in ``hub``: weight files as blobs
+    named by their sha256 (hard links here: the same bytes, hashed once while setting up, untimed), small
+    files by a digest of their own, all linked from ``snapshots/COMMIT`` with ``refs/main`` naming it."""
+    import hashlib
+
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    if (repo / "refs" / "main").is_file():
+        return
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for sub in (repo / "blobs", repo / "refs", snapshot):
+        sub.mkdir(parents=True, exist_ok=True)
+    for f in sorted(folder.iterdir()):
+        with open(f, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256" if f.suffix == ".safetensors" else "sha1").hexdigest()
+        os.link(f, repo / "blobs" / digest)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / digest)
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
 def tensor(folder: Path, name: str) -> torch.Tensor:
     index_file = folder / "model.safetensors.index.json"
     file = json.loads(index_file.read_text())["weight_map"][name] if index_file.is_file() else "model.safetensors"
@@ -162,6 +184,9 @@ def main() -> None:
     build(target, cfg, seed=2)
     with open(target / "model.safetensors.index.json") as fh:
         n_params = json.load(fh)["metadata"]["total_size"] // 2
+    hub = work / "hub"
+    hub_entry(donor, hub, "bench/donor")
+    hub_entry(target, hub, "bench/target")
     layers = range(0, cfg["num_hidden_layers"])
     # 16 linear components spread over the layers: attention o and MLP down projections
     comps = [f"L{layer}.{'mlp.down' if k % 2 else 'attn.o'}" for k, layer in enumerate(list(layers)[:16])]
@@ -169,8 +194,9 @@ def main() -> None:
                                                           "self_attn.o_proj.weight") for c in comps]
     outs = work / "outs"
     py, graftlm = sys.executable, str(BIN / "graftlm")
-    cli = [graftlm, "transplant", "--donor", str(donor), "--target", str(target), "--strength", "0.5",
-           *[arg for c in comps for arg in ("-c", c)]]
+    blend_args = ["--strength", "0.5", *[arg for c in comps for arg in ("-c", c)]]
+    cli = [graftlm, "transplant", "--donor", str(donor), "--target", str(target), *blend_args]
+    cli_hub = [graftlm, "transplant", "--donor", "bench/donor", "--target", "bench/target", *blend_args]
     weight_rules = lambda on_plan, off_plan: [  # noqa: E731
         *[{"filter": n.removesuffix(".weight"), "value": on_plan} for n in hf_names], {"value": off_plan}]
     mk_config = {
@@ -197,6 +223,7 @@ def main() -> None:
         "cp -r target": (["cp", "-r", str(target), str(outs / "cp")], outs / "cp"),
         "graftlm → folder, cold hashes": ([*cli, "--out", str(outs / "folder-cold")], outs / "folder-cold"),
         "graftlm → folder, warm hashes": ([*cli, "--out", str(outs / "folder")], outs / "folder"),
+        "graftlm → folder, cold, hub ids": ([*cli_hub, "--out", str(outs / "folder-hub")], outs / "folder-hub"),
         "graftlm → patch, cold hashes": ([*cli, "--patch", "--out", str(outs / "patch-cold")], outs / "patch-cold"),
         "graftlm → patch, warm hashes": ([*cli, "--patch", "--out", str(outs / "patch")], outs / "patch"),
         "graftlm start-up (import analysis.cli)": ([py, "-c", "import analysis.cli, analysis.transplant"], None),
@@ -206,11 +233,12 @@ def main() -> None:
     for round_ in range(args.repeat):
         for tool, (cmd, written) in steps.items():
             shutil.rmtree(outs / "hash-cache", ignore_errors=True)
-            runs.setdefault(tool, []).append(measure(cmd, {**env_all, **(cold if "cold" in tool else warm)}))
+            env = {**env_all, **(cold if "cold" in tool else warm), "HF_HUB_CACHE": str(hub)}
+            runs.setdefault(tool, []).append(measure(cmd, env))
             # Each output goes at once (but the last folder and mergekit's, compared below): gigabytes
             # of page cache left behind would push the sources out of memory, and every later tool
             # would read them from disk.
-            if written is not None and not (round_ == args.repeat - 1 and written.name in ("folder", "mk")):
+            if written is not None and not (round_ == args.repeat - 1 and written.name in ("folder", "folder-hub", "mk")):
                 shutil.rmtree(written)
         print(f"round {round_ + 1}: " + "; ".join(f"{k} {v[-1][0]:.2f} s" for k, v in runs.items()), flush=True)
     results = {tool: min(r) for tool, r in runs.items()}  # the best round's wall time, with its peak RSS
@@ -220,9 +248,11 @@ def main() -> None:
     names = sorted(json.loads((target / "model.safetensors.index.json").read_text())["weight_map"])
     differ, total, worst = compare(outs / "folder", outs / "mk", names)
     changed_differ, changed_total, _ = compare(outs / "folder", outs / "mk", hf_names)
+    hub_differ, _, _ = compare(outs / "folder-hub", outs / "folder", names)
     print(f"\n{n_params / 1e9:.2f}B parameters, bf16, {len(comps)} linear components at α = 0.5")
     print(f"graftlm folder vs mergekit output, all {len(names)} tensors: {differ} of {total} elements differ "
-          f"({changed_differ} of the {changed_total} blended), max |Δ| {worst:g}")
+          f"({changed_differ} of the {changed_total} blended), max |Δ| {worst:g}; by hub id vs by folder: "
+          f"{hub_differ} differ")
     print(f"best of {args.repeat} interleaved rounds, {args.threads} torch/OpenMP thread(s) a child; load average (1, 5, 15 min) before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load)}")
     print(f"{'tool':<40}{'wall s':>9}{'peak RSS MiB':>15}   all rounds")
@@ -231,10 +261,13 @@ def main() -> None:
     cp, mk = results["cp -r target"], results["mergekit linear"]
     fc, fw = results["graftlm → folder, cold hashes"], results["graftlm → folder, warm hashes"]
     pc, pw = results["graftlm → patch, cold hashes"], results["graftlm → patch, warm hashes"]
+    fh = results["graftlm → folder, cold, hub ids"]
     print(f"\nfolder / cp -r          wall {fw[0] / cp[0]:.2f}× warm, {fc[0] / cp[0]:.2f}× cold   (goal ≤ 1.5×)")
     print(f"mergekit / folder       wall {mk[0] / fw[0]:.2f}× warm, {mk[0] / fc[0]:.2f}× cold   (goal ≥ 2×); "
           f"peak RSS folder / mergekit {max(fw[1], fc[1]) / mk[1]:.2f}× (goal ≤ 1)")
     print(f"mergekit / patch        wall {mk[0] / pw[0]:.2f}× warm, {mk[0] / pc[0]:.2f}× cold   (goal ≥ 20×)")
+    print(f"cold, by hub id: folder / cp -r {fh[0] / cp[0]:.2f}× (goal ≤ 1.5×), mergekit / folder {mk[0] / fh[0]:.2f}× "
+          f"(goal ≥ 15×)")
 
 
 if __name__ == "__main__":

@@ -285,3 +285,26 @@ def arith_task(folder: Path, n: int = 10) -> Path:
             fh.write(json.dumps({"id": f"a{i}", "prompt": f"{a}+{b}=" + "x" * (i % 4), "answer": str(a + b),
                                  "split": split}) + "\n")
     return path
+
+
+def hub_cache_entry(folder: Path, cache: Path, repo_id: str, commit: str = "a" * 40) -> Path:
+    """``folder`` laid out in ``cache`` the way huggingface_hub downloads ``repo_id``: each file a blob named
+    by its sha256 (weights, stored with LFS) or its git blob sha1 (small files), linked from
+    ``snapshots/COMMIT``, with ``refs/main`` naming the commit. Returns the snapshot folder."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(folder).iterdir()):
+        data = f.read_bytes()
+        if f.suffix in (".safetensors", ".bin"):
+            name = hashlib.sha256(data).hexdigest()
+        else:
+            name = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (repo / "blobs" / name).write_bytes(data)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / name)
+    return snapshot

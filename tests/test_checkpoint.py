@@ -21,3 +21,31 @@ def test_hash_cache_remembers_by_file_identity(tmp_path: Path, monkeypatch: pyte
     assert file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest() == cached_sha256(f)
     f.write_bytes(b"other weights")  # new size and mtime: not taken from the cache
     assert cached_sha256(f) is None and file_sha256(f) == hashlib.sha256(b"other weights").hexdigest()
+
+
+def test_a_hub_cache_file_is_known_by_its_blob_name(tiny_pairs, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub names a weight file's blob by its sha256: nothing is read to know it, and a blob
+    damaged after the download is caught when hashes are verified."""
+    import hashlib
+
+    import analysis.io.checkpoint as checkpoint
+    from analysis.errors import GraftError
+    from tests.conftest import hub_cache_entry
+
+    monkeypatch.setattr(checkpoint, "HASH_CACHE", tmp_path / "cache" / "sha256.json")
+    _, target = tiny_pairs("llama")
+    weights = hub_cache_entry(target, tmp_path / "hub", "org/tiny") / "model.safetensors"
+    truth = hashlib.sha256((Path(target) / "model.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a, **k: pytest.fail("read a file it knew"))
+    assert cached_sha256(weights) == file_sha256(weights) == truth
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoint, "HASH_CACHE", tmp_path / "cache" / "sha256.json")
+    blob = weights.resolve()
+    blob.write_bytes(blob.read_bytes()[:-1] + b"!")
+    assert file_sha256(weights) == truth  # trusted, as huggingface_hub trusts it
+    with pytest.raises(GraftError, match="damaged"):
+        file_sha256(weights, verify=True)
+    plain = tmp_path / "plain.safetensors"
+    plain.write_bytes(b"x")
+    assert cached_sha256(plain) is None  # not in a hub cache: computed

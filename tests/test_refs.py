@@ -37,3 +37,38 @@ def test_bad_references(tmp_path: Path) -> None:
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(GraftError, match="not a model folder"):
         resolve(str(tmp_path / "file.txt"))
+
+
+def test_a_cached_hub_id_reads_like_its_folder(tiny_pairs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An id in the hub cache resolves to its snapshot offline: it loads to the same logits as the folder,
+    and what a command must never write into is the id's whole cache folder (its files link into blobs/)."""
+    import torch
+
+    from analysis.io.refs import source_paths
+    from tests.conftest import hub_cache_entry, logits
+
+    _, target = tiny_pairs("llama")
+    snapshot = hub_cache_entry(target, tmp_path / "hub", "org/tiny")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    ref = resolve("org/tiny")
+    assert (ref.kind, ref.path) == ("hub", snapshot)
+    assert source_paths("org/tiny") == [tmp_path / "hub" / "models--org--tiny"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(logits(load("org/tiny").model, ids), logits(load(target).model, ids))
+    assert resolve("org/other").path is None  # not cached: loading it says so (above)
+
+
+def test_a_cached_hub_id_with_pickle_weights_is_refused(tiny_pairs, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from tests.conftest import hub_cache_entry
+
+    _, target = tiny_pairs("llama")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(target, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # only the name matters here
+    hub_cache_entry(pickled, tmp_path / "hub", "org/pickled")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(GraftError, match="pickle weights"):
+        load("org/pickled")

@@ -342,3 +342,24 @@ def test_a_transplant_streams_under_a_memory_cap_below_twice_the_model(tmp_path:
     assert sizes[-1] * 2 > cap
     # flat: the peak grows by under a tenth of what the model grows by (it holds a few tensors at a time)
     assert peaks[-1] - peaks[0] < 0.1 * (sizes[-1] - sizes[0]), (peaks, sizes)
+
+
+def test_hub_ids_in_the_cache_stream_like_folders(tiny_pairs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models named by hub id (downloaded once) are streamed file to file like folders — the same bytes —
+    and the card names their sha256, taken from the cache's blob names; their cache stays untouched."""
+    from conftest import hub_cache_entry
+
+    donor, target = tiny_pairs("qwen2")
+    for folder, repo in ((donor, "org/donor"), (target, "org/target")):
+        hub_cache_entry(folder, tmp_path / "hub", repo)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "hub").rglob("*")}
+    by_id = transplant("org/donor", "org/target", components=PLAN, alpha=0.5, out=tmp_path / "by-id")
+    by_folder = transplant(donor, target, components=PLAN, alpha=0.5, out=tmp_path / "by-folder")
+    a, b = tensors(by_id), tensors(by_folder)
+    assert set(a) == set(b) and all(raw_bytes(a[n]) == raw_bytes(b[n]) for n in a)
+    card = (by_id / "README.md").read_text()
+    assert Checkpoint.open(target).sha256(verify=True)["model.safetensors"] in card
+    assert Checkpoint.open(donor).sha256(verify=True)["model.safetensors"] in card
+    assert Checkpoint.open("org/target").streamable
+    assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "hub").rglob("*")}

@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from analysis.errors import GraftError
 from analysis.io.models import LoadedModel
 from analysis.io.refs import ModelRef, resolve, weight_files
 from analysis.io.safetensors import TensorInfo, read_headers, st_dtype, torch_dtype
@@ -144,14 +146,8 @@ def fingerprint(ref: str | os.PathLike[str] | ModelRef) -> dict[str, str]:
 
     mref = resolve(ref)
     folder = mref.path
-    if folder is None:
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(mref.text, local_files_only=True))
-        except Exception:  # noqa: BLE001 (not in the cache, or no such id: the load reports it)
-            return {"ref": mref.text}
-        mref = ModelRef(mref.text, "folder", folder)
+    if folder is None:  # a hub id not in the cache, or no such id: the load reports it
+        return {"ref": mref.text}
     if mref.kind == "gguf" and mref.gguf_file:
         files = [folder / mref.gguf_file]
     else:
@@ -168,8 +164,28 @@ def _cache_key(file: Path) -> tuple[str, int]:
     return f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}", stat.st_ctime_ns
 
 
+def hub_blob_sha256(file: Path) -> str | None:
+    """A hub cache file's sha256 without reading it, or None. huggingface_hub stores each LFS file (every
+    weight file) as ``blobs/SHA256``, named by its LFS object id — the sha256 the hub lists for it — and
+    links the snapshot's file name to that blob. ``hf cache verify`` (or graftlm's ``verify``) checks the
+    bytes against it."""
+    if not file.is_symlink() or file.parent.parent.name != "snapshots":
+        return None
+    blob = file.resolve()
+    if blob.parent.name == "blobs" and blob.parent.parent.name.startswith("models--") and SHA256_NAME.fullmatch(blob.name):
+        return blob.name
+    return None
+
+
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
 def cached_sha256(file: Path) -> str | None:
-    """The remembered sha256 of a file, or None when it must be computed."""
+    """The sha256 of a file known without reading it — a hub cache blob's name, or remembered — or None
+    when it must be computed."""
+    blob = hub_blob_sha256(file)
+    if blob:
+        return blob
     key, ctime = _cache_key(file)
     with _CACHE_LOCK:
         entry = _read_hash_cache().get(key)
@@ -187,8 +203,17 @@ def file_sha256(file: Path, verify: bool = False) -> str:
     key, ctime = _cache_key(file)
     with open(file, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()  # releases the GIL: files hash in parallel
+    check_hub_blob(file, digest)
     remember_sha256(file, digest, (key, ctime))
     return digest
+
+
+def check_hub_blob(file: Path, digest: str) -> None:
+    """A hub cache file whose bytes do not hash to its blob's name was damaged after the download."""
+    blob = hub_blob_sha256(file)
+    if blob and blob != digest:
+        raise GraftError(f"{file} is damaged: its sha256 {digest[:12]}… is not the hub's {blob[:12]}… (its blob name)",
+                         "download it again (huggingface-cli download ID --force-download)")
 
 
 def remember_sha256(file: Path, digest: str, identity: tuple[str, int] | None = None) -> None:

@@ -282,7 +282,7 @@ def load(
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
         if torch_dtype == "auto":
             kwargs["dtype"] = torch.float32
-    elif mref.kind in ("folder", "demo"):
+    elif mref.path is not None:  # a folder, a demo model, a hub id in the hub cache
         if not weight_files(mref):
             pickles = pickle_files(mref)
             if not pickles:
@@ -293,6 +293,8 @@ def load(
                     "convert it to safetensors, or pass --allow-pickle (loaded with weights_only=True)",
                 )
             kwargs["use_safetensors"] = False  # transformers loads .bin with torch.load(weights_only=True)
+    elif not allow_pickle:  # a hub id to download (online): its safetensors weights only
+        kwargs["use_safetensors"] = True
     check_architecture(mref, trust_remote_code)
     from analysis.io.safetensors import read_headers, torch_dtype
 
@@ -314,7 +316,7 @@ def load(
     except OSError as err:
         if mref.kind == "hub":
             how = ("download it once (`huggingface-cli download ID`, or load(..., online=True) in Python), or pass "
-                   "a local folder") if not online else "check the id"
+                   "a local folder") if not online else "check the id (a model with only pickle weights needs --allow-pickle)"
             raise GraftError(f"model {mref.text!r} is not a local folder and not in the hub cache", how) from err
         if mref.kind == "gguf":
             raise gguf_unreadable(mref, err) from err

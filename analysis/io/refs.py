@@ -30,7 +30,7 @@ class ModelRef:
 
     text: str
     kind: RefKind
-    path: Path | None  # the folder holding config/weights (None for a hub id)
+    path: Path | None  # the folder holding config/weights (a hub id's snapshot in the hub cache; None if absent)
     gguf_file: str | None = None
 
     @property
@@ -77,7 +77,27 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
         return ModelRef(text, "folder", path)
     if text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(text):
         raise GraftError(f"no such model folder: {text}", "check the path")
-    return ModelRef(text, "hub", None)
+    return ModelRef(text, "hub", cached_snapshot(text))
+
+
+def hub_cache() -> Path:
+    """Where huggingface_hub keeps downloads (``HF_HUB_CACHE``, else ``HF_HOME``/hub), found without
+    importing it (a quarter of a second, most of a file-to-file transplant's start-up)."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    return Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """A hub id's main revision in the local hub cache, or None. huggingface_hub's layout: ``refs/main``
+    names the commit, ``snapshots/COMMIT`` holds the files as links into ``blobs/``. A cached model is
+    then read like a folder: streamed, hashed, its weights checked for pickle, never downloaded again."""
+    repo = hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = repo / "snapshots" / commit
+    return folder if commit and (folder / "config.json").is_file() else None
 
 
 def source_paths(ref: str | os.PathLike[str] | ModelRef) -> list[Path]:
@@ -85,12 +105,10 @@ def source_paths(ref: str | os.PathLike[str] | ModelRef) -> list[Path]:
     mref = resolve(ref)
     if mref.kind == "gguf" and mref.path is not None and mref.gguf_file:
         return [mref.path / mref.gguf_file]
-    if mref.path is not None:
-        return [mref.path]
-    # a hub id: its folder in the hub cache (where huggingface_hub keeps it; not imported for this)
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
-    return [cache / ("models--" + mref.text.replace("/", "--"))]
+    if mref.kind == "hub":  # all of its cache folder: the snapshot's files are links into blobs/
+        return [hub_cache() / ("models--" + mref.text.replace("/", "--"))]
+    assert mref.path is not None
+    return [mref.path]
 
 
 def check_gguf_magic(path: Path) -> None:

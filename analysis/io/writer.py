@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analysis.errors import GraftError
-from analysis.io.checkpoint import Checkpoint, cached_sha256, file_identity, file_sha256, remember_sha256
+from analysis.io.checkpoint import (
+    Checkpoint,
+    cached_sha256,
+    check_hub_blob,
+    file_identity,
+    file_sha256,
+    remember_sha256,
+)
 from analysis.io.files import moment
 from analysis.io.refs import PICKLE_SUFFIXES
 from analysis.io.safetensors import (
@@ -215,6 +222,7 @@ def copy_and_hash(file: Path, fd: int, gaps: list[tuple[int, int]], digest: Futu
         finally:
             os.close(src)
         moment(f"copied and hashed {file.name}")
+        check_hub_blob(file, h.hexdigest())
         remember_sha256(file, h.hexdigest(), identity)
         digest.set_result(h.hexdigest())
     except BaseException as err:
