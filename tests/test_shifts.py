@@ -62,6 +62,15 @@ def test_batch_size_and_padding_do_not_change_the_numbers(pair, task) -> None:
                                rtol=1e-4, atol=1e-6)
 
 
+def test_one_model_as_donor_and_target_shows_no_shift(pair, task) -> None:
+    """A sanity run (the same model both sides) reads each side's activations, not both at once."""
+    donor, _ = pair
+    df = shifts.measure(donor, donor, task, answers="reference", kinds=("head", "mlp"), batch_size=4, progress=False)
+    assert (df["shift"] == 0).all() and (df["rel_dist"] == 0).all() and (df["donor"] > 0).all()
+    assert df["donor"].to_dict() == shifts.measure(donor, pair[1], task, answers="reference", kinds=("head", "mlp"),
+                                                   batch_size=4, progress=False)["donor"].to_dict()
+
+
 def test_first_generated_token_is_the_last_prompt_token(pair, task) -> None:
     """generate mode, one step: the statistic sits at the last prompt token, as teacher mode 'last'."""
     donor, target = pair

@@ -187,6 +187,34 @@ class _Recorder:
         self.dist: dict[str, Tensor] = {}
         self.norm: dict[str, Tensor] = {}
         self.kept: dict[str, Tensor] = {}
+        self._selected: tuple[Any, ...] | None = None  # the weighted positions, gathered once per forward
+
+    def start(self, weights: Tensor, ref: dict[str, Tensor] | None = None) -> None:
+        """A new batch (teacher mode): its position weights [b, p] and the reference run's kept
+        activations; the sums start again."""
+        self.weights, self.ref = weights, ref
+        self.mag, self.dist, self.norm, self.kept = {}, {}, {}, {}
+        self._selected = None
+
+    def decoding(self, rows: Tensor, newest: Tensor) -> None:
+        """The next forward while decoding: which prompts its rows are, and which rows still decode."""
+        self.rows, self.newest = rows, newest
+        self._selected = None
+
+    def _selection(self, act: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(positions read [b, p] bool, the row of each, its weight [n_sel, 1]) on ``act``'s device: every
+        hook point of a forward sees the same positions, so they are found once per forward."""
+        key = (tuple(act.shape[:2]), act.device)
+        if self._selected is None or self._selected[0] != key:
+            w = self.weights
+            if self.newest is not None:
+                w = torch.zeros(act.shape[:2])
+                w[:, -1] = self.newest
+            assert w is not None
+            w = w.to(act.device, torch.float32)
+            sel = w > 0
+            self._selected = (key, sel, sel.nonzero()[:, 0], w[sel][:, None])
+        return self._selected[1:]
 
     def hooks(self) -> list[tuple[str, Callable[..., Any]]]:
         return [(hook, self._fn(hook, group)) for hook, group in self.sites.items()]
@@ -198,19 +226,11 @@ class _Recorder:
 
     def _fn(self, hook: str, group: list[Site]) -> Callable[..., None]:
         def fn(act: Tensor, hook: Any = None) -> None:
-            w = self.weights
             if self.newest is not None and not len(self.newest):
                 return  # the forward of an opening all prompts share: no prompt's newest token is in it
-            if self.newest is not None:
-                w = torch.zeros(act.shape[:2])
-                w[:, -1] = self.newest
-            assert w is not None
-            w = w.to(act.device, torch.float32)
             # Only the weighted positions are read (the answer's few, or the newest token): every
             # statistic is a weighted sum over them, gathered once per hook point.
-            sel = w > 0
-            rows = sel.nonzero()[:, 0]
-            ws = w[sel][:, None]  # [n_sel, 1]
+            sel, rows, ws = self._selection(act)
             picked = act.detach()[sel].float()  # [n_sel, ...]
             if self.keep:
                 self.kept[group[0].hook] = picked
@@ -294,16 +314,24 @@ def measure(
                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
         batches = probe.batches(batch_size, choices=False)
         bar = tqdm(total=len(probe.items), desc="shifts (teacher)", disable=not progress, leave=False)
-        with torch.no_grad():
+        rec_d, rec_t = _Recorder(site_list, keep=True), _Recorder(site_list)
+        with torch.no_grad(), contextlib.ExitStack() as whole:
+            # Each model's hooks go on once for all batches; one model passed as both (a sanity run)
+            # takes its two recorders' hooks in turn, batch by batch.
+            once = donor.model is not target.model
+            held = {id(rec): whole.enter_context(reading(m, rec.hooks(), fused_attention=True))
+                    for m, rec in ((donor, rec_d), (target, rec_t))} if once else {}
+
+            def side(loaded: LoadedModel, rec: _Recorder) -> contextlib.AbstractContextManager[Any]:
+                return contextlib.nullcontext(held[id(rec)]) if once else reading(loaded, rec.hooks(), fused_attention=True)
+
             for batch in batches:
                 w = batch.weights(positions)
-                rec_d = _Recorder(site_list, keep=True)
-                rec_d.weights = w
-                with reading(donor, rec_d.hooks(), fused_attention=True) as model:
+                rec_d.start(w)
+                with side(donor, rec_d) as model:
                     forward(donor, batch, hooked=model is donor.hooked, logits_to_keep=1)
-                rec_t = _Recorder(site_list, ref=rec_d.kept)
-                rec_t.weights = w
-                with reading(target, rec_t.hooks(), fused_attention=True) as model:
+                rec_t.start(w, ref=rec_d.kept)
+                with side(target, rec_t) as model:
                     forward(target, batch, hooked=model is target.hooked, logits_to_keep=1)
                 count = w.sum(1, keepdim=True).clamp(min=1)
                 for s in unique(site_list):
@@ -364,7 +392,7 @@ def decode(model: Any, tokenizer: Any, prompts: Sequence[str], stop: Sequence[st
     rec.n_rows = len(prompts)
 
     def observe(rows: list[int], decoding: list[bool]) -> None:
-        rec.rows, rec.newest = torch.tensor(rows, dtype=torch.long), torch.tensor(decoding, dtype=torch.float32)
+        rec.decoding(torch.tensor(rows, dtype=torch.long), torch.tensor(decoding, dtype=torch.float32))
         steps[rec.rows] += rec.newest  # (no rows: the shared opening's forward, which no statistic reads)
 
     generate(model, tokenizer, list(prompts), stop=stop, max_new_tokens=max_new_tokens,
