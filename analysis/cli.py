@@ -107,6 +107,8 @@ def transplant_cmd(
     patch: Annotated[bool, typer.Option("--patch", help="Write a graft patch (changed tensors only).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     allow_extrapolation: Annotated[bool, typer.Option("--allow-extrapolation", help="Allow α outside [0, 1].")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Hash both sources' files anew instead of trusting remembered hashes or hub blob names.")] = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:
@@ -115,7 +117,7 @@ def transplant_cmd(
 
     written = transplant(donor, target, plan, out=out, components=components, alpha=alpha, patch=patch,
                          force=force, allow_extrapolation=allow_extrapolation, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, verify=verify)
     print(f"wrote {'patch' if patch else 'model'} {written}")
 
 

@@ -440,9 +440,11 @@ def transplant(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     strength: float | None = None,
+    verify: bool = False,
 ) -> Path:
     """Write the transplanted target to ``out``: an HF folder, or a graft patch with ``patch=True``.
-    ``alpha`` sets every component's strength (``strength`` is its older name, still accepted)."""
+    ``alpha`` sets every component's strength (``strength`` is its older name, still accepted). The card
+    names both sources' sha256, remembered or (hub cache) read from the blobs' names unless ``verify``."""
     if strength is not None:
         if alpha is not None and alpha != strength:
             raise GraftError(f"alpha={alpha} and strength={strength} disagree", "pass alpha only (strength is its old name)")
@@ -458,7 +460,7 @@ def transplant(
     # The pool sits inside the staging folder's block: on an error, running jobs finish before the folder goes.
     with (staged(out, force=force, sources=sources) as tmp, Jobs() as jobs,
           torch_threads(1) if needs_torch else contextlib.nullcontext()):
-        hashes = Hashes(jobs, dck, tck, copied=tck if not patch and not materialize else None)
+        hashes = Hashes(jobs, dck, tck, verify=verify, copied=tck if not patch and not materialize else None)
         if patch:
             final = write_patch(tmp, outs, the_plan, hashes, jobs)
             write_patch_readme(tmp, final, len(outs), out)

@@ -363,3 +363,9 @@ def test_hub_ids_in_the_cache_stream_like_folders(tiny_pairs, tmp_path: Path, mo
     assert Checkpoint.open(donor).sha256(verify=True)["model.safetensors"] in card
     assert Checkpoint.open("org/target").streamable
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "hub").rglob("*")}
+    # a blob damaged after the download: trusted by name, caught by --verify, nothing written
+    blob = (tmp_path / "hub" / "models--org--donor" / "snapshots" / ("a" * 40) / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[:-1] + b" ")
+    with pytest.raises(GraftError, match="damaged"):
+        transplant("org/donor", "org/target", components=PLAN, alpha=0.5, out=tmp_path / "checked", verify=True)
+    assert not (tmp_path / "checked").exists()
