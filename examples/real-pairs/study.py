@@ -59,8 +59,8 @@ PROBE = {"specialist": 128, "next-release": 128, "quantized": 32}
 
 
 def config(recipe: str) -> SweepConfig:
-    if recipe in CURVES:
-        return CURVES[recipe]()
+    if recipe in QWEN_STUDIES:
+        return QWEN_STUDIES[recipe]()
     folder = pairs.pair_folder(recipe)
     pair = json.loads((folder / "pair.json").read_text())
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), task=pair["task"],
@@ -87,8 +87,9 @@ def qwen_curve() -> SweepConfig:
 
 def qwen_next_release() -> SweepConfig:
     """The next release made from Qwen2.5-Coder-0.5B-Instruct (``make_pairs.py next-release --base qwen``,
-    at lr 1e-5: arithmetic 53% → 1%, perplexity 18.4 → 15.9): the study a user gets, trimmed to what one CPU thread affords beside the other studies — gradient
-    alone (greedy costs ~4× more on a 0.5B model), 60 dev and 150 test items; retention as ARC-Easy
+    at lr 1e-5: arithmetic 53% → 1%, perplexity 18.4 → 15.9): the study a user gets, trimmed to what one
+    CPU thread affords beside the other studies — gradient alone (greedy costs ~4× more on a 0.5B model),
+    60 dev and 150 test items; retention as ARC-Easy
     accuracy (100 questions): what restoring arithmetic did to a second benchmark. K reaches 40% of the
     components: a full fine-tune moves every weight, and at 10% the first run recovered a quarter of the
     gap with accuracy still rising."""
@@ -108,7 +109,7 @@ def qwen_next_release_benchmark() -> SweepConfig:
     return qwen_next_release().model_copy(update={"task": "basic_arithmetic"})
 
 
-CURVES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release,
+QWEN_STUDIES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release,
           "qwen-next-release-benchmark": qwen_next_release_benchmark}
 
 
@@ -160,7 +161,7 @@ def publish(recipe: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES, *CURVES], default=[])
+    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES, *QWEN_STUDIES], default=[])
     parser.add_argument("--publish", action="store_true")
     parser.add_argument("--second-benchmark", action="store_true",
                         help="rerun each study with retention scored on a second benchmark's accuracy")
