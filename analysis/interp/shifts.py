@@ -175,9 +175,9 @@ class _Recorder:
     """Hooks that reduce each forward to per-prompt numbers: Σ_pos w · mean|a| per component, and (teacher
     mode, against a kept reference run) Σ_pos w · rms(a − a_ref) and Σ_pos w · (rms a + rms a_ref)/2."""
 
-    def __init__(self, site_list: Sequence[Site], keep: bool = False, ref: dict[str, Tensor] | None = None):
+    def __init__(self, site_list: Sequence[Site], keep: bool = False):
         self.sites = by_hook(site_list)
-        self.keep, self.ref = keep, ref
+        self.keep, self.ref = keep, None  # ref: the reference run's kept activations (teacher mode: :meth:`start`)
         self.weights: Tensor | None = None  # [b, p], set before each forward
         # or, while decoding: the newest position of the rows still decoding, which prompts the rows are
         self.newest: Tensor | None = None  # [b], 1 where the row still decodes

@@ -82,7 +82,8 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
 
 def hub_cache() -> Path:
     """Where huggingface_hub keeps downloads (``HF_HUB_CACHE``, else ``HF_HOME``/hub), found without
-    importing it (a quarter of a second, most of a file-to-file transplant's start-up)."""
+    importing it: its download module takes a quarter of a second, as long as the rest of a file-to-file
+    transplant's start-up."""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
     return Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
 

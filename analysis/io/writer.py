@@ -296,7 +296,6 @@ def copy_tensor_bytes(info: TensorInfo, fd: int, base: int) -> None:
 
 def save_materialized(tck: Checkpoint, changed: dict[str, torch.Tensor], folder: Path) -> None:
     """GGUF or pickle targets: apply to the model loaded once, and save as safetensors with the tokenizer."""
-
     loaded = tck.loaded
     assert loaded is not None
     with loaded.edited(changed):  # the one way a loaded model's weights change (and change back)
