@@ -59,3 +59,34 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "d.yaml").write_text("donor: a\ntarget: b\ntask: t\nalpha: [1.5]\n")
     with pytest.raises(GraftError, match="alpha"):
         SweepConfig.load(tmp_path / "d.yaml")
+
+
+def _dev(accuracy: float, ci_high: float | None = None, **extra: object) -> dict:
+    return {"accuracy": accuracy, "ci_high": accuracy + 0.05 if ci_high is None else ci_high, **extra}
+
+
+def test_a_grid_grows_only_while_its_top_k_bounds_the_answer() -> None:
+    from analysis.study.config import grown_k
+
+    rising = {1: [_dev(0.1), _dev(0.2)], 2: [_dev(0.3), _dev(0.4)]}
+    assert grown_k(rising, donor_dev=0.9, target_dev=0.0, most=10) == 4  # doubles the top K
+    assert grown_k(rising, donor_dev=0.9, target_dev=0.0, most=3) == 3  # up to the limit
+    assert grown_k(rising, donor_dev=0.9, target_dev=0.0, most=2) is None
+    assert grown_k({1: [_dev(0.5)], 2: [_dev(0.4)]}, 0.9, 0.0, 10) is None  # a smaller K is better: found
+    assert grown_k({1: [_dev(0.0)], 2: [_dev(0.0)]}, 0.9, 0.0, 10) == 4  # flat: nothing found yet
+    assert grown_k({1: [_dev(0.2)], 2: [_dev(0.85)]}, 0.9, 0.0, 10) is None  # 94% of the gap: enough
+    assert grown_k({1: [_dev(0.2)], 2: [_dev(0.5, ci_high=0.92)]}, 0.9, 0.0, 10) is None  # donor within its interval
+    assert grown_k({1: [_dev(0.2)], 2: [_dev(0.5)]}, 0.4, 0.5, 10) is None  # no gap to recover
+    raced = {1: [_dev(0.2)], 2: [_dev(0.6, raced={"stopped": True})]}
+    assert grown_k(raced, 0.9, 0.0, 10) is None  # a point stopped by the race is not a best
+
+
+def test_k_grow_to_takes_a_count_a_share_or_null() -> None:
+    from analysis.study.config import grow_limit
+
+    base = {"donor": "a", "target": "b", "task": "t"}
+    assert SweepConfig.model_validate(base).k_grow_to == "50%"
+    assert grow_limit("50%", 31) == 15 and grow_limit(100, 31) == 31 and grow_limit(None, 31) == 0
+    for bad in (0, "150%", "half"):
+        with pytest.raises(GraftError, match="k_grow_to"):
+            SweepConfig.parse(json.dumps({**base, "k_grow_to": bad}), "study.yaml")

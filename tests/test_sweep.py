@@ -234,3 +234,32 @@ def test_a_second_benchmark_as_retention_is_scored_by_accuracy(study, tmp_path: 
     (summary,) = report.summarize(run)
     assert summary.retention_metric == "accuracy" and summary.methods[0].retention_change is not None
     assert "retention accuracy (Δ points, 95% CI)" in report.markdown(run)
+
+
+def test_the_grid_grows_where_its_top_k_is_still_the_best(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On the demo pair (a regression that needs several components) a grid of K=1 alone grows by doubling
+    while its top K is the method's best on dev and far below the donor, up to k_grow_to; greedy ranks
+    anew for each budget, the chosen point's plan is that budget's ranking, and a rerun adds nothing."""
+    from analysis.study.config import DEMO_CONFIG
+
+    cfg = SweepConfig.load(DEMO_CONFIG).model_copy(update={
+        "methods": ["greedy"], "k": [1], "alpha": [1.0], "k_grow_to": 4, "probe_limit": 16, "dev_limit": 60,
+        "test_limit": 20, "retention": None, "controls": Controls(random_seeds=[0], copy_all=False, weight=False)})
+    run = sweep(cfg, tmp_path / "run", progress=True)
+    assert "greedy: K=1, the top of its grid, is its best on dev and well below the donor: K=2 added" in \
+        capsys.readouterr().err
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    grid = {r["top_k"]: r["accuracy"] for r in rows if r.get("phase") == "grid"}
+    assert sorted(grid) == [1, 2, 4] and grid[1] < grid[2] < grid[4]  # each step was the best so far
+    assert {p.name for p in (run / "rankings").iterdir()} == {"greedy.json", "greedy-top2.json", "greedy-top4.json"}
+    (chosen,) = [r for r in rows if r.get("phase") == "chosen" and r["split"] == "test"]
+    top4 = json.loads((run / "rankings" / "greedy-top4.json").read_text())["ranking"]
+    assert chosen["top_k"] == 4 and chosen["plan"] == [cid for cid, _ in top4[:4]]
+    (control,) = [r for r in rows if r.get("phase") == "control"]
+    assert control["top_k"] == 4  # random components at the grown budget
+    before = (run / "results.jsonl").read_bytes()
+    sweep(cfg, run, progress=False)
+    assert (run / "results.jsonl").read_bytes() == before
+    fixed = sweep(cfg.model_copy(update={"k_grow_to": None}), tmp_path / "fixed", progress=False)
+    assert [json.loads(x)["top_k"] for x in (fixed / "results.jsonl").read_text().splitlines()
+            if json.loads(x).get("phase") == "grid"] == [1]

@@ -15,6 +15,8 @@ WEIGHT_SPACE: tuple[str, ...] = ("gradient", "greedy", "mask")
 # Causal methods on activations (signed scores: a component can hurt), and those that read a forced probe.
 CAUSAL: tuple[str, ...] = ("attribution", "patching")
 FORCED: tuple[str, ...] = (*CAUSAL, "shifts", *WEIGHT_SPACE)
+# Methods whose ranking depends on the largest K asked for: greedy selects that many, mask learns under it.
+BUDGETED: tuple[str, ...] = ("greedy", "mask")
 
 # What each method measures, for sentences that name it (CLI help, report).
 DESCRIPTIONS = {

@@ -275,8 +275,7 @@ def _pool_random(control_rows: list[dict[str, Any]]) -> dict[tuple[int, float], 
         if r["method"] == "random":
             acc = _acc(r)
             s = sums.setdefault((r["top_k"], r["alpha"]), [0, 0])
-            s[0] += acc.k
-            s[1] += acc.n
+            s[0], s[1] = s[0] + acc.k, s[1] + acc.n
     return {key: metrics.accuracy(k, n) for key, (k, n) in sums.items()}
 
 
@@ -362,12 +361,13 @@ def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> li
         said.append(f"k: {k_grid.describe()}.")
     n = k_grid.n_components if k_grid is not None else None
     at_top: dict[int, list[str]] = {}  # K → the methods that chose it at the top of their grid
+    most = order.get("k_grow_to") or 0  # below it the grid grew where it had to (config.grown_k); older runs: 0
     for f in s.methods:
         ks = grid_ks.get(f.method) or set()
-        if ks and f.k == max(ks) and (n is None or f.k < n):  # K = every component: nothing larger to try
+        if ks and f.k == max(ks) and (n is None or f.k < n) and f.k >= most:  # K = n: nothing larger to try
             at_top.setdefault(f.k, []).append(f.method)
     for k, methods in at_top.items():
-        of = f" (of {n} components)" if n is not None else ""
+        of = (f" (of {n} components{', as far as k_grow_to lets it grow' if most else ''})" if n is not None else "")
         said.append(f"{', '.join(methods)}: chosen K={k} is the top of the grid{of}: a larger K might do better.")
     said.extend(outside_note(s, order))
     return said

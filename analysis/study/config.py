@@ -25,7 +25,7 @@ DEFAULT_SPLITS = {"probe": "probe", "dev": "dev", "test": "test"}
 
 # Keys added after runs were written: at these values they are left out of the hash, so those runs resume.
 LATER_DEFAULTS: dict[str, Any] = {"splits": DEFAULT_SPLITS, "overlap": "error", "answers": "donor",
-                                  "metric": "logprob", "device_map": None, "race": None}
+                                  "metric": "logprob", "device_map": None, "race": None, "k_grow_to": "50%"}
 
 
 # Keys that say how a study runs, not what it computes: never hashed, so a run begun locally resumes on Ray.
@@ -74,6 +74,10 @@ class SweepConfig(BaseModel):
                     "the tensors outside the layers (embeddings, LM head, final norm)")
     k: list[int | str] = Field(default_factory=lambda: [1, 2, 4, 8],
                                description="numbers of components, or shares of them such as 5%")
+    k_grow_to: int | str | None = Field(
+        "50%", description="grow a method's K grid, doubling its top K up to this many components (or share of "
+                           "them), while that top K holds the method's best dev point, recovers less than 90% "
+                           "of the dev gap, and lies clearly below the donor; null: the grid as given")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     race: float | None = Field(None, gt=0, lt=1, description="race the dev grid at this error rate: a point clearly "
                                                             "below its method's best so far stops early; null: "
@@ -115,6 +119,16 @@ class SweepConfig(BaseModel):
                 shares.setdefault(share_of(k), k.strip())
         # integers first, in order (a list of integers alone keeps its old form and hash), then shares
         return [*sorted({k for k in ks if isinstance(k, int)}), *(shares[v] for v in sorted(shares))]
+
+    @field_validator("k_grow_to")
+    @classmethod
+    def _positive_grow_to(cls, k: int | str | None) -> int | str | None:
+        if isinstance(k, int) and k < 1:
+            raise ValueError("k_grow_to must be a positive integer, a share such as 50%, or null")
+        if isinstance(k, str):
+            share_of(k)  # a share in (0%, 100%], else one line saying what is wrong
+            return k.strip()
+        return k
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -213,6 +227,33 @@ def resolve_k(ks: list[int | str], n: int) -> KGrid:
     """The grid's K values for ``n`` candidate components: shares resolved, integers above n clipped."""
     resolved = {resolve_share(k, n) if isinstance(k, str) else min(k, n) for k in ks}
     return KGrid(list(ks), sorted(resolved), [k for k in ks if isinstance(k, int) and k > n], n)
+
+
+GROW_UNTIL = 0.9  # a grid stops growing once its top K recovers this share of the dev gap
+
+
+def grown_k(grid: dict[int, list[dict[str, Any]]], donor_dev: float, target_dev: float, most: int) -> int | None:
+    """The K to add above one method's dev grid (K → its rows, one per α), or None. The grid grows while
+    its answer is bounded by the grid rather than by the method: the top K holds the method's best dev
+    point (ties count: a flat grid says nothing yet), that point recovers less than GROW_UNTIL of the
+    dev gap, and the donor's dev accuracy lies above its 95% interval. Each step doubles the top K, up
+    to ``most``; points stopped by a race are left out."""
+    live = {k: [r for r in rows if "raced" not in r] for k, rows in grid.items()}
+    top = max(live)
+    if top >= most or not live[top] or donor_dev <= target_dev:
+        return None
+    best = max(live[top], key=lambda r: r["accuracy"])
+    if any(r["accuracy"] > best["accuracy"] for k, rows in live.items() if k != top for r in rows):
+        return None
+    recovered = (best["accuracy"] - target_dev) / (donor_dev - target_dev)
+    return min(2 * top, most) if recovered < GROW_UNTIL and donor_dev > best["ci_high"] else None
+
+
+def grow_limit(k_grow_to: int | str | None, n: int) -> int:
+    """The largest K a grid may grow to over ``n`` candidate components (0: it does not grow)."""
+    if k_grow_to is None:
+        return 0
+    return resolve_share(k_grow_to, n) if isinstance(k_grow_to, str) else min(k_grow_to, n)
 
 
 def ray_options(cfg: SweepConfig, ray: RayOptions | str | bool | None) -> RayOptions | None:

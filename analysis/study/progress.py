@@ -59,7 +59,7 @@ class Progress:
                            f"~{_duration(left)} left", highlight=False, soft_wrap=True)
 
     def fewer(self, n: int) -> None:
-        """``n`` of the counted evaluations will not happen (they were counted at most)."""
+        """``n`` of the counted evaluations will not happen (they were counted at most); negative: more will."""
         self.total -= n
         if self.progress is not None:
             self.progress.update(self.task, total=self.total)

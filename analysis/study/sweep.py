@@ -27,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from analysis.interp.methods import BUDGETED
 from analysis.io.files import check_out, write_file
 from analysis.plan import Plan
-from analysis.study.config import RayOptions, SweepConfig, ray_options, resolve_k
+from analysis.study.config import RayOptions, SweepConfig, grow_limit, grown_k, ray_options, resolve_k
 from analysis.study.points import Executor, Job, Local, Point, PointRunner, tokens
 from analysis.study.progress import Progress
 from analysis.study.runfolder import (
@@ -47,15 +48,6 @@ from analysis.study.runfolder import (
     short_name,
 )
 from analysis.study.splits import Dropped, check_splits
-
-# --- the run folder ------------------------------------------------------------------------------
-
-
-# --- evaluation of one point ---------------------------------------------------------------------
-
-# --- the whole study ------------------------------------------------------------------------------
-
-RankFn = Callable[..., list[tuple[str, float]]]
 
 
 def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool = True,
@@ -220,6 +212,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                 results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
                              "target": target_name, "donor_ref": models[donor_name].name,
                              "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
+                             "k_grow_to": grow_limit(cfg.k_grow_to, len(all_ids)),
                              "overlap_dropped": dropped.__dict__ if dropped.counts else None,
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
@@ -244,24 +237,56 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                         plan=_plan(ranking[method], k, alpha, method, cfg.task), donor=donor_name,
                         record=frozenset(wanted), chain=f"{method}|{mnt}", drafts_base=base_tokens)
                     for method in cfg.methods for k in ks for alpha in cfg.alpha]
-            evaluate_all(grid, via=Raced(runner, cfg.race) if cfg.race is not None else None)
+            raced = Raced(runner, cfg.race) if cfg.race is not None else None
+            evaluate_all(grid, via=raced)
+            # Where the top K still holds a method's best and the donor lies above it, the grid grows
+            # (config.grown_k): a grid too small for a regression spread over many components would
+            # otherwise report the grid's limit as the method's. Greedy and mask rank anew per budget.
+            method_ks = {m: list(ks) for m in cfg.methods}
+            by_budget = {m: {ks[-1]: ranking[m]} for m in cfg.methods}  # greedy's and mask's: one per budget
+            most = grow_limit(cfg.k_grow_to, len(all_ids))
+            donor_dev, target_dev = base[donor_name, "dev"]["accuracy"], base[target_name, "dev"]["accuracy"]
+            while True:
+                more = []
+                for method in cfg.methods:
+                    grid_rows = {k: [results[Point("grid", "dev", "transplant", method, k, a, mnt).key]
+                                     for a in cfg.alpha] for k in method_ks[method]}
+                    k = grown_k(grid_rows, donor_dev, target_dev, most)
+                    if k is None:
+                        continue
+                    bar.note(f"{method}: K={method_ks[method][-1]}, the top of its grid, is its best on dev and "
+                             f"well below the donor: K={k} added")
+                    method_ks[method].append(k)
+                    if method in BUDGETED:
+                        by_budget[method][k] = _ranking(run_dir, method, donor, target, task, cfg, top=k,
+                                                        probe=probe, reverse=donor_name == "b", suffix=suffix,
+                                                        say=bar.note, budget=k)
+                    more += [job(Point("grid", "dev", "transplant", method, k, alpha, mnt), target_name,
+                                 splits["dev"], plan=_plan(_for_k(by_budget[method], k), k, alpha, method, cfg.task),
+                                 donor=donor_name, record=frozenset(wanted), chain=f"{method}|{mnt}",
+                                 drafts_base=base_tokens) for alpha in cfg.alpha]
+                if not more:
+                    break
+                bar.fewer(-len(more))
+                evaluate_all(more, via=raced)
             # The chosen point per method on test, with retention (never a point its race stopped).
             chosen: dict[str, tuple[int, float]] = {}
             for method in cfg.methods:
-                rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key] for k in ks for a in cfg.alpha]
+                rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key]
+                        for k in method_ks[method] for a in cfg.alpha]
                 best = max((r for r in rows if "raced" not in r),
                            key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
                 chosen[method] = (best["top_k"], best["alpha"])
             budgets = sorted(set(chosen.values()))
             bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
             wanted.clear()
-            wanted.update(runner.low(_plan(ranking[m], k, a, m, cfg.task)) for m, (k, a) in chosen.items())
+            wanted.update(runner.low(_plan(_for_k(by_budget[m], k), k, a, m, cfg.task)) for m, (k, a) in chosen.items())
             wanted.update(runner.low(Plan.of(random_ids(all_ids, k, seed)))
                           for k, _ in budgets for seed in cfg.controls.random_seeds)
             record = frozenset(wanted)
             final: list[Job] = []
             for method, (k, alpha) in chosen.items():
-                plan = _plan(ranking[method], k, alpha, method, cfg.task)
+                plan = _plan(_for_k(by_budget[method], k), k, alpha, method, cfg.task)
                 plan.save(run_dir / plan_file(method, mnt, lengths))
                 final.append(job(Point("chosen", "test", "transplant", method, k, alpha, mnt), target_name,
                                  splits["test"], plan=plan, donor=donor_name, record=record))
@@ -310,14 +335,15 @@ def swapped(name: str, better: tuple[int, int], other: tuple[int, int]) -> str:
 
 def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg: SweepConfig, *,
              top: int, probe: Callable[[], Any], reverse: bool = False, suffix: str = "",
-             say: Callable[[str], None] = print) -> list[tuple[str, float]]:
+             say: Callable[[str], None] = print, budget: int | None = None) -> list[tuple[str, float]]:
     """Component ids with scores, best first; cached with what localization forced and measured in
-    RUN/rankings/METHOD[-reversed][-tokensN].json, so a resumed run reuses them (``reverse``: 'auto' made
-    the config's target the donor; ``probe()``: the probe this donor and decoding length share)."""
+    RUN/rankings/METHOD[-topK][-reversed][-tokensN].json, so a resumed run reuses them (``reverse``: 'auto'
+    made the config's target the donor; ``probe()``: the probe this donor and decoding length share;
+    ``budget``: greedy's or mask's, where the grid grew past the ranking made for its top K)."""
     from analysis.interp.localize import localize
     from analysis.interp.methods import FORCED
 
-    name = f"{method}{'-reversed' if reverse else ''}"
+    name = f"{method}{f'-top{budget}' if budget else ''}{'-reversed' if reverse else ''}"
     for cache in (run_dir / "rankings" / f"{name}{suffix}.json", run_dir / "rankings" / f"{name}.json"):
         if cache.is_file():
             data = read_ranking(cache)
@@ -338,6 +364,12 @@ def _ranking(run_dir: Path, method: str, donor: Any, target: Any, task: Any, cfg
     say(f"localized by {method} on the probe split in {meta['wall_s']:.1f} s; "
         f"top 3: {', '.join(cid for cid, _ in ranked[:3])}")
     return ranked
+
+
+def _for_k(by_budget: dict[int, list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
+    """The ranking K's points take: the one made for the smallest budget ≥ K (greedy and mask rank anew
+    where the grid grew), else the one ranking there is."""
+    return by_budget[min((b for b in by_budget if b >= k), default=max(by_budget))]
 
 
 def _plan(ranking: list[tuple[str, float]], k: int, alpha: float, method: str, task: str) -> Plan:
