@@ -142,3 +142,24 @@ def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
     assert "a" in results and "b" not in results
     results.add({"key": "b", "x": 2})
     assert [json.loads(x)["key"] for x in (tmp_path / "results.jsonl").read_text().splitlines()] == ["a", "b"]
+
+
+def test_a_run_made_before_grids_grew_resumes_as_it_was_made(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
+    """A run folder whose stored config has no k_grow_to (written before grids grew) resumes with its grid
+    as given — growing it would choose anew beside chosen points already on test — and asking for growth
+    by name there is refused; new folders grow."""
+    from analysis.study.runfolder import grows
+
+    _, cfg = study
+    run = sweep(small(cfg), tmp_path / "run", progress=False)
+    assert grows(small(cfg), run) and grows(small(cfg), tmp_path / "new")
+    stored = run / "config.yaml"
+    stored.write_text("".join(x for x in stored.read_text().splitlines(keepends=True) if not x.startswith("k_grow_to:")))
+    loaded = SweepConfig.load(stored)
+    assert loaded.k_grow_to == "50%" and not grows(loaded, run)
+    assert not grows(small(cfg, k_grow_to=None), run)
+    with pytest.raises(GraftError, match="made before K grids grew"):
+        grows(small(cfg, k_grow_to="50%"), run)
+    before = (run / "results.jsonl").read_bytes()
+    sweep(loaded, run, progress=False)  # resumed as made: nothing to add
+    assert (run / "results.jsonl").read_bytes() == before

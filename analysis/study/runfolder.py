@@ -86,6 +86,22 @@ def _stored_config(out: Path) -> SweepConfig | None:
                          "use a new --out, or a folder written by `graftlm sweep`") from None
 
 
+def grows(cfg: SweepConfig, out: Path) -> bool:
+    """Whether the study in RUN may grow its K grid (``k_grow_to``): not when RUN holds results of a study
+    made before grids grew (its stored config lacks the key) — grown, it would choose anew beside the
+    chosen points already on test — so such a run resumes as it was made, or is refused when the config
+    asks for growth by name."""
+    stored = out / "config.yaml"
+    if cfg.k_grow_to is None:
+        return False
+    if not stored.is_file() or not _holds_results(out) or "\nk_grow_to:" in "\n" + read_text(stored, "config.yaml"):
+        return True
+    if "k_grow_to" in cfg.model_fields_set:
+        raise GraftError(f"{out} holds a study made before K grids grew: it cannot grow now (k_grow_to)",
+                         "use a new --out, or leave k_grow_to out of the config to resume it as it was made")
+    return False
+
+
 def _holds_results(out: Path) -> bool:
     """Has anything been computed in RUN (results or rankings)? Before that, its config may be replaced."""
     results = out / "results.jsonl"

@@ -37,6 +37,7 @@ from analysis.study.runfolder import (
     INPUTS,
     Results,
     environment,
+    grows,
     input_identity,
     length_suffix,
     open_run,
@@ -76,6 +77,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
     check_out(run_dir, replace=False, sources=_sources(cfg, config))
     check_device(cfg.device)
     refuse_another_config(cfg, run_dir)
+    growing = grows(cfg, run_dir)
     torch.manual_seed(cfg.seed)
     task = tasks.load(cfg.task)
     splits, task, dropped = check_splits(task, cfg)  # from here on, probe and dev without what test holds
@@ -104,7 +106,7 @@ def sweep(config: SweepConfig | str | Path, out: str | Path, *, progress: bool =
             executor = RayExecutor(on_ray, WorkerSpec(cfg, task, retention_task, inputs, torch.get_num_threads()))
         try:
             return _study(cfg, run_dir, results, task, splits, dropped, retention_task, retention_split, models,
-                          runner, executor, progress, on_point)
+                          runner, executor, progress, on_point, growing)
         finally:
             executor.close()
 
@@ -122,7 +124,8 @@ def _sources(cfg: SweepConfig, config: SweepConfig | str | Path) -> list[Path]:
 
 def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits: dict[str, str], dropped: Dropped,
            retention_task: Any, retention_split: str | None, models: dict[str, Any], runner: PointRunner,
-           executor: Executor, progress: bool, on_point: Callable[[Point, dict[str, Any]], None] | None) -> Path:
+           executor: Executor, progress: bool, on_point: Callable[[Point, dict[str, Any]], None] | None,
+           growing: bool) -> Path:
     """The study proper, in a run folder this process holds: grid, choices, controls. Baselines run here;
     the grid's and the controls' points run on ``executor`` (here, or on Ray actors), in batches of points
     that do not depend on each other. Only this process writes results.jsonl."""
@@ -212,7 +215,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                 results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
                              "target": target_name, "donor_ref": models[donor_name].name,
                              "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
-                             "k_grow_to": grow_limit(cfg.k_grow_to, len(all_ids)),
+                             "k_grow_to": grow_limit(cfg.k_grow_to, len(all_ids)) if growing else None,
                              "overlap_dropped": dropped.__dict__ if dropped.counts else None,
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
@@ -244,7 +247,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
             # otherwise report the grid's limit as the method's. Greedy and mask rank anew per budget.
             method_ks = {m: list(ks) for m in cfg.methods}
             by_budget = {m: {ks[-1]: ranking[m]} for m in cfg.methods}  # greedy's and mask's: one per budget
-            most = grow_limit(cfg.k_grow_to, len(all_ids))
+            most = grow_limit(cfg.k_grow_to, len(all_ids)) if growing else 0
             donor_dev, target_dev = base[donor_name, "dev"]["accuracy"], base[target_name, "dev"]["accuracy"]
             while True:
                 more = []
