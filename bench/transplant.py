@@ -6,6 +6,8 @@ Runs, on the same donor/target pair (sharded bf16 safetensors) and in one go:
   - mergekit (`mergekit-yaml`, a `linear` merge whose per-tensor weights give the same tensors);
   - the same, cold, with the pair named by hub id from a hub cache (as a user's downloaded models are): the
     weights' sha256 are their blobs' names there, so a first transplant reads no source just to hash it;
+    and with the pair as folders that ``hf download --local-dir`` wrote (the same files, each weight
+    file's sha256 in the download record beside it);
   - `cp -r` of the target, the disk's limit for writing a model folder.
 Each runs in its own process; wall time and peak RSS (from GNU time) are reported, best of
 ``--repeat`` rounds (the machine's page cache and other users make single runs swing). graftlm's
@@ -144,6 +146,23 @@ def hub_entry(folder: Path, hub: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text("0" * 40)
 
 
+def local_dir_entry(hub: Path, repo_id: str, dest: Path) -> None:
+    """The hub cache's copy of ``repo_id`` as ``hf download ID --local-dir DEST`` leaves it: the files
+    (hard links to the blobs) and, per file, ``.cache/huggingface/download/NAME.metadata`` — commit, etag
+    (a weight file's sha256, the blob's name) and the time of the download."""
+    import time
+
+    snapshot = hub / ("models--" + repo_id.replace("/", "--")) / "snapshots" / ("0" * 40)
+    records = dest / ".cache" / "huggingface" / "download"
+    if records.is_dir():
+        return
+    records.mkdir(parents=True)
+    for link in sorted(snapshot.iterdir()):
+        blob = link.resolve()
+        os.link(blob, dest / link.name)
+        (records / f"{link.name}.metadata").write_text(f"{'0' * 40}\n{blob.name}\n{time.time()}\n")
+
+
 def tensor(folder: Path, name: str) -> torch.Tensor:
     index_file = folder / "model.safetensors.index.json"
     file = json.loads(index_file.read_text())["weight_map"][name] if index_file.is_file() else "model.safetensors"
@@ -187,6 +206,9 @@ def main() -> None:
     hub = work / "hub"
     hub_entry(donor, hub, "bench/donor")
     hub_entry(target, hub, "bench/target")
+    local = work / "local-dir"
+    local_dir_entry(hub, "bench/donor", local / "donor")
+    local_dir_entry(hub, "bench/target", local / "target")
     layers = range(0, cfg["num_hidden_layers"])
     # 16 linear components spread over the layers: attention o and MLP down projections
     comps = [f"L{layer}.{'mlp.down' if k % 2 else 'attn.o'}" for k, layer in enumerate(list(layers)[:16])]
@@ -197,6 +219,7 @@ def main() -> None:
     blend_args = ["--strength", "0.5", *[arg for c in comps for arg in ("-c", c)]]
     cli = [graftlm, "transplant", "--donor", str(donor), "--target", str(target), *blend_args]
     cli_hub = [graftlm, "transplant", "--donor", "bench/donor", "--target", "bench/target", *blend_args]
+    cli_local = [graftlm, "transplant", "--donor", str(local / "donor"), "--target", str(local / "target"), *blend_args]
     weight_rules = lambda on_plan, off_plan: [  # noqa: E731
         *[{"filter": n.removesuffix(".weight"), "value": on_plan} for n in hf_names], {"value": off_plan}]
     mk_config = {
@@ -224,6 +247,7 @@ def main() -> None:
         "graftlm → folder, cold hashes": ([*cli, "--out", str(outs / "folder-cold")], outs / "folder-cold"),
         "graftlm → folder, warm hashes": ([*cli, "--out", str(outs / "folder")], outs / "folder"),
         "graftlm → folder, cold, hub ids": ([*cli_hub, "--out", str(outs / "folder-hub")], outs / "folder-hub"),
+        "graftlm → folder, cold, local-dir": ([*cli_local, "--out", str(outs / "folder-local")], outs / "folder-local"),
         "graftlm → patch, cold hashes": ([*cli, "--patch", "--out", str(outs / "patch-cold")], outs / "patch-cold"),
         "graftlm → patch, warm hashes": ([*cli, "--patch", "--out", str(outs / "patch")], outs / "patch"),
         "graftlm start-up (import analysis.cli)": ([py, "-c", "import analysis.cli, analysis.transplant"], None),
@@ -238,7 +262,7 @@ def main() -> None:
             # Each output goes at once (but the last folder and mergekit's, compared below): gigabytes
             # of page cache left behind would push the sources out of memory, and every later tool
             # would read them from disk.
-            if written is not None and not (round_ == args.repeat - 1 and written.name in ("folder", "folder-hub", "mk")):
+            if written is not None and not (round_ == args.repeat - 1 and written.name in ("folder", "folder-hub", "folder-local", "mk")):
                 shutil.rmtree(written)
         print(f"round {round_ + 1}: " + "; ".join(f"{k} {v[-1][0]:.2f} s" for k, v in runs.items()), flush=True)
     results = {tool: min(r) for tool, r in runs.items()}  # the best round's wall time, with its peak RSS
@@ -249,10 +273,11 @@ def main() -> None:
     differ, total, worst = compare(outs / "folder", outs / "mk", names)
     changed_differ, changed_total, _ = compare(outs / "folder", outs / "mk", hf_names)
     hub_differ, _, _ = compare(outs / "folder-hub", outs / "folder", names)
+    local_differ, _, _ = compare(outs / "folder-local", outs / "folder", names)
     print(f"\n{n_params / 1e9:.2f}B parameters, bf16, {len(comps)} linear components at α = 0.5")
     print(f"graftlm folder vs mergekit output, all {len(names)} tensors: {differ} of {total} elements differ "
           f"({changed_differ} of the {changed_total} blended), max |Δ| {worst:g}; by hub id vs by folder: "
-          f"{hub_differ} differ")
+          f"{hub_differ} differ; from local-dir folders: {local_differ}")
     print(f"best of {args.repeat} interleaved rounds, {args.threads} torch/OpenMP thread(s) a child; load average (1, 5, 15 min) before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load)}")
     print(f"{'tool':<40}{'wall s':>9}{'peak RSS MiB':>15}   all rounds")
@@ -266,6 +291,9 @@ def main() -> None:
     print(f"mergekit / folder       wall {mk[0] / fw[0]:.2f}× warm, {mk[0] / fc[0]:.2f}× cold   (goal ≥ 2×); "
           f"peak RSS folder / mergekit {max(fw[1], fc[1]) / mk[1]:.2f}× (goal ≤ 1)")
     print(f"mergekit / patch        wall {mk[0] / pw[0]:.2f}× warm, {mk[0] / pc[0]:.2f}× cold   (goal ≥ 20×)")
+    fl = results["graftlm → folder, cold, local-dir"]
+    print(f"cold, from `hf download --local-dir` folders: folder / cp -r {fl[0] / cp[0]:.2f}× (goal ≤ 1.5×), "
+          f"mergekit / folder {mk[0] / fl[0]:.2f}×")
     print(f"cold, by hub id: folder / cp -r {fh[0] / cp[0]:.2f}× (goal ≤ 1.5×), mergekit / folder {mk[0] / fh[0]:.2f}× "
           f"(goal ≥ 15×)")
 

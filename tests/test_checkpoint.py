@@ -49,3 +49,40 @@ def test_a_hub_cache_file_is_known_by_its_blob_name(tiny_pairs, tmp_path: Path,
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(b"x")
     assert cached_sha256(plain) is None  # not in a hub cache: computed
+
+
+def test_a_folder_from_hf_download_local_dir_is_known_by_its_download_record(tiny_pairs, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hf download ID --local-dir DIR`` records each LFS file's sha256 (its etag) under
+    DIR/.cache/huggingface/download: read, not computed, while the file is not newer than the record
+    (huggingface_hub's rule); a file edited since is hashed, and a damaged one fails verification."""
+    import hashlib
+    import os
+    import shutil
+    import time
+
+    import analysis.io.checkpoint as checkpoint
+    from analysis.errors import GraftError
+
+    monkeypatch.setattr(checkpoint, "HASH_CACHE", tmp_path / "cache" / "sha256.json")
+    _, target = tiny_pairs("llama")
+    folder = tmp_path / "local-dir"
+    shutil.copytree(target, folder)
+    weights = folder / "model.safetensors"
+    truth = hashlib.sha256(weights.read_bytes()).hexdigest()
+    record = folder / ".cache" / "huggingface" / "download" / "model.safetensors.metadata"
+    record.parent.mkdir(parents=True)
+    record.write_text(f"{'c' * 40}\n{truth}\n{time.time()}\n")  # as huggingface_hub writes it
+    with monkeypatch.context() as m:
+        m.setattr(hashlib, "file_digest", lambda *a, **k: pytest.fail("read a file it knew"))
+        assert cached_sha256(weights) == file_sha256(weights) == truth
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")
+    os.utime(weights, (time.time() - 3600, time.time() - 3600))  # the download's mtime, bytes changed
+    with pytest.raises(GraftError, match="damaged.*the hub lists"):
+        file_sha256(weights, verify=True)
+    later = time.time() + 10
+    os.utime(weights, (later, later))  # edited after the download: the record no longer speaks for it
+    assert cached_sha256(weights) is None
+    assert file_sha256(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()
+    record.write_text("not a record")
+    assert checkpoint.listed_sha256(weights) is None

@@ -164,28 +164,36 @@ def _cache_key(file: Path) -> tuple[str, int]:
     return f"{file.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}", stat.st_ctime_ns
 
 
-def hub_blob_sha256(file: Path) -> str | None:
-    """A hub cache file's sha256 without reading it, or None. huggingface_hub stores each LFS file (every
-    weight file) as ``blobs/SHA256``, named by its LFS object id — the sha256 the hub lists for it — and
-    links the snapshot's file name to that blob. ``hf cache verify`` (or graftlm's ``verify``) checks the
-    bytes against it."""
-    if not file.is_symlink() or file.parent.parent.name != "snapshots":
+def listed_sha256(file: Path) -> str | None:
+    """A weight file's sha256 as the hub lists it (its LFS object id), known without reading the file,
+    or None. huggingface_hub keeps it in two places: a hub cache stores each LFS file as ``blobs/SHA256``
+    and links the snapshot's file name to it; ``hf download --local-dir DIR`` records it (the file's
+    etag) in ``DIR/.cache/huggingface/download/NAME.metadata``, trusted while the file is not newer than
+    the record (huggingface_hub's own rule, 1 s of slack). ``verify`` checks the bytes against it."""
+    if file.is_symlink() and file.parent.parent.name == "snapshots":
+        blob = file.resolve()
+        if blob.parent.name == "blobs" and blob.parent.parent.name.startswith("models--") and \
+                SHA256_NAME.fullmatch(blob.name):
+            return blob.name
         return None
-    blob = file.resolve()
-    if blob.parent.name == "blobs" and blob.parent.parent.name.startswith("models--") and SHA256_NAME.fullmatch(blob.name):
-        return blob.name
-    return None
+    record = file.parent / ".cache" / "huggingface" / "download" / f"{file.name}.metadata"
+    try:
+        _, etag, timestamp = record.read_text().splitlines()[:3]
+        fresh = file.stat().st_mtime - 1 <= float(timestamp)
+    except (OSError, ValueError):  # no record, or not huggingface_hub's three lines
+        return None
+    return etag.strip() if fresh and SHA256_NAME.fullmatch(etag.strip()) else None
 
 
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 def cached_sha256(file: Path) -> str | None:
-    """The sha256 of a file known without reading it — a hub cache blob's name, or remembered — or None
-    when it must be computed."""
-    blob = hub_blob_sha256(file)
-    if blob:
-        return blob
+    """The sha256 of a file known without reading it — as the hub lists it (:func:`listed_sha256`), or
+    remembered — or None when it must be computed."""
+    listed = listed_sha256(file)
+    if listed:
+        return listed
     key, ctime = _cache_key(file)
     with _CACHE_LOCK:
         entry = _read_hash_cache().get(key)
@@ -203,17 +211,18 @@ def file_sha256(file: Path, verify: bool = False) -> str:
     key, ctime = _cache_key(file)
     with open(file, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()  # releases the GIL: files hash in parallel
-    check_hub_blob(file, digest)
+    check_listed(file, digest)
     remember_sha256(file, digest, (key, ctime))
     return digest
 
 
-def check_hub_blob(file: Path, digest: str) -> None:
-    """A hub cache file whose bytes do not hash to its blob's name was damaged after the download."""
-    blob = hub_blob_sha256(file)
-    if blob and blob != digest:
-        raise GraftError(f"{file} is damaged: its sha256 {digest[:12]}… is not the hub's {blob[:12]}… (its blob name)",
-                         "download it again (huggingface-cli download ID --force-download)")
+def check_listed(file: Path, digest: str) -> None:
+    """A downloaded file whose bytes do not hash to the sha256 the hub lists for it (its blob's name, its
+    download record) was damaged or changed after the download."""
+    listed = listed_sha256(file)
+    if listed and listed != digest:
+        raise GraftError(f"{file} is damaged: its sha256 {digest[:12]}… is not the {listed[:12]}… the hub lists for "
+                         f"it", "download it again (hf download ID --force-download, with --local-dir for a folder)")
 
 
 def remember_sha256(file: Path, digest: str, identity: tuple[str, int] | None = None) -> None:

@@ -24,7 +24,7 @@ from analysis.errors import GraftError
 from analysis.io.checkpoint import (
     Checkpoint,
     cached_sha256,
-    check_hub_blob,
+    check_listed,
     file_identity,
     file_sha256,
     remember_sha256,
@@ -222,7 +222,7 @@ def copy_and_hash(file: Path, fd: int, gaps: list[tuple[int, int]], digest: Futu
         finally:
             os.close(src)
         moment(f"copied and hashed {file.name}")
-        check_hub_blob(file, h.hexdigest())
+        check_listed(file, h.hexdigest())
         remember_sha256(file, h.hexdigest(), identity)
         digest.set_result(h.hexdigest())
     except BaseException as err:

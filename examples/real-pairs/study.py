@@ -109,8 +109,19 @@ def qwen_next_release_benchmark() -> SweepConfig:
     return qwen_next_release().model_copy(update={"task": "basic_arithmetic"})
 
 
+def qwen_next_release_default_grid() -> SweepConfig:
+    """The Qwen next release with the grid a user gets without asking: K 1, 2, 4, 8 (grown by k_grow_to,
+    up to 50% of the components, while its top is the best and far from the donor) and α 0.25 … 1. Before
+    grids grew, a grid that stops at 8 of 411 components found nothing on this pair. Its rankings are
+    qwen-next-release's (gradient ranks every component whatever the grid)."""
+    fixed = {"k", "alpha", "k_grow_to"}
+    return SweepConfig.model_validate({k: v for k, v in qwen_next_release().model_dump().items() if k not in fixed})
+
+
 QWEN_STUDIES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release,
-          "qwen-next-release-benchmark": qwen_next_release_benchmark}
+                "qwen-next-release-benchmark": qwen_next_release_benchmark,
+                "qwen-next-release-default-grid": qwen_next_release_default_grid}
+RANKINGS_FROM = {"qwen-next-release-default-grid": "qwen-next-release"}  # a study whose rankings another made
 
 
 def pair_of(recipe: str) -> Path:
@@ -120,6 +131,8 @@ def pair_of(recipe: str) -> Path:
 
 def run(recipe: str) -> Path:
     out = STUDIES / recipe
+    if recipe in RANKINGS_FROM and not (out / "rankings").is_dir():
+        copy_rankings(STUDIES / RANKINGS_FROM[recipe], out)
     start = time.perf_counter()
     sweep(config(recipe), out, progress=True)
     report.write(out)
@@ -136,17 +149,24 @@ def run_second_benchmark(recipe: str) -> Path:
     """The study of ``recipe`` with ``retention:`` its second benchmark (200 questions), into
     RUN-BENCHMARK-retention; localization is not repeated (the first run's rankings are copied in)."""
     bench = SECOND_BENCHMARK[recipe]
-    first, out = STUDIES / recipe, STUDIES / f"{recipe}-{bench}-retention"
-    if not (first / "rankings").is_dir():
-        raise SystemExit(f"run the study of {recipe} first: .venv/bin/python examples/real-pairs/study.py {recipe}")
-    (out / "rankings").mkdir(parents=True, exist_ok=True)
-    for ranking in (first / "rankings").glob("*.json"):
-        shutil.copy2(ranking, out / "rankings" / ranking.name)
+    out = STUDIES / f"{recipe}-{bench}-retention"
+    copy_rankings(STUDIES / recipe, out)
     start = time.perf_counter()
     sweep(config(recipe).model_copy(update={"retention": bench, "retention_limit": 200}), out, progress=True)
     report.write(out)
     print(f"{recipe} with retention on {bench}: {time.perf_counter() - start:.0f} s → {out / 'report.md'}", flush=True)
     return out
+
+
+def copy_rankings(first: Path, out: Path) -> None:
+    """The rankings of study folder ``first`` into ``out`` (a study of the same pair, probe and methods):
+    localization is not repeated."""
+    if not (first / "rankings").is_dir():
+        raise SystemExit(f"run the study of {first.name} first: .venv/bin/python examples/real-pairs/study.py "
+                         f"{first.name}")
+    (out / "rankings").mkdir(parents=True, exist_ok=True)
+    for ranking in (first / "rankings").glob("*.json"):
+        shutil.copy2(ranking, out / "rankings" / ranking.name)
 
 
 def publish(recipe: str) -> None:
