@@ -6,8 +6,9 @@
     .venv/bin/python bench/localize_quality.py --walls-only     # the SmolLM2 timing only
 
 For every pair of the bank (``bench/pairs.py``: built and cached on first use) it runs the whole study
-— ``graftlm sweep`` with every localization method, K as a share of all components (at most 20%), K and
-α chosen on dev, random-K (several seeds), weight-ranked and copy-all controls on test — and prints one
+— ``graftlm sweep`` with every localization method, K as 5%, 10% and 20% of all components (grown by the
+sweep's default ``k_grow_to`` up to 50% where a method's top K is still its best and well short of the
+donor on dev), K and α chosen on dev, random-K (several seeds), weight-ranked and copy-all controls on test — and prints one
 table: per pair and method, the gap recovery at the chosen point with its 95% interval, the paired
 margin over random components at the same budget (accuracy points, 95% interval; "beats random" when
 the interval lies above zero), copy-all's recovery, the chosen K as a share of all components, and the
@@ -72,7 +73,8 @@ def _bench_module(name: str):  # -> module
 
 
 def config_for(folder: Path, methods: list[str]) -> SweepConfig:
-    """The study of one pair: every method, K ≤ 20% of the components, the bank's splits whole."""
+    """The study of one pair: every method, K from 5% to 20% of the components (grown as the sweep's
+    default says), the bank's splits whole."""
     pair = json.loads((folder / "pair.json").read_text())
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), task=str(folder / pair["task"]),
                        methods=methods, k=list(K_SHARES), alpha=list(ALPHAS),  # the default kinds: head, kv, mlp
@@ -215,7 +217,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
         beats = sum(r["margin_lo"] > 0 for r in chosen)
         recs = [r["recovery"] for r in chosen if r["recovery"] is not None]
         out.append(f"{label}: beats random (paired margin interval above zero) on {beats} of {len(chosen)} pairs; "
-                   f"mean gap recovery {statistics.mean(recs) * 100:.0f}% (K ≤ {K_SHARES[-1]} of the components)"
+                   f"mean gap recovery {statistics.mean(recs) * 100:.0f}% (K {', '.join(K_SHARES)} of the components, "
+                   f"grown up to {SweepConfig.model_fields['k_grow_to'].default})"
                    if recs else "no pair finished")
     per_method: dict[str, list[dict]] = {}
     for r in rows:
