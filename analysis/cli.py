@@ -198,7 +198,8 @@ def sweep_cmd(
         "--ray", metavar="[ADDRESS]", help="Run the grid and controls on Ray actors: bare, Ray on this machine (or "
         "as the config's ray: says); auto, HOST:PORT or ray://HOST:PORT, that cluster.")] = None,
 ) -> None:
-    """Baselines, localization on probe, a K × α grid on dev, chosen points and controls on test, report.
+    """Baselines, localization on probe, a K × α grid on dev (grown where its top K is still a method's
+    best and well short of the donor: k_grow_to), chosen points and controls on test, report.
 
     Rerunning with the same --out resumes: finished points are skipped.
     """

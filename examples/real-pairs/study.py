@@ -59,8 +59,8 @@ PROBE = {"specialist": 128, "next-release": 128, "quantized": 32}
 
 
 def config(recipe: str) -> SweepConfig:
-    if recipe in QWEN_STUDIES:
-        return QWEN_STUDIES[recipe]()
+    if recipe in NAMED_STUDIES:
+        return NAMED_STUDIES[recipe]()
     folder = pairs.pair_folder(recipe)
     pair = json.loads((folder / "pair.json").read_text())
     return SweepConfig(donor=str(folder / "donor"), target=str(folder / "target"), task=pair["task"],
@@ -118,10 +118,19 @@ def qwen_next_release_default_grid() -> SweepConfig:
     return SweepConfig.model_validate({k: v for k, v in qwen_next_release().model_dump().items() if k not in fixed})
 
 
-QWEN_STUDIES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release,
-                "qwen-next-release-benchmark": qwen_next_release_benchmark,
-                "qwen-next-release-default-grid": qwen_next_release_default_grid}
-RANKINGS_FROM = {"qwen-next-release-default-grid": "qwen-next-release"}  # a study whose rankings another made
+def next_release_grown() -> SweepConfig:
+    """The SmolLM2 next-release study again, in a folder of its own: its run folder predates grids that
+    grow (and resumes as it was made), and its chosen K was the top of its grid. Rankings reused; greedy
+    ranks anew where the grid grows past its old budget."""
+    return config("next-release")
+
+
+NAMED_STUDIES = {"qwen-curve": qwen_curve, "qwen-next-release": qwen_next_release,
+                 "qwen-next-release-benchmark": qwen_next_release_benchmark,
+                 "qwen-next-release-default-grid": qwen_next_release_default_grid,
+                 "next-release-grown": next_release_grown}
+# a study whose rankings another made (same pair, probe and methods)
+RANKINGS_FROM = {"qwen-next-release-default-grid": "qwen-next-release", "next-release-grown": "next-release"}
 
 
 def pair_of(recipe: str) -> Path:
@@ -181,7 +190,7 @@ def publish(recipe: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES, *QWEN_STUDIES], default=[])
+    parser.add_argument("recipes", nargs="*", choices=[[], *pairs.RECIPES, *NAMED_STUDIES], default=[])
     parser.add_argument("--publish", action="store_true")
     parser.add_argument("--second-benchmark", action="store_true",
                         help="rerun each study with retention scored on a second benchmark's accuracy")
