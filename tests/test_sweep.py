@@ -257,6 +257,13 @@ def test_the_grid_grows_where_its_top_k_is_still_the_best(tmp_path: Path, capsys
     assert chosen["top_k"] == 4 and chosen["plan"] == [cid for cid, _ in top4[:4]]
     (control,) = [r for r in rows if r.get("phase") == "control"]
     assert control["top_k"] == 4  # random components at the grown budget
+    from analysis import report
+
+    (summary,) = report.summarize(run)
+    assert "greedy: the grid grew past K=1 to K=2, 4 (k_grow_to): its top K was its best on dev and well short " \
+        "of the donor." in summary.notes
+    assert any(note.startswith("greedy: chosen K=4 is the top of the grid (of ") and "as far as k_grow_to lets it "
+               "grow" in note for note in summary.notes)  # the limit, not the method, stopped it
     before = (run / "results.jsonl").read_bytes()
     sweep(cfg, run, progress=False)
     assert (run / "results.jsonl").read_bytes() == before

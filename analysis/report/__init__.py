@@ -4,17 +4,8 @@ and its pictures (:mod:`.figures`). ``report.summarize(run)`` and ``report.write
 from __future__ import annotations
 
 from analysis.interp.methods import named
-from analysis.report.summary import (
-    ANSWER_SOURCES,
-    Finding,
-    Summary,
-    beats_random,
-    localization_notes,
-    notes,
-    read_rows,
-    summarize,
-    verdict,
-)
+from analysis.report.notes import ANSWER_SOURCES, localization_notes, notes
+from analysis.report.summary import Finding, Summary, beats_random, read_rows, summarize, verdict
 from analysis.report.text import HEADER, header, headline, markdown, write
 
 __all__ = ["ANSWER_SOURCES", "HEADER", "Finding", "Summary", "beats_random", "header", "headline", "localization_notes",
