@@ -44,6 +44,7 @@ study-real: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py qwen-next-release --publish
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py qwen-next-release-benchmark --publish
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py qwen-next-release-default-grid --publish
+	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py next-release-grown --publish
 	OMP_NUM_THREADS=1 $(PY) examples/real-pairs/study.py --second-benchmark
 
 # Execute every notebook and save it with its outputs (the tests execute them again)
