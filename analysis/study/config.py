@@ -232,15 +232,16 @@ def resolve_k(ks: list[int | str], n: int) -> KGrid:
 GROW_UNTIL = 0.9  # a grid stops growing once its top K recovers this share of the dev gap
 
 
-def grown_k(grid: dict[int, list[dict[str, Any]]], donor_dev: float, target_dev: float, most: int) -> int | None:
+def grown_k(grid: dict[int, list[dict[str, Any]]], donor_dev: float | None, target_dev: float | None,
+            most: int) -> int | None:
     """The K to add above one method's dev grid (K → its rows, one per α), or None. The grid grows while
     its answer is bounded by the grid rather than by the method: the top K holds the method's best dev
     point (ties count: a flat grid says nothing yet), that point recovers less than GROW_UNTIL of the
     dev gap, and the donor's dev accuracy lies above its 95% interval. Each step doubles the top K, up
-    to ``most``; points stopped by a race are left out."""
-    live = {k: [r for r in rows if "raced" not in r] for k, rows in grid.items()}
+    to ``most``; points stopped by a race, and rows without an accuracy (a perplexity task), are left out."""
+    live = {k: [r for r in rows if "raced" not in r and r.get("accuracy") is not None] for k, rows in grid.items()}
     top = max(live)
-    if top >= most or not live[top] or donor_dev <= target_dev:
+    if top >= most or not live[top] or donor_dev is None or target_dev is None or donor_dev <= target_dev:
         return None
     best = max(live[top], key=lambda r: r["accuracy"])
     if any(r["accuracy"] > best["accuracy"] for k, rows in live.items() if k != top for r in rows):
