@@ -79,6 +79,8 @@ def test_a_grid_grows_only_while_its_top_k_bounds_the_answer() -> None:
     assert grown_k({1: [_dev(0.2)], 2: [_dev(0.5)]}, 0.4, 0.5, 10) is None  # no gap to recover
     raced = {1: [_dev(0.2)], 2: [_dev(0.6, raced={"stopped": True})]}
     assert grown_k(raced, 0.9, 0.0, 10) is None  # a point stopped by the race is not a best
+    scored = {1: [{"accuracy": None, "ci_high": None, "perplexity": 3.1}]}
+    assert grown_k(scored, None, None, 10) is None  # a perplexity task has no accuracy to grow on
 
 
 def test_k_grow_to_takes_a_count_a_share_or_null() -> None:
