@@ -267,6 +267,11 @@ def test_the_grid_grows_where_its_top_k_is_still_the_best(tmp_path: Path, capsys
     before = (run / "results.jsonl").read_bytes()
     sweep(cfg, run, progress=False)
     assert (run / "results.jsonl").read_bytes() == before
+    raced = sweep(cfg.model_copy(update={"race": 0.05}), tmp_path / "raced", progress=False)
+    raced_rows = [json.loads(line) for line in (raced / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["top_k"] for r in raced_rows if r.get("phase") == "grid") == [1, 2, 4]  # grown the same
+    assert [(r["top_k"], r["plan"]) for r in raced_rows if r.get("phase") == "chosen" and r["split"] == "test"] == \
+        [(4, chosen["plan"])]
     fixed = sweep(cfg.model_copy(update={"k_grow_to": None}), tmp_path / "fixed", progress=False)
     assert [json.loads(x)["top_k"] for x in (fixed / "results.jsonl").read_text().splitlines()
             if json.loads(x).get("phase") == "grid"] == [1]
