@@ -239,7 +239,8 @@ def test_a_second_benchmark_as_retention_is_scored_by_accuracy(study, tmp_path: 
 def test_the_grid_grows_where_its_top_k_is_still_the_best(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """On the demo pair (a regression that needs several components) a grid of K=1 alone grows by doubling
     while its top K is the method's best on dev and far below the donor, up to k_grow_to; greedy ranks
-    anew for each budget, the chosen point's plan is that budget's ranking, and a rerun adds nothing."""
+    anew for each budget, the chosen point's plan is that budget's ranking, a rerun adds nothing, and a
+    raced grid grows and chooses the same."""
     from analysis.study.config import DEMO_CONFIG
 
     cfg = SweepConfig.load(DEMO_CONFIG).model_copy(update={
