@@ -108,7 +108,8 @@ def transplant_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     allow_extrapolation: Annotated[bool, typer.Option("--allow-extrapolation", help="Allow α outside [0, 1].")] = False,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Hash both sources' files anew instead of trusting remembered hashes or hub blob names.")] = False,
+        "--verify", help="Hash both sources' files anew instead of trusting remembered hashes or the sha256 the hub "
+        "lists (hub cache blob names, hf download --local-dir records).")] = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:

@@ -444,7 +444,8 @@ def transplant(
 ) -> Path:
     """Write the transplanted target to ``out``: an HF folder, or a graft patch with ``patch=True``.
     ``alpha`` sets every component's strength (``strength`` is its older name, still accepted). The card
-    names both sources' sha256, remembered or (hub cache) read from the blobs' names unless ``verify``."""
+    names both sources' sha256, remembered or as the hub lists them (a hub cache's blob names, the records
+    of ``hf download --local-dir``) unless ``verify``."""
     if strength is not None:
         if alpha is not None and alpha != strength:
             raise GraftError(f"alpha={alpha} and strength={strength} disagree", "pass alpha only (strength is its old name)")

@@ -139,6 +139,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
     all_ids = units.component_ids(lay, cfg.components)  # type: ignore[arg-type]
     k_grid = resolve_k(cfg.k, len(all_ids))
     ks = k_grid.resolved
+    most = grow_limit(cfg.k_grow_to, len(all_ids)) if growing else 0  # the largest K a grid may grow to
     plan_total = _count_points(cfg, len(ks), lengths, retention_task is not None)
     bar = Progress(plan_total, progress, {who: short_name(models[who].name) for who in models})
     if dropped.said:
@@ -215,7 +216,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                 results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
                              "target": target_name, "donor_ref": models[donor_name].name,
                              "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
-                             "k_grow_to": grow_limit(cfg.k_grow_to, len(all_ids)) if growing else None,
+                             "k_grow_to": most or None,
                              "overlap_dropped": dropped.__dict__ if dropped.counts else None,
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
@@ -247,7 +248,6 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
             # otherwise report the grid's limit as the method's. Greedy and mask rank anew per budget.
             method_ks = {m: list(ks) for m in cfg.methods}
             by_budget = {m: {ks[-1]: ranking[m]} for m in cfg.methods}  # greedy's and mask's: one per budget
-            most = grow_limit(cfg.k_grow_to, len(all_ids)) if growing else 0
             donor_dev, target_dev = base[donor_name, "dev"]["accuracy"], base[target_name, "dev"]["accuracy"]
             while True:
                 more = []
