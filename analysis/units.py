@@ -4,8 +4,8 @@ A :class:`Component` names a part of one layer (an attention head, a KV group, a
 one projection, the attention block, or the whole layer) and carries two views of it: the
 TransformerLens hook names where its activation is seen, and the slices of Hugging Face tensors that
 hold its weights. Architectures differ only in how they name and fuse tensors; a :class:`Layout`
-hides that (separate q/k/v as in Llama, Qwen2, Gemma-3; fused as in Phi-3; GPT-2's transposed
-``Conv1D``; GPT-NeoX's per-head interleaved ``query_key_value``).
+hides that (:data:`NAMINGS`: separate q/k/v as in Llama, Qwen, Gemma, Phi-2, OPT, GPT-J; fused as in
+Phi-3; GPT-2's transposed ``Conv1D``; GPT-NeoX's and BLOOM's per-head interleaved ``query_key_value``).
 
 Component ids (also the pattern syntax, with ``*`` wildcards)::
 
@@ -87,11 +87,51 @@ def _ranges(starts: Iterable[int], width: int) -> list[tuple[int, int]]:
     return [(s, s + width) for s in starts]
 
 
+@dataclass(frozen=True)
+class Naming:
+    """How one family names its projections (the tensor path within a layer, per logical projection)
+    and lays out the fused ones."""
+
+    linears: Mapping[str, str]  # "q", "k", "v", "o", ("gate"), "up", "down" -> e.g. "self_attn.q_proj"
+    # q/k/v in their own tensors ("separate"), one after another in one tensor ("concat": q of every head,
+    # then k, then v), or interleaved per head ("per_head": head 0's q, k, v, then head 1's, ...)
+    qkv: Literal["separate", "concat", "per_head"] = "separate"
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
+
+
+_SELF_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+# Tried in this order; a family is recognised when every one of its tensors exists in layer 0 (so none is
+# taken for another: Llama needs a gate, GPT-2 a c_attn, OPT its fc1 beside the attention).
+NAMINGS: dict[str, Naming] = {
+    "llama": Naming({**_SELF_ATTN, "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}),
+    "phi3": Naming({"q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
+                    "o": "self_attn.o_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
+                    "down": "mlp.down_proj"}, qkv="concat"),
+    "gpt2": Naming({"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+                    "up": "mlp.c_fc", "down": "mlp.c_proj"}, qkv="concat", conv1d=True),
+    "neox": Naming({"q": "attention.query_key_value", "k": "attention.query_key_value",
+                    "v": "attention.query_key_value", "o": "attention.dense",
+                    "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}, qkv="per_head"),
+    "bloom": Naming({"q": "self_attention.query_key_value", "k": "self_attention.query_key_value",
+                     "v": "self_attention.query_key_value", "o": "self_attention.dense",
+                     "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}, qkv="per_head"),
+    "phi": Naming({**_SELF_ATTN, "o": "self_attn.dense", "up": "mlp.fc1", "down": "mlp.fc2"}),
+    "opt": Naming({**_SELF_ATTN, "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"}),
+    "gptj": Naming({"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj",
+                    "up": "mlp.fc_in", "down": "mlp.fc_out"}),
+    "starcoder2": Naming({**_SELF_ATTN, "up": "mlp.c_fc", "down": "mlp.c_proj"}),
+}
+SUPPORTED = ("Llama-style models (Llama, Mistral, Qwen, Gemma, OLMo, SmolLM, Granite, ...), Phi-1/2/3, GPT-2, "
+             "GPT-NeoX (Pythia), GPT-J, OPT, BLOOM and StarCoder2")
+# Tensors inside the attention module besides its projections (per-head norms of queries and keys).
+ATTN_NORMS = ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm")
+
+
 @dataclass
 class Layout:
     """How one architecture stores its layers; built from parameter names, shapes and the config."""
 
-    family: Literal["llama", "phi3", "gpt2", "neox"]
+    family: str  # a key of NAMINGS
     prefix: str  # text before the layer index, e.g. "model.layers."
     n_layers: int
     n_heads: int
@@ -100,30 +140,25 @@ class Layout:
     d_mlp: int
     shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
 
-    # --- tensor names of the logical projections, per family -------------------------------------
+    @property
+    def naming(self) -> Naming:
+        return NAMINGS[self.family]
+
     def _rel(self, lin: str) -> str:
-        return {
-            "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                      "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-                      "down": "mlp.down_proj"},
-            "phi3": {"q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
-                     "o": "self_attn.o_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj",
-                     "down": "mlp.down_proj"},
-            "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
-                     "up": "mlp.c_fc", "down": "mlp.c_proj"},
-            "neox": {"q": "attention.query_key_value", "k": "attention.query_key_value",
-                     "v": "attention.query_key_value", "o": "attention.dense",
-                     "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
-        }[self.family].get(lin, "")
+        return self.naming.linears.get(lin, "")
+
+    def _shared(self, lin: str) -> bool:
+        """True when the projection shares its tensor with another (fused q/k/v, fused gate/up)."""
+        return any(other != lin and rel == self._rel(lin) for other, rel in self.naming.linears.items())
 
     @property
     def conv1d(self) -> bool:
         """GPT-2's Conv1D stores weights as (in, out): output features are along dim 1."""
-        return self.family == "gpt2"
+        return self.naming.conv1d
 
     @property
     def has_gate(self) -> bool:
-        return self.family in ("llama", "phi3")
+        return "gate" in self.naming.linears
 
     @property
     def gqa(self) -> bool:
@@ -149,34 +184,30 @@ class Layout:
     # --- rows of each logical projection within its (possibly fused) tensor ------------------------
     def _q_rows(self, head: int) -> list[tuple[int, int]]:
         hd = self.head_dim
-        if self.family == "neox":
+        if self.naming.qkv == "per_head":
             return [(head * 3 * hd, head * 3 * hd + hd)]
         return [(head * hd, (head + 1) * hd)]
 
     def _kv_rows(self, which: Literal["k", "v"], group: int) -> list[tuple[int, int]]:
         hd, q_width = self.head_dim, self.n_heads * self.head_dim
-        if self.family == "llama":
+        qkv = self.naming.qkv
+        if qkv == "separate":
             start = group * hd
-        elif self.family == "phi3":
+        elif qkv == "concat":  # [q of every head | k of every KV head | v of every KV head]
             start = q_width + (0 if which == "k" else self.n_kv * hd) + group * hd
-        elif self.family == "gpt2":
-            start = q_width * (1 if which == "k" else 2) + group * hd
-        else:  # neox: per head [q | k | v]
+        else:  # per head [q | k | v]
             start = group * 3 * hd + (1 if which == "k" else 2) * hd
         return [(start, start + hd)]
 
     def _mlp_rows(self, lin: Literal["gate", "up"], neurons: tuple[int, int]) -> list[tuple[int, int]]:
         a, b = neurons
-        if self.family == "phi3" and lin == "up":
+        if lin == "up" and self._shared("up"):  # fused [gate | up]
             return [(self.d_mlp + a, self.d_mlp + b)]
         return [(a, b)]
 
     def linear_slices(self, layer: int, lin: str) -> list[Slice]:
         """A whole logical projection: the full tensor, or its share of a fused one."""
-        if lin in ("o", "down"):
-            base = f"{self.prefix}{layer}.{self._rel(lin)}"
-            return [Slice(f"{base}.weight")] + ([Slice(f"{base}.bias")] if f"{base}.bias" in self.shapes else [])
-        if self.family == "llama" or (self.family in ("gpt2", "neox") and lin == "up"):
+        if not self._shared(lin):
             base = f"{self.prefix}{layer}.{self._rel(lin)}"
             return [Slice(f"{base}.weight")] + ([Slice(f"{base}.bias")] if f"{base}.bias" in self.shapes else [])
         if lin in ("gate", "up"):
@@ -224,7 +255,7 @@ class Layout:
         rels = [self._rel(lin) for lin in (ATTN_LINEARS if block == "attn" else MLP_LINEARS)]
         rels = [r for r in dict.fromkeys(rels) if r]
         if block == "attn":
-            rels += ["self_attn.q_norm", "self_attn.k_norm"]
+            rels += list(ATTN_NORMS)
         head = f"{self.prefix}{layer}."
         return sorted(n for n in self.shapes if any(n.startswith(head + r + ".") for r in rels))
 
@@ -250,41 +281,62 @@ def _merge_slices(slices: list[Slice]) -> list[Slice]:
     return out
 
 
-FAMILY_PROBES = (("llama", "self_attn.q_proj.weight"), ("phi3", "self_attn.qkv_proj.weight"),
-                 ("gpt2", "attn.c_attn.weight"), ("neox", "attention.query_key_value.weight"))
 LAYER_RE = re.compile(r"^(?P<prefix>.*?(?:layers|\.h)\.)(?P<layer>\d+)\.")
 
 
 def layout(config: object, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
-    """Recognise the architecture from its tensor names; raise a clear error when it is unknown."""
+    """Recognise the architecture from its tensor names and check its shapes against the config; raise a
+    clear error when it is unknown or they disagree (a wrong guess would cut the wrong rows, silently)."""
     names = list(shapes)
-
-    def find(suffix: str) -> str | None:
-        for n in names:
-            m = LAYER_RE.match(n)
-            if m and m.group("layer") == "0" and n.endswith(suffix):
-                return m.group("prefix")
-        return None
-
-    found = [(fam, find(probe)) for fam, probe in FAMILY_PROBES]
-    found = [(fam, prefix) for fam, prefix in found if prefix is not None]
+    prefixes = dict.fromkeys(m.group("prefix") for n in names if (m := LAYER_RE.match(n)) and m.group("layer") == "0")
+    found = [(family, prefix) for family, naming in NAMINGS.items() for prefix in prefixes
+             if all(f"{prefix}0.{rel}.weight" in shapes for rel in naming.linears.values())]
     if not found:
         raise GraftError(
-            "unsupported architecture: no layer-0 attention projection found "
-            f"(first tensors: {', '.join(names[:3])})",
-            "graftlm supports Llama-style, Phi-3, GPT-2 and GPT-NeoX models",
-        )
+            "unsupported architecture: no layer 0 with a known set of attention and MLP projections "
+            f"(first tensors: {', '.join(names[:3])})", f"graftlm supports {SUPPORTED}")
     family, prefix = found[0]
     n_layers = 1 + max(int(m.group("layer")) for n in names if (m := LAYER_RE.match(n)) and m.group("prefix") == prefix)
-    n_heads = int(config.num_attention_heads)
+    n_heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    hidden = int(config.hidden_size)
+    hidden = int(config.hidden_size)  # type: ignore[attr-defined]
     head_dim = int(getattr(config, "head_dim", None) or hidden // n_heads)
-    rel_down = {"llama": "mlp.down_proj", "phi3": "mlp.down_proj", "gpt2": "mlp.c_proj",
-                "neox": "mlp.dense_4h_to_h"}[family]
-    down = shapes[f"{prefix}0.{rel_down}.weight"]
-    d_mlp = down[0] if family == "gpt2" else down[1]
-    return Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes)  # type: ignore[arg-type]
+    naming = NAMINGS[family]
+    down = shapes[f"{prefix}0.{naming.linears['down']}.weight"]
+    d_mlp = down[0] if naming.conv1d else down[1]
+    lay = Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes)
+    _check(lay)
+    return lay
+
+
+def _check(lay: Layout) -> None:
+    """Every layer has the family's projections, and layer 0's widths are those the config implies."""
+    naming, hd = lay.naming, lay.head_dim
+    for layer in range(lay.n_layers):
+        missing = [rel for rel in naming.linears.values() if f"{lay.prefix}{layer}.{rel}.weight" not in lay.shapes]
+        if missing:
+            raise GraftError(f"unsupported architecture: layer {layer} has no {missing[0]}.weight, which layer 0 has "
+                             "(layers of different kinds: experts, or blocks without attention or MLP)",
+                             f"graftlm supports models whose layers are alike: {SUPPORTED}")
+    fused_qkv = {"separate": None, "concat": (lay.n_heads + 2 * lay.n_kv) * hd, "per_head": 3 * lay.n_heads * hd}
+    want = {"q": lay.n_heads * hd, "k": lay.n_kv * hd, "v": lay.n_kv * hd,
+            "gate": lay.d_mlp, "up": lay.d_mlp}
+    if lay._shared("up"):  # fused [gate | up]
+        want["gate"] = want["up"] = 2 * lay.d_mlp
+    if fused_qkv[naming.qkv] is not None:
+        want["q"] = want["k"] = want["v"] = fused_qkv[naming.qkv]  # type: ignore[assignment]
+    out_dim = 1 if naming.conv1d else 0
+    widths = {lin: lay.shapes[f"{lay.prefix}0.{naming.linears[lin]}.weight"][out_dim] for lin in want
+              if lin in naming.linears}
+    widths["o"] = lay.shapes[f"{lay.prefix}0.{naming.linears['o']}.weight"][1 - out_dim]
+    want["o"] = lay.n_heads * hd
+    wrong = [(lin, widths[lin], want[lin]) for lin in widths if widths[lin] != want[lin]]
+    if lay.n_heads % lay.n_kv or (naming.qkv == "per_head" and lay.n_kv != lay.n_heads) or wrong:
+        lin, got, expected = wrong[0] if wrong else ("q", widths["q"], want["q"])
+        raise GraftError(
+            f"unsupported architecture: the config's {lay.n_heads} query heads and {lay.n_kv} key/value heads of "
+            f"{hd} ({lay.family}-style tensors) need {expected} features in {naming.linears[lin]}, which has {got}",
+            f"graftlm cuts heads only where the layout is known: {SUPPORTED}")
 
 
 def component(lay: Layout, cid: str) -> Component:

@@ -1,4 +1,4 @@
-"""Tiny random models of six architectures, built in-process and saved as HF folders (no downloads)."""
+"""Tiny random models of eleven architectures, built in-process and saved as HF folders (no downloads)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from analysis.study.config import SweepConfig
 torch.set_num_threads(1)
 
 CHARS = [chr(i) for i in range(32, 127)]
-FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox")
+FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox", "phi", "opt", "gptj", "bloom", "starcoder2")
 
 
 def char_tokenizer(folder: Path, extra: int = 0) -> T.PreTrainedTokenizerFast:
@@ -51,12 +51,25 @@ def tiny_config(family: str, vocab: int, **over: object) -> T.PretrainedConfig:
                    max_position_embeddings=64, **common)
         cfg.update(over)
         return T.GPTNeoXConfig(**cfg)
+    if family in ("gptj", "bloom"):
+        cfg = dict(n_embd=32, n_layer=2, n_head=4, **common) if family == "gptj" else dict(
+            hidden_size=32, n_layer=2, n_head=4, **common)
+        if family == "gptj":
+            cfg.update(n_positions=64, rotary_dim=4)
+        cfg.update(over)
+        return T.GPTJConfig(**cfg) if family == "gptj" else T.BloomConfig(**cfg)
+    if family in ("phi", "opt"):
+        cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **common)
+        cfg.update(dict(intermediate_size=64) if family == "phi" else dict(ffn_dim=64, word_embed_proj_dim=32))
+        cfg.update(over)
+        return T.PhiConfig(**cfg) if family == "phi" else T.OPTConfig(**cfg)
     cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=64, max_position_embeddings=64, **common)
     if family == "gemma3":
         cfg["head_dim"] = 8
     cfg.update(over)
-    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "gemma3": T.Gemma3TextConfig, "phi3": T.Phi3Config}[family]
+    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "gemma3": T.Gemma3TextConfig, "phi3": T.Phi3Config,
+           "starcoder2": T.Starcoder2Config}[family]
     return cls(**cfg)
 
 

@@ -206,8 +206,9 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     from analysis.study.config import SweepConfig
 
     donor, target = build_model(tmp_path / "donor", "llama", seed=1), build_model(tmp_path / "target", "llama", seed=2)
+    # a grid of 16 points, so the signal lands mid-sweep even when this process is slow to send it
     cfg = SweepConfig(donor=str(donor), target=str(target), task=str(write_task(tmp_path)), methods=["weight"],
-                      k=[1, 2], alpha=[0.5, 1.0], components=["head", "mlp"], batch_size=4)
+                      k=[1, 2, 3, 4], alpha=[0.25, 0.5, 0.75, 1.0], components=["head", "mlp"], batch_size=4)
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     exe = Path(sys.executable).parent / "graftlm"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "analysis.cli"]

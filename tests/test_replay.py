@@ -1,4 +1,4 @@
-"""Replaying the layers below a transplant gives exactly the results of full forwards, on six families."""
+"""Replaying the layers below a transplant gives exactly the results of full forwards, on eleven families."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def _scores(target, replay: LayerReplay | None, batch_size: int = 2) -> tuple[li
     return lls, nlls
 
 
+# Blocks that return a tuple (BLOOM's, with its ALiBi) are not replayed: their output is not one hidden state.
+NOT_REPLAYED = ("bloom",)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replayed_layers_are_bit_identical_to_full_forwards(deep_pairs, family: str) -> None:
     donor, target = deep_pairs[family]
@@ -58,6 +62,9 @@ def test_replayed_layers_are_bit_identical_to_full_forwards(deep_pairs, family: 
             with replay.unchanged_below(lowest):
                 got = _scores(target, replay)
         assert got == expected, f"{family} {component}: replayed scores differ"  # exact, not approximate
+    if family in NOT_REPLAYED:  # nothing replayed, every layer ran: the same scores, no time saved
+        assert replay.stats.replayed == 0
+        return
     # records at layers 3, 1 and 2 for both item sets; layers were really skipped
     assert replay.stats.replayed > 0 and replay.stats.skipped_layers >= replay.stats.replayed
     assert sorted({layer for _, layer in replay.sets}) == [1, 2, 3]
@@ -85,7 +92,7 @@ def test_replayed_generation_is_bit_identical_to_decoding_in_full(deep_pairs, fa
             with replay.unchanged_below(int(component[1])):
                 got = generated(replay)
         assert got == expected, f"{family} {component}: replayed generation differs"  # exact
-    assert (replay.stats.replayed > 0) == (family != "gemma3"), replay.stats
+    assert (replay.stats.replayed > 0) == (family not in ("gemma3", *NOT_REPLAYED)), replay.stats
 
 
 def test_other_batching_or_items_never_replay_the_wrong_records(deep_pairs) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import FAMILIES, build_model
 from transformers import AutoModelForCausalLM
 
@@ -200,3 +201,25 @@ def test_gpt2_conv1d_head_slices_are_columns(tiny_pairs) -> None:
     assert [(s.dim, s.start, s.stop) for s in qkv] == [(1, 16, 24), (1, 48, 56), (1, 80, 88)]
     o = [s for s in head.slices if s.param.endswith("attn.c_proj.weight")]
     assert [(s.dim, s.start, s.stop) for s in o] == [(0, 16, 24)]
+
+
+@pytest.mark.parametrize("config", [
+    # Falcon's grouped query_key_value ([q of a group's heads | k | v] per KV head) is BLOOM's tensor name
+    # with another layout: recognised by name, refused by shape, never cut as BLOOM's.
+    lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                                      new_decoder_architecture=True, vocab_size=50),
+    # experts instead of one MLP per layer
+    lambda: transformers.MixtralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=16, num_local_experts=2, vocab_size=50),
+    # a config whose head count disagrees with the tensors (head_dim left out of a custom config)
+    lambda: transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, intermediate_size=16, vocab_size=50),
+], ids=["falcon", "mixtral", "wrong-head-dim"])
+def test_an_architecture_cut_otherwise_is_refused_in_one_line(config) -> None:
+    cfg = config()
+    shapes = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(cfg).named_parameters()}
+    if cfg.model_type == "llama":
+        cfg.head_dim = None  # the tensors were built with 16 per head; the config now implies 8
+    with pytest.raises(GraftError, match="unsupported architecture") as err:
+        units.layout(cfg, shapes)
+    assert "\n" not in str(err.value)

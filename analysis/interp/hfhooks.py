@@ -68,6 +68,8 @@ def _resolve(loaded: LoadedModel, names: Sequence[str]) -> dict[str, Point] | No
         if module is None:  # a module the bridge made (a split of a fused projection)
             return None
         conversion = hook_point.hook_conversion
+        if hasattr(conversion, "batch_seq"):  # reads the shape the bridge's block stamps as it runs (OPT's
+            return None                       # flattened MLP): no such stamp when the HF model runs alone
         found[name] = Point(module, side.removeprefix("hook_"), conversion.convert if conversion is not None else None)
     return found
 
