@@ -297,6 +297,10 @@ def localize_cmd(
         out_console.print(f"forced answers: {meta['answers']}, on {meta['n_probe_used']} of {meta['n_probe_read']} "
                           f"probe items{f' ({left} left out)' if left else ''}; donor check "
                           f"{meta['check'].get('agreement', 1.0):.0%} agreement", highlight=False)
+    if meta.get("warning"):
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]warning:[/yellow] {escape(meta['warning'])}", highlight=False, soft_wrap=True)
     out_console.print(f"wrote {out}: scores.csv, scores.json, " + ", ".join(f"plan-top{k}.yaml" for k in result.plans))
 
 

@@ -148,6 +148,28 @@ def test_every_method_ranks_the_known_head_first(constructed, models, method: st
     assert result.plans[8].components[0].id == KNOWN
 
 
+@pytest.mark.parametrize("method", ["gradient", "attribution"])
+def test_a_probe_without_a_gap_is_said_so(constructed, models, method: str) -> None:
+    """A donor no better than the target on the probe (here: the target itself) leaves the scores nothing to
+    explain: the result says so (meta, CLI, report notes); a donor that is better does not get the warning."""
+    _, _, task = constructed
+    donor, target = models
+    assert "warning" not in localize(donor, target, task, method=method, progress=False).meta
+    same = localize(target, target, task, method=method, answers="donor", progress=False)
+    assert "not above the target's" in same.meta["warning"] and "\n" not in same.meta["warning"]
+
+
+def test_the_cli_warns_of_a_probe_without_a_gap(constructed, tmp_path, capsys) -> None:
+    _, target, task = constructed
+    with pytest.raises(SystemExit) as done:
+        main(["localize", "--donor", str(target), "--target", str(target), "--task", str(task), "--method", "gradient",
+              "--out", str(tmp_path / "loc")])
+    assert done.value.code == 0  # a warning, not an error: the files are written
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "no better than chance" in warned[0]
+    assert "not above" in json.loads((tmp_path / "loc" / "scores.json").read_text())["meta"]["warning"]
+
+
 def test_cli_writes_scores_figures_and_plans(constructed, tmp_path, capsys) -> None:
     donor, target, task = constructed
     out = tmp_path / "loc"

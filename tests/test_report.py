@@ -230,6 +230,20 @@ def test_gradient_completeness_is_stated_and_a_miss_is_flagged() -> None:
                                "its scores are approximate).")
 
 
+def test_a_probe_without_a_gap_is_in_the_notes() -> None:
+    """localize's warning that the donor (copy-all) does not beat the target on the probe reaches the report."""
+    from analysis.interp.probe import no_gap
+
+    meta = {"method": "gradient", "metric": "logprob", "split": "probe",
+            "gradient": {"target_metric": -2.0, "copy_all_metric": -2.5, "sum_of_scores": -0.5, "metric_change": -0.5,
+                         "relative_error": 0.0, "steps": 8}}
+    warning = no_gap(meta)
+    assert warning and "-2.5" in warning and no_gap({**meta, "gradient": {"target_metric": -2.0,
+                                                                         "copy_all_metric": -1.0}}) is None
+    said = report.localization_notes({"gradient": {**meta, "warning": warning}}, {"donor": "a"}, ["gradient"], False)
+    assert said[0] == f"gradient: {warning}." and said[1].startswith("gradient: its shares sum to")
+
+
 def test_a_retention_benchmark_is_reported_as_accuracy_points(tmp_path: Path) -> None:
     """retention: a second benchmark (questions, not texts): its accuracy beside each point, and the change
     against the target in points, paired by question — what an arithmetic transplant did to ARC-Easy."""

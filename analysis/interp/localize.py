@@ -287,6 +287,9 @@ def localize(
     elif method == "random":
         meta.update(seed=seed)
 
+    warning = probe_mod.no_gap({"method": method, **meta})
+    if warning:
+        meta["warning"] = warning
     ids = list(table.index)
     table["weight"] = select.weight_scores(get_d, get_t, lay, ids)
     ranked_kinds = set(kinds)

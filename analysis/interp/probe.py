@@ -227,3 +227,20 @@ def _check(task: Task, donor: LoadedModel, probe: Probe, right: list[bool], eval
     raise GraftError(f"{task.source}: the forced answers are not the evaluation's — the donor is right on "
                      f"{sum(right)}/{len(right)} probe items but its greedy continuation is the forced answer on "
                      f"{int(greedy.sum())}, agreeing on {agree / len(right):.0%} (< {MIN_AGREEMENT:.0%}){seen}", fix)
+
+
+def no_gap(meta: dict[str, Any]) -> str | None:
+    """A warning when, on the probe, the donor (for the weight-space methods: copy-all) does not score above
+    the target on the metric the methods rank by: their scores then measure a change that does not help,
+    and a ranking by them is no better than chance (seen on pairs whose donor is right on the probe items
+    but barely more sure of those answers than the target). None when there is a gap, or no measure of it."""
+    info = meta.get(str(meta.get("method")))
+    info = info if isinstance(info, dict) else {}
+    start = meta.get("target_metric", info.get("target_metric"))
+    end = meta.get("donor_metric", info.get("copy_all_metric"))
+    if start is None or end is None or end > start:
+        return None
+    who = "the donor" if "donor_metric" in meta else "copy-all (every candidate from the donor)"
+    return (f"on the {meta.get('split', 'probe')} split {who} scores {end:.4g} on {meta.get('metric', 'the metric')}, "
+            f"not above the target's {start:.4g}: these scores have no gap to explain and rank no better than chance "
+            "— check which model is the better one on this task, or give the probe more items where they differ")

@@ -37,6 +37,7 @@ def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, An
                     f"{forced['n_probe_used']} of {forced['n_probe_read']} probe items"
                     f"{f' ({left} left out)' if left else ''}{agrees}"
                     f"{f'; metric: {metric} of the forced answer' if metric else ''}.")
+    said += [f"{method}: {meta['warning']}." for method, meta in metas.items() if meta.get("warning")]
     info = metas.get("gradient", {}).get("gradient")
     if info:
         tol = info.get("tolerance")
