@@ -287,6 +287,9 @@ LAYER_RE = re.compile(r"^(?P<prefix>.*?(?:layers|\.h)\.)(?P<layer>\d+)\.")
 def layout(config: object, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
     """Recognise the architecture from its tensor names and check its shapes against the config; raise a
     clear error when it is unknown or they disagree (a wrong guess would cut the wrong rows, silently)."""
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):  # a multimodal wrapper (Gemma 3 with its vision tower): the LM's own config
+        config = get_text_config()
     names = list(shapes)
     prefixes = dict.fromkeys(m.group("prefix") for n in names if (m := LAYER_RE.match(n)) and m.group("layer") == "0")
     found = [(family, prefix) for family, naming in NAMINGS.items() for prefix in prefixes
@@ -428,8 +431,20 @@ def component_ids(lay: Layout, kinds: Iterable[Kind] = ("layer", "attn", "mlp", 
 
 
 def outer_ids(lay: Layout) -> list[str]:
-    """HF names of the tensors outside the decoder layers (embeddings, LM head, final norm), in file order."""
-    return [name for name in lay.shapes if _layer_of(lay, name) is None]
+    """HF names of the language model's tensors outside its decoder layers (embeddings, LM head, final norm),
+    in file order: those under the module that holds the layers (``model.`` of ``model.layers.``) and the
+    top-level heads (``lm_head.weight``). A multimodal checkpoint's vision tower and projector are not the
+    language model's: a text task cannot measure them, and as candidates they would only swell K."""
+    parts = lay.prefix.rstrip(".").split(".")
+    root = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+    return [name for name in lay.shapes
+            if _layer_of(lay, name) is None and (name.startswith(root) or name.count(".") == 1)]
+
+
+def language_model_names(lay: Layout) -> list[str]:
+    """HF names of every tensor of the language model: its layers' and :func:`outer_ids`."""
+    outer = set(outer_ids(lay))
+    return [name for name in lay.shapes if name in outer or _layer_of(lay, name) is not None]
 
 
 def components(lay: Layout, kinds: Iterable[Kind]) -> list[Component]:

@@ -201,14 +201,16 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     then finishes the study."""
     import os
     import signal
-    import time
 
     from analysis.study.config import SweepConfig
 
     donor, target = build_model(tmp_path / "donor", "llama", seed=1), build_model(tmp_path / "target", "llama", seed=2)
-    # a grid of 16 points, so the signal lands mid-sweep even when this process is slow to send it
-    cfg = SweepConfig(donor=str(donor), target=str(target), task=str(write_task(tmp_path)), methods=["weight"],
-                      k=[1, 2, 3, 4], alpha=[0.25, 0.5, 0.75, 1.0], components=["head", "mlp"], batch_size=4)
+    task = write_task(tmp_path)
+    with (tmp_path / "task.jsonl").open("a") as fh:  # 400 more items: each evaluation lasts, the signal lands mid-sweep
+        fh.write("".join(json.dumps({"id": f"x{i}", "prompt": f"{i}+1=", "answer": str(i + 1),
+                                     "split": "dev" if i % 2 else "test"}) + "\n" for i in range(400)))
+    cfg = SweepConfig(donor=str(donor), target=str(target), task=str(task), methods=["weight"],
+                      k=[1, 2], alpha=[0.5, 1.0], components=["head", "mlp"], batch_size=32)
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     exe = Path(sys.executable).parent / "graftlm"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "analysis.cli"]
@@ -216,11 +218,14 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     results = tmp_path / "run" / "results.jsonl"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (results.exists() and results.read_text().count("\n") >= 2):
-        time.sleep(0.02)
+    seen = []  # signalled as soon as the second evaluation is reported, not after a poll interval
+    for line in proc.stderr:  # type: ignore[union-attr]
+        seen.append(line)
+        if line.lstrip().startswith("[2/"):
+            break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("interrupted; a sweep resumes")
     done = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole

@@ -223,3 +223,23 @@ def test_an_architecture_cut_otherwise_is_refused_in_one_line(config) -> None:
     with pytest.raises(GraftError, match="unsupported architecture") as err:
         units.layout(cfg, shapes)
     assert "\n" not in str(err.value)
+
+
+def test_a_multimodal_checkpoint_is_cut_by_its_language_model() -> None:
+    """Gemma 3 with its vision tower: the layout reads the text config, the layers are the language model's,
+    and neither the vision tower nor the projector is a candidate (a text task cannot measure them)."""
+    text = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, head_dim=8, max_position_embeddings=64)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=50, boi_token_index=51, eoi_token_index=52)
+    model = transformers.Gemma3ForConditionalGeneration(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    lay = units.layout(model.config, shapes)
+    assert (lay.prefix, lay.n_layers, lay.n_heads, lay.n_kv) == ("model.language_model.layers.", 2, 4, 2)
+    outer = units.component_ids(lay, ["outer"])
+    assert outer and all(n.startswith("model.language_model.") or n.count(".") == 1 for n in outer)
+    assert any("vision_tower" in n for n in shapes) and not any("vision" in n or "projector" in n for n in outer)
+    names = units.language_model_names(lay)
+    assert set(names) == {n for n in shapes if n.startswith("model.language_model.") or n.count(".") == 1}

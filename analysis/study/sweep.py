@@ -220,7 +220,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                              "overlap_dropped": dropped.__dict__ if dropped.counts else None,
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
-                                                all_ids, list(models[target_name].parameters()))})
+                                                all_ids, units.language_model_names(lay))})
             donor, target = models[donor_name], models[target_name]
             if retention_task is not None:
                 for name in (donor_name, target_name):
