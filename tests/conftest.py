@@ -300,16 +300,18 @@ def arith_task(folder: Path, n: int = 10) -> Path:
     return path
 
 
-def hub_cache_entry(folder: Path, cache: Path, repo_id: str, commit: str = "a" * 40) -> Path:
+def hub_cache_entry(folder: Path, cache: Path, repo_id: str, commit: str = "a" * 40, ref: str | None = "main") -> Path:
     """``folder`` laid out in ``cache`` the way huggingface_hub downloads ``repo_id``: each file a blob named
     by its sha256 (weights, stored with LFS) or its git blob sha1 (small files), linked from
-    ``snapshots/COMMIT``, with ``refs/main`` naming the commit. Returns the snapshot folder."""
+    ``snapshots/COMMIT``, with ``refs/REF`` (a branch or tag; None: a download by commit) naming the commit.
+    Returns the snapshot folder."""
     import hashlib
 
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
+    if ref is not None:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(folder).iterdir()):

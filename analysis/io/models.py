@@ -272,8 +272,10 @@ def load(
     }
     if device_map is not None:
         kwargs["device_map"] = _device_map(device_map)
-    source: str = str(mref.path) if mref.path is not None else mref.text
+    source: str = str(mref.path) if mref.path is not None else mref.repo_id
     tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if mref.path is None and mref.revision:  # a hub id to download (online) at a branch, tag or commit
+        kwargs["revision"] = tok_kwargs["revision"] = mref.revision
     if mref.kind == "gguf":
         from transformers import GgufConfig
 
@@ -315,7 +317,8 @@ def load(
                          "loading them was refused", "use safetensors weights from a source you trust") from err
     except OSError as err:
         if mref.kind == "hub":
-            how = ("download it once (`huggingface-cli download ID`, or load(..., online=True) in Python), or pass "
+            get = f"hf download {mref.repo_id}" + (f" --revision {mref.revision}" if mref.revision else "")
+            how = (f"download it once (`{get}`, or load(..., online=True) in Python), or pass "
                    "a local folder") if not online else "check the id (a model with only pickle weights needs --allow-pickle)"
             raise GraftError(f"model {mref.text!r} is not a local folder and not in the hub cache", how) from err
         if mref.kind == "gguf":

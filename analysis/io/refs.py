@@ -21,6 +21,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*")  # a branch or tag (may hold slashes) or a commit hash
 RefKind = Literal["folder", "gguf", "demo", "hub"]
 
 
@@ -32,10 +34,16 @@ class ModelRef:
     kind: RefKind
     path: Path | None  # the folder holding config/weights (a hub id's snapshot in the hub cache; None if absent)
     gguf_file: str | None = None
+    revision: str | None = None  # a hub id's branch, tag or commit (``ID@REV``); None: main
 
     @property
     def name(self) -> str:
         return self.text
+
+    @property
+    def repo_id(self) -> str:
+        """A hub reference's repository id, without its revision."""
+        return self.text.rsplit("@", 1)[0] if self.revision else self.text
 
 
 def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
@@ -75,9 +83,10 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
                 "pass a Hugging Face folder saved with save_pretrained, or a .gguf file",
             )
         return ModelRef(text, "folder", path)
-    if text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(text):
-        raise GraftError(f"no such model folder: {text}", "check the path")
-    return ModelRef(text, "hub", cached_snapshot(text))
+    repo_id, at, revision = text.partition("@")  # ID@REV: a branch, tag or commit (Pythia's step143000)
+    if text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(repo_id) or (at and not REVISION.fullmatch(revision)):
+        raise GraftError(f"no such model folder: {text}", "check the path (a hub id is ID or ID@REVISION)")
+    return ModelRef(text, "hub", cached_snapshot(repo_id, revision or "main"), revision=revision or None)
 
 
 def hub_cache() -> Path:
@@ -88,14 +97,17 @@ def hub_cache() -> Path:
     return Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
-    """A hub id's main revision in the local hub cache, or None. huggingface_hub's layout: ``refs/main``
-    names the commit, ``snapshots/COMMIT`` holds the files as links into ``blobs/``. A cached model is
-    then read like a folder: streamed, hashed, its weights checked for pickle, never downloaded again."""
+def cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """A hub id's revision (a branch or tag, ``main`` by default, or a commit hash) in the local hub cache,
+    or None. huggingface_hub's layout: ``refs/REVISION`` names the commit, ``snapshots/COMMIT`` holds the
+    files as links into ``blobs/``. A cached model is then read like a folder: streamed, hashed, its
+    weights checked for pickle, never downloaded again."""
     repo = hub_cache() / ("models--" + repo_id.replace("/", "--"))
     try:
-        commit = (repo / "refs" / "main").read_text().strip()
+        commit = (repo / "refs" / revision).read_text().strip()
     except (OSError, UnicodeDecodeError):
+        commit = revision if COMMIT.fullmatch(revision) else ""  # downloaded by commit: no ref names it
+    if not commit or not COMMIT.fullmatch(commit):
         return None
     folder = repo / "snapshots" / commit
     return folder if commit and (folder / "config.json").is_file() else None
@@ -107,7 +119,7 @@ def source_paths(ref: str | os.PathLike[str] | ModelRef) -> list[Path]:
     if mref.kind == "gguf" and mref.path is not None and mref.gguf_file:
         return [mref.path / mref.gguf_file]
     if mref.kind == "hub":  # all of its cache folder: the snapshot's files are links into blobs/
-        return [hub_cache() / ("models--" + mref.text.replace("/", "--"))]
+        return [hub_cache() / ("models--" + mref.repo_id.replace("/", "--"))]
     assert mref.path is not None
     return [mref.path]
 
@@ -192,9 +204,11 @@ def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bo
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if mref.kind == "gguf":
             kwargs["gguf_file"] = mref.gguf_file
+        elif mref.revision:
+            kwargs["revision"] = mref.revision
         try:
             with hub_mode(False):
-                data = AutoConfig.from_pretrained(str(mref.path or mref.text), **kwargs).to_dict()
+                data = AutoConfig.from_pretrained(str(mref.path or mref.repo_id), **kwargs).to_dict()
         except (OSError, *GGUF_ERRORS) as err:
             if mref.kind == "gguf":
                 raise gguf_unreadable(mref, err) from err
