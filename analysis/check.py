@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,8 @@ from typing import Any
 from analysis import units
 from analysis.errors import GraftError
 from analysis.io.checkpoint import Checkpoint
-from analysis.io.refs import ModelRef, load_config
+from analysis.io.refs import load_config
+from analysis.io.tokenizers import TokenizerRelation, tokenizer_relation
 
 # Config fields whose difference makes a component mean something else in the other model.
 CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -34,6 +34,8 @@ class CheckReport:
     tokenizer_equal: bool | None
     mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    tokenizer: TokenizerRelation | None = None  # see tokenizer_relation
+    unshared: list[str] = field(default_factory=list)  # the vocabulary's tensors, when one tokenizer adds tokens
 
     @property
     def ok(self) -> bool:
@@ -44,7 +46,7 @@ class CheckReport:
             "donor": self.donor, "target": self.target, "ok": self.ok, "family": self.family,
             "matched": self.matched, "totals": self.totals,
             "config_diffs": {k: list(v) for k, v in self.config_diffs.items()},
-            "tokenizer_equal": self.tokenizer_equal,
+            "tokenizer_equal": self.tokenizer_equal, "tokenizer": self.tokenizer, "unshared": self.unshared,
             "mismatched": [{"tensor": n, "donor": d, "target": t} for n, d, t in self.mismatched],
             "problems": self.problems,
         }
@@ -60,25 +62,6 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return fields
 
 
-def tokenizer_fingerprint(ref: ModelRef) -> str | None:
-    """A comparable view of a folder's tokenizer (vocabulary, merges, special tokens), or None."""
-    if ref.path is None or ref.kind == "gguf":
-        return None
-    path = ref.path / "tokenizer.json"
-    if path.is_file():
-        from analysis.io.files import read_text
-
-        try:
-            data = json.loads(read_text(path, "tokenizer.json"))
-        except ValueError as err:
-            raise GraftError(f"{path} is not valid JSON", "repair or re-save the tokenizer") from err
-        if not isinstance(data, dict):
-            raise GraftError(f"{path} is not a tokenizer (not a JSON object)", "repair or re-save the tokenizer")
-        return json.dumps({"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True)
-    vocab = [p for p in (ref.path / "vocab.json", ref.path / "tokenizer.model") if p.is_file()]
-    return "|".join(p.read_bytes().hex()[:4096] + str(p.stat().st_size) for p in vocab) or None
-
-
 def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, allow_pickle: bool = False,
           trust_remote_code: bool = False) -> CheckReport:
     """Compare donor and target: config fields, tokenizer, and every tensor by name and shape."""
@@ -89,12 +72,15 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
     dconf, tconf = _config_dict(dcfg), _config_dict(tcfg)
     diffs = {k: (dconf.get(k), tconf.get(k)) for k in set(dconf) | set(tconf) if dconf.get(k) != tconf.get(k)}
     # model_type first: "different architecture" is the news, the fields that follow from it are not.
+    relation = tokenizer_relation(dref, tref)
+    # A tokenizer that adds tokens to the other's (or an embedding padded to another size) changes the
+    # vocabulary's tensors and nothing the layers compute.
+    alike = relation in ("same", "compatible")
+    blocking = BLOCKING_FIELDS - ({"vocab_size"} if alike else set())
     problems = [f"config {k} differs: donor {d!r}, target {t!r}"
                 for k, (d, t) in sorted(diffs.items(), key=lambda kv: (kv[0] != "model_type", kv[0]))
-                if k in BLOCKING_FIELDS]
-    dtok, ttok = tokenizer_fingerprint(dref), tokenizer_fingerprint(tref)
-    tokenizer_equal = None if dtok is None or ttok is None else dtok == ttok
-    if tokenizer_equal is False:
+                if k in blocking]
+    if relation == "different":
         problems.append("tokenizers differ: the same token ids mean different text in the two models")
     lay = units.layout(tcfg, tck.shapes())
     try:
@@ -102,13 +88,17 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
     except GraftError as err:
         problems.append(f"donor: {err}")
     matching = units.match(dck.shapes(), tck.shapes(), lay)
-    if matching.mismatched:
-        name, d, t = matching.mismatched[0]
+    unshared = units.vocabulary_only(matching.mismatched) if alike else []
+    shape_problems = [m for m in matching.mismatched if m[0] not in unshared]
+    if shape_problems:
+        name, d, t = shape_problems[0]
         problems.append(f"tensor {name}: donor {_shape(d)}, target {_shape(t)}"
-                        + (f" (and {len(matching.mismatched) - 1} more)" if len(matching.mismatched) > 1 else ""))
+                        + (f" (and {len(shape_problems) - 1} more)" if len(shape_problems) > 1 else ""))
     totals = units.match(tck.shapes(), tck.shapes(), lay).matched
     return CheckReport(dref.text, tref.text, lay.family, dict(matching.matched), dict(totals), diffs,
-                       tokenizer_equal, matching.mismatched, problems)
+                       None if relation is None else relation == "same", matching.mismatched, problems, relation,
+                       unshared)
+
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

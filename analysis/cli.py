@@ -84,10 +84,12 @@ def check_cmd(
         out_console.print(table)
         for key, (d, t) in sorted(report.config_diffs.items()):
             out_console.print(f"config {key}: donor {d!r}, target {t!r}")
-        tok = {True: "identical", False: "DIFFERENT", None: "not compared (no tokenizer.json)"}[report.tokenizer_equal]
+        tok = {"same": "identical", "different": "DIFFERENT", None: "not compared (no tokenizer.json)",
+               "compatible": "compatible (one adds tokens; every shared token has the same id)"}[report.tokenizer]
         out_console.print(f"tokenizer: {tok}")
         for name, d, t in report.mismatched[:5]:
-            out_console.print(f"mismatch {name}: donor {d}, target {t}")
+            why = " (the vocabulary's: not transplantable, no candidate)" if name in report.unshared else ""
+            out_console.print(f"mismatch {name}: donor {d}, target {t}{why}")
     if not report.ok:
         raise GraftError(f"not transplantable: {report.problems[0]}", "see the table above (or --json)")
     if not as_json:

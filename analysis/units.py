@@ -139,6 +139,9 @@ class Layout:
     head_dim: int
     d_mlp: int
     shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
+    # Tensors the donor holds in another shape: the embeddings and LM head of a donor whose tokenizer adds
+    # tokens to the target's (check.tokenizer_relation). They are no candidate: nothing to transplant.
+    unshared: frozenset[str] = frozenset()
 
     @property
     def naming(self) -> Naming:
@@ -284,9 +287,11 @@ def _merge_slices(slices: list[Slice]) -> list[Slice]:
 LAYER_RE = re.compile(r"^(?P<prefix>.*?(?:layers|\.h)\.)(?P<layer>\d+)\.")
 
 
-def layout(config: object, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
+def layout(config: object, shapes: Mapping[str, tuple[int, ...]],
+           donor_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Layout:
     """Recognise the architecture from its tensor names and check its shapes against the config; raise a
-    clear error when it is unknown or they disagree (a wrong guess would cut the wrong rows, silently)."""
+    clear error when it is unknown or they disagree (a wrong guess would cut the wrong rows, silently).
+    ``donor_shapes``: the other model's, whose differing tensors become :attr:`Layout.unshared`."""
     get_text_config = getattr(config, "get_text_config", None)
     if callable(get_text_config):  # a multimodal wrapper (Gemma 3 with its vision tower): the LM's own config
         config = get_text_config()
@@ -307,7 +312,8 @@ def layout(config: object, shapes: Mapping[str, tuple[int, ...]]) -> Layout:
     naming = NAMINGS[family]
     down = shapes[f"{prefix}0.{naming.linears['down']}.weight"]
     d_mlp = down[0] if naming.conv1d else down[1]
-    lay = Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes)
+    unshared = frozenset(n for n in shapes if donor_shapes is not None and donor_shapes.get(n) != shapes[n])
+    lay = Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes, unshared)
     _check(lay)
     return lay
 
@@ -434,11 +440,12 @@ def outer_ids(lay: Layout) -> list[str]:
     """HF names of the language model's tensors outside its decoder layers (embeddings, LM head, final norm),
     in file order: those under the module that holds the layers (``model.`` of ``model.layers.``) and the
     top-level heads (``lm_head.weight``). A multimodal checkpoint's vision tower and projector are not the
-    language model's: a text task cannot measure them, and as candidates they would only swell K."""
+    language model's: a text task cannot measure them, and as candidates they would only swell K. Tensors
+    the donor holds in another shape (:attr:`Layout.unshared`) are left out too."""
     parts = lay.prefix.rstrip(".").split(".")
     root = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
-    return [name for name in lay.shapes
-            if _layer_of(lay, name) is None and (name.startswith(root) or name.count(".") == 1)]
+    return [name for name in lay.shapes if _layer_of(lay, name) is None and name not in lay.unshared
+            and (name.startswith(root) or name.count(".") == 1)]
 
 
 def language_model_names(lay: Layout) -> list[str]:
@@ -510,6 +517,15 @@ def match(donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[st
         counts[kind] = len(ids) if not bad else sum(  # type: ignore[index]
             1 for cid in ids if not component(lay, cid).params & bad)
     return Matching(lay, counts, mismatched)
+
+
+def vocabulary_only(mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]) -> list[str]:
+    """The names of ``mismatched`` (name, donor shape, target shape) when each is a vocabulary's tensor —
+    outside the layers, differing in its first dimension only (embeddings, an LM head and its bias) — or
+    none when any other tensor differs."""
+    def vocabulary(name: str, d: tuple[int, ...] | None, t: tuple[int, ...] | None) -> bool:
+        return LAYER_RE.match(name) is None and d is not None and t is not None and len(d) == len(t) and d[1:] == t[1:]
+    return [m[0] for m in mismatched] if all(vocabulary(*m) for m in mismatched) else []
 
 
 def _natural(name: str) -> list[object]:

@@ -13,6 +13,7 @@ import torch
 from conftest import build_model, write_task
 from safetensors.torch import load_file, save_file
 
+import analysis
 from analysis.cli import main
 
 
@@ -73,11 +74,34 @@ def test_shape_mismatch(tmp_path: Path, capsys) -> None:
     assert code == 0 and out.is_dir()
 
 
-def test_vocab_mismatch(tmp_path: Path, capsys) -> None:
+def test_a_tokenizer_that_adds_tokens_leaves_the_layers_transplantable(tmp_path: Path, capsys) -> None:
+    """A donor whose tokenizer adds 5 tokens (a twin's chat tokens, a pad token added before fine-tuning):
+    every shared token has the same id, so the layers read the same text alike — they transplant; the
+    vocabulary's tensors (embeddings, LM head) do not, and say why."""
     donor = build_model(tmp_path / "d", "llama", seed=1, extra_vocab=5)
     target = build_model(tmp_path / "t", "llama", seed=2)
+    code, out_text, _ = run(["check", "--donor", str(donor), "--target", str(target)], capsys)
+    assert code == 0 and "compatible" in out_text and "the vocabulary's" in out_text
+    report = analysis.check(donor, target)
+    assert report.ok and report.tokenizer == "compatible"
+    assert sorted(report.unshared) == ["lm_head.weight", "model.embed_tokens.weight"]
     out = tmp_path / "o"
-    assert_refused(transplant_args(donor, target, out, "-c", "L0.mlp"), capsys, out, "vocab")
+    code, _, _ = run(transplant_args(donor, target, out, "-c", "L0.mlp", "-c", "L1.H0"), capsys)
+    assert code == 0 and out.is_dir()
+    assert_refused(transplant_args(donor, target, tmp_path / "o2", "-c", "model.embed_tokens.weight"), capsys,
+                   tmp_path / "o2", "shapes match")
+
+
+def test_tokenizers_that_give_a_token_another_id_are_refused(tmp_path: Path, capsys) -> None:
+    donor = build_model(tmp_path / "d", "llama", seed=1)
+    target = build_model(tmp_path / "t", "llama", seed=2)
+    data = json.loads((donor / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, one pair of ids swapped
+    (donor / "tokenizer.json").write_text(json.dumps(data))
+    assert analysis.check(donor, target).tokenizer == "different"
+    assert_refused(transplant_args(donor, target, tmp_path / "o", "-c", "L0.mlp"), capsys, tmp_path / "o",
+                   "tokenizers differ")
 
 
 @pytest.mark.parametrize("pattern,word", [("L7.mlp", "layers 0..1"), ("L0.H9", "out of range"),
@@ -205,10 +229,13 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     from analysis.study.config import SweepConfig
 
     donor, target = build_model(tmp_path / "donor", "llama", seed=1), build_model(tmp_path / "target", "llama", seed=2)
+    # 200 more items, each decoded to 48 tokens: every evaluation lasts, so the signal lands mid-sweep even on
+    # a loaded machine (a tiny model's 3-token evaluations took the whole sweep under a second)
     task = write_task(tmp_path)
-    with (tmp_path / "task.jsonl").open("a") as fh:  # 400 more items: each evaluation lasts, the signal lands mid-sweep
+    with (tmp_path / "task.jsonl").open("a") as fh:
         fh.write("".join(json.dumps({"id": f"x{i}", "prompt": f"{i}+1=", "answer": str(i + 1),
-                                     "split": "dev" if i % 2 else "test"}) + "\n" for i in range(400)))
+                                     "split": "dev" if i % 2 else "test"}) + "\n" for i in range(200)))
+    task.write_text(task.read_text().replace("max_new_tokens: 3", "max_new_tokens: 48\nstop: []"))
     cfg = SweepConfig(donor=str(donor), target=str(target), task=str(task), methods=["weight"],
                       k=[1, 2], alpha=[0.5, 1.0], components=["head", "mlp"], batch_size=32)
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
@@ -216,8 +243,11 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "analysis.cli"]
     cmd += ["sweep", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
     results = tmp_path / "run" / "results.jsonl"
+    # Ctrl-C as a terminal delivers it, also when these tests run as a background job (whose shell makes
+    # them, and so their children, ignore SIGINT unless told otherwise)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []  # signalled as soon as the second evaluation is reported, not after a poll interval
     for line in proc.stderr:  # type: ignore[union-attr]
         seen.append(line)
@@ -233,3 +263,14 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert f"{len(done) - ('order|None' in {r['key'] for r in done})} evaluations resumed" in finished.stderr
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_embeddings_padded_to_another_size_leave_the_layers_transplantable(tmp_path: Path, capsys) -> None:
+    """The same tokenizer over embeddings padded to another size (resize_token_embeddings to a multiple of
+    64, say): only the padding rows differ, so the layers transplant."""
+    donor = build_model(tmp_path / "d", "llama", seed=1, vocab_size=128)
+    target = build_model(tmp_path / "t", "llama", seed=2)
+    report = analysis.check(donor, target)
+    assert report.ok and report.tokenizer == "same" and "vocab_size" in report.config_diffs
+    code, _, _ = run(transplant_args(donor, target, tmp_path / "o", "-c", "L0.mlp"), capsys)
+    assert code == 0

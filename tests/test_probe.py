@@ -121,3 +121,19 @@ def test_choice_items_the_donor_gets_wrong_are_left_out(gen2, choice_task) -> No
     assert built.check["agreement"] == 1.0
     assert all(b.n_items * 4 == len(b) for b in built.batches(8, choices=True))
     assert all(b.single for b in built.batches(8, choices=False))
+
+
+def test_items_forcing_tokens_one_model_lacks_are_left_out() -> None:
+    """Within a vocabulary both models share: an item whose rows hold a token only the donor's tokenizer
+    adds is left out and counted; slots are renumbered; a pad id past it becomes one both have."""
+    from analysis.interp.batching import Row
+    from analysis.interp.probe import Probe
+
+    rows = [Row((5, 6, 7), 2, 0), Row((5, 120, 7), 2, 1, correct=False), Row((5, 8, 9), 2, 1), Row((4, 4), 1, 2)]
+    probe = Probe("t", "choice", "probe", "donor", ["a", "b", "c"], rows, 3, pad=101, dropped={"donor wrong": 1})
+    kept = probe.within(100)
+    assert kept.items == ["a", "c"] and [r.item for r in kept.rows] == [0, 1] and kept.pad == 0
+    assert kept.dropped == {"donor wrong": 1, "with tokens one model lacks": 1}
+    assert probe.within(200) is probe  # nothing past the vocabulary: the same probe
+    with pytest.raises(GraftError, match="tokens only one of the models has"):
+        Probe("t", "choice", "probe", "donor", ["b"], [Row((5, 120, 7), 2, 0)], 1, pad=0).within(100)

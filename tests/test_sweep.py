@@ -57,6 +57,32 @@ def test_a_pair_of_other_shapes_is_refused_before_any_work(study: tuple[Path, Sw
     assert not (tmp_path / "run").exists()
 
 
+def test_a_donor_whose_tokenizer_adds_tokens_is_studied_without_its_vocabulary(study: tuple[Path, SweepConfig],
+                                                                              tmp_path: Path) -> None:
+    """A twin with a longer vocabulary (its tokenizer adds tokens, its pad token among them): the study runs,
+    every candidate — copy-all included — leaves the embeddings and the LM head out, and the report says so."""
+    from analysis import report
+
+    _, cfg = study
+    donor = build_model(tmp_path / "donor", "llama", seed=1, extra_vocab=6)
+    tok = json.loads((donor / "tokenizer_config.json").read_text())
+    tok["pad_token"] = "<x5>"  # a pad token added with the vocabulary: an id the target has no embedding for
+    (donor / "tokenizer_config.json").write_text(json.dumps(tok))
+    run = tmp_path / "run"
+    sweep(small(cfg, donor=str(donor), methods=["gradient"], components=["head", "mlp", "outer"], answers="reference",
+                controls={"random_seeds": [0], "copy_all": True, "weight": False}), run, progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    order = next(r for r in rows if r["key"].startswith("order"))
+    assert order["unshared"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    ranked = [cid for cid, _ in json.loads((run / "rankings" / "gradient.json").read_text())["ranking"]]
+    assert "model.norm.weight" in ranked and not set(order["unshared"]) & set(ranked)
+    copy_all = next(r["key"] for r in rows if r["key"].startswith("control") and "|copy-all|" in r["key"])
+    assert int(copy_all.split("|")[4]) == len(ranked) == 2 * (4 + 1) + 1  # heads, MLPs; the final norm
+    # (the probe's batches were padded with the donor's pad id, 104: the target has 99 embeddings, so they
+    # were padded with an id both have — else the gradient's forwards would have stopped with an IndexError)
+    assert "differ in size, and are no candidate." in report.write(run).read_text()
+
+
 def test_the_report_says_how_to_ship_the_chosen_point(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
     """The report's transplant command, run as printed, writes a model that transformers loads."""
     import shlex

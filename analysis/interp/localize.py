@@ -203,7 +203,7 @@ def localize(
         from analysis.io.models import require_same_shapes
 
         require_same_shapes(d_model, t_model)
-        lay = shifts.layout_of(t_model)
+        lay = shifts.layout_of(t_model, d_model)
         get_d, get_t = select.getter(d_model), select.getter(t_model)
         names = (d_model.name, t_model.name)
     else:  # weight / random from files: no model is loaded
@@ -214,7 +214,7 @@ def localize(
         require_compatible(check(donor, target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
         tck = Checkpoint.open(target, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         dck = Checkpoint.open(donor, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        lay = units.layout(load_config(target, trust_remote_code=trust_remote_code), tck.shapes())
+        lay = units.layout(load_config(target, trust_remote_code=trust_remote_code), tck.shapes(), dck.shapes())
         get_d, get_t = select.getter(dck), select.getter(tck)
         names = (str(donor), str(target))
     site_list = shifts.sites(lay, [k for k in measured if k not in shifts.UNHOOKED])
@@ -235,6 +235,8 @@ def localize(
         if probe is None:
             probe = probe_mod.build(loaded_task, d_model, split=split, limit=limit, answers=answers,  # type: ignore[arg-type]
                                     batch_size=batch_size, max_new_tokens=max_new_tokens)
+        if lay.unshared:  # vocabularies of two sizes: both models must have every forced token
+            probe = probe.within(min(m.model.get_input_embeddings().num_embeddings for m in (d_model, t_model)))  # type: ignore[union-attr]
         meta.update(probe.meta)
     if method in ("shifts", "lae"):
         df = shifts.measure(d_model, t_model, loaded_task, kinds=measured, mode=mode,  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ with one line naming the template and the fix. The counts and the check go into 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -70,6 +70,22 @@ class Probe:
         read the text that follows a right answer)."""
         rows = self.rows if choices else [r for r in self.rows if r.correct]
         return make_batches(rows, self.pad, batch_size)
+
+    def within(self, vocab: int) -> Probe:
+        """The probe without the items whose rows hold token ids at or past ``vocab``: tokens one tokenizer
+        of a pair adds (an instruction-tuned twin's chat tokens), which the other model has no embedding for."""
+        beyond = {r.item for r in self.rows if max(r.ids) >= vocab}
+        if self.pad >= vocab:  # a pad token added with the larger vocabulary: any id the mask hides will do
+            return replace(self, pad=0).within(vocab)
+        if not beyond:
+            return self
+        slot = {old: new for new, old in enumerate(i for i in range(len(self.items)) if i not in beyond)}
+        if not slot:
+            raise GraftError(f"{self.task}: every {self.split} item forces tokens only one of the models has",
+                             "give the probe items whose answers both tokenizers write alike")
+        return replace(self, items=[it for i, it in enumerate(self.items) if i in slot],
+                       rows=[replace(r, item=slot[r.item]) for r in self.rows if r.item in slot],
+                       dropped={**self.dropped, "with tokens one model lacks": len(beyond)})
 
     @property
     def meta(self) -> dict[str, Any]:

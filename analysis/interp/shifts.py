@@ -9,7 +9,6 @@ per-prompt numbers on the spot and add them to running sums, so memory is O(comp
 prompts — never a cache of every prompt's activations.
 
 Two modes:
-
 - ``teacher``: both models read the same text (the rendered prompt + the reference answer). Statistics
   over ``positions``: ``answer`` (the positions that predict the answer's tokens: the last prompt token
   and every answer token but the last), ``all`` (every real token) or ``last`` (the last prompt token).
@@ -107,8 +106,9 @@ def sites(lay: units.Layout, kinds: Sequence[str] = DEFAULT_KINDS) -> list[Site]
     return out
 
 
-def layout_of(loaded: LoadedModel) -> units.Layout:
-    return units.layout(loaded.model.config, {n: tuple(p.shape) for n, p in loaded.parameters().items()})
+def layout_of(loaded: LoadedModel, donor: LoadedModel | None = None) -> units.Layout:  # donor: Layout.unshared
+    return units.layout(loaded.model.config, *({n: tuple(p.shape) for n, p in m.parameters().items()}
+                                               for m in (loaded, donor) if m is not None))
 
 
 def describe_ids(site_list: Sequence[Site]) -> list[dict[str, Any]]:

@@ -212,13 +212,25 @@ def hf_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def require_same_shapes(donor: LoadedModel, target: LoadedModel) -> None:
-    """Refuse a pair that does not share every parameter name and shape (one line: the first offender)."""
+    """Refuse a pair that does not share every parameter name and shape (one line: the first offender) —
+    unless only the vocabulary's tensors differ and the tokenizers are the same or one merely adds tokens
+    to the other's (:func:`analysis.io.tokenizers.tokenizer_relation`): those tensors are then no candidate
+    (:attr:`analysis.units.Layout.unshared`) and everything else is compared and transplanted."""
+    from analysis.io.tokenizers import tokenizer_relation
+    from analysis.units import vocabulary_only
+
     dp, tp = donor.parameters(), target.parameters()
-    for name, p in tp.items():
-        if name not in dp or tuple(dp[name].shape) != tuple(p.shape):
-            other = tuple(dp[name].shape) if name in dp else "missing"
-            raise GraftError(f"tensor {name}: donor {other}, target {tuple(p.shape)}",
-                             "donor and target must share architecture and shapes (run `graftlm check`)")
+    mismatched = [(name, tuple(dp[name].shape) if name in dp else None, tuple(p.shape)) for name, p in tp.items()
+                  if name not in dp or tuple(dp[name].shape) != tuple(p.shape)]
+    if not mismatched:
+        return
+    vocabulary = bool(vocabulary_only(mismatched))
+    if vocabulary and tokenizer_relation(donor.ref, target.ref) in ("same", "compatible"):
+        return
+    name, other, shape = mismatched[0]
+    raise GraftError(f"tensor {name}: donor {other or 'missing'}, target {shape}",
+                     "the tokenizers must be the same, or one add tokens to the other (run `graftlm check`)"
+                     if vocabulary else "donor and target must share architecture and shapes (run `graftlm check`)")
 
 
 def check_device(name: str) -> None:

@@ -59,6 +59,10 @@ def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> li
     if order.get("overlap_dropped"):
         dropped = order["overlap_dropped"]
         said.append(dropped_line(dropped["counts"], dropped["overlaps"]) + ".")
+    if order.get("unshared"):
+        said.append(f"The vocabularies differ in size (one tokenizer adds tokens, or pads its embeddings; every "
+                    f"shared token has the same id): {', '.join(order['unshared'])} differ in size, and are no "
+                    "candidate.")
     k_grid = KGrid(**order["k_grid"]) if order.get("k_grid") else None
     if k_grid is not None and k_grid.describe():
         said.append(f"k: {k_grid.describe()}.")

@@ -114,8 +114,9 @@ class PointRunner:
     def __post_init__(self) -> None:
         from analysis import units
 
-        first = self.models["a"]
-        self.layout = units.layout(first.model.config, {n: tuple(p.shape) for n, p in first.parameters().items()})
+        first, second = (self.models[who] for who in ("a", "b"))
+        self.layout = units.layout(first.model.config, {n: tuple(p.shape) for n, p in first.parameters().items()},
+                                   {n: tuple(p.shape) for n, p in second.parameters().items()})
 
     def low(self, plan: Plan) -> int:
         """The lowest decoder layer ``plan`` touches: everything below it is the target's own."""

@@ -218,6 +218,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                              "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
                              "k_grow_to": most or None,
                              "overlap_dropped": dropped.__dict__ if dropped.counts else None,
+                             "unshared": sorted(lay.unshared) or None,  # a vocabulary one tokenizer extends
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
                                                 all_ids, units.language_model_names(lay))})
