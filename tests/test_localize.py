@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,26 +38,35 @@ def write_donor_task(root: Path, donor: Path, extra: list[dict] | None = None) -
     return root / "task.yaml"
 
 
+def changed_copy(target: Path, donor: Path, component: str,
+                 change: Callable[[str, torch.Tensor, torch.Generator], torch.Tensor]) -> Path:
+    """A copy of ``target`` at ``donor`` in which each slice of ``component`` is ``change(tensor name, slice,
+    generator)``: a pair that differs in one known component."""
+    shutil.copytree(target, donor)
+    tl = load(target)
+    lay = units.layout(tl.model.config, {n: tuple(p.shape) for n, p in tl.parameters().items()})
+    sd = load_file(donor / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for s in units.component(lay, component).slices:
+        w = sd[s.param]
+        idx = s.index(w.ndim)
+        w[idx] = change(s.param, w[idx], g)
+    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+    return donor
+
+
 @pytest.fixture(scope="module")
 def constructed(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A target and a donor that differs from it only in head L1.H2 (q/k rows perturbed, v rows ×1.5);
     the task's reference answers are the donor's own greedy continuations (the donor is 'right')."""
     root = tmp_path_factory.mktemp("constructed")
     target = build_model(root / "target", "llama", seed=2, num_key_value_heads=4)  # no GQA: the head owns k/v
-    donor = root / "donor"
-    shutil.copytree(target, donor)
-    tl = load(target)
-    lay = units.layout(tl.model.config, {n: tuple(p.shape) for n, p in tl.parameters().items()})
-    sd = load_file(donor / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for s in units.component(lay, KNOWN).slices:
-        if "o_proj" in s.param:
-            continue
-        w = sd[s.param]
-        idx = s.index(w.ndim)
-        part = w[idx]
-        w[idx] = part * 1.5 if "v_proj" in s.param else part + 0.5 * part.std() * torch.randn(part.shape, generator=g)
-    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+
+    def change(name: str, part: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if "o_proj" in name:
+            return part
+        return part * 1.5 if "v_proj" in name else part + 0.5 * part.std() * torch.randn(part.shape, generator=g)
+    donor = changed_copy(target, root / "donor", KNOWN, change)
     write_donor_task(root, donor, extra=[{"id": "t0", "prompt": "zz+9=", "answer": "??", "split": "test"}])
     return donor, target, root / "task.yaml"
 
@@ -67,17 +77,8 @@ def constructed_kv(tmp_path_factory) -> tuple[Path, Path, Path]:
     answers are the donor's own greedy continuations."""
     root = tmp_path_factory.mktemp("constructed-kv")
     target = build_model(root / "target", "llama", seed=2)  # 4 query heads over 2 KV heads
-    donor = root / "donor"
-    shutil.copytree(target, donor)
-    tl = load(target)
-    lay = units.layout(tl.model.config, {n: tuple(p.shape) for n, p in tl.parameters().items()})
-    sd = load_file(donor / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for s in units.component(lay, "L1.KV1").slices:
-        w = sd[s.param]
-        idx = s.index(w.ndim)
-        w[idx] = w[idx] * 1.5 + 0.5 * w[idx].std() * torch.randn(w[idx].shape, generator=g)
-    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+    donor = changed_copy(target, root / "donor", "L1.KV1",
+                         lambda _, part, g: part * 1.5 + 0.5 * part.std() * torch.randn(part.shape, generator=g))
     write_donor_task(root, donor)
     return donor, target, root / "task.yaml"
 
@@ -112,16 +113,8 @@ def test_every_family_scores_the_one_changed_head_and_no_other(tmp_path, family:
     that is not zero, and among the heads the activation methods see a change there only. (Tiny random
     models: whether the change helps, its sign, is chance; where it is, is not.)"""
     target = build_model(tmp_path / "target", family, seed=2)
-    donor = tmp_path / "donor"
-    shutil.copytree(target, donor)
-    tl = load(target)
-    lay = units.layout(tl.model.config, {n: tuple(p.shape) for n, p in tl.parameters().items()})
-    sd = load_file(donor / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for s in units.component(lay, KNOWN).slices:
-        part = sd[s.param][s.index(sd[s.param].ndim)]
-        part.mul_(2).add_(part.std() * torch.randn(part.shape, generator=g))
-    save_file(sd, str(donor / "model.safetensors"), metadata={"format": "pt"})
+    donor = changed_copy(target, tmp_path / "donor", KNOWN,
+                         lambda _, part, g: part * 2 + part.std() * torch.randn(part.shape, generator=g))
     task = write_donor_task(tmp_path, donor)
     for method in ("gradient", "attribution", "patching", "shifts"):
         scores = localize(donor, target, task, method=method, progress=False).scores
