@@ -71,12 +71,12 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
     dcfg, tcfg = (load_config(r, trust_remote_code=trust_remote_code) for r in (dref, tref))
     dconf, tconf = _config_dict(dcfg), _config_dict(tcfg)
     diffs = {k: (dconf.get(k), tconf.get(k)) for k in set(dconf) | set(tconf) if dconf.get(k) != tconf.get(k)}
-    # model_type first: "different architecture" is the news, the fields that follow from it are not.
     relation = tokenizer_relation(dref, tref)
     # A tokenizer that adds tokens to the other's (or an embedding padded to another size) changes the
     # vocabulary's tensors and nothing the layers compute.
     alike = relation in ("same", "compatible")
     blocking = BLOCKING_FIELDS - ({"vocab_size"} if alike else set())
+    # model_type first: "different architecture" is the news, the fields that follow from it are not.
     problems = [f"config {k} differs: donor {d!r}, target {t!r}"
                 for k, (d, t) in sorted(diffs.items(), key=lambda kv: (kv[0] != "model_type", kv[0]))
                 if k in blocking]
@@ -98,7 +98,6 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
     return CheckReport(dref.text, tref.text, lay.family, dict(matching.matched), dict(totals), diffs,
                        None if relation is None else relation == "same", matching.mismatched, problems, relation,
                        unshared)
-
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

@@ -140,7 +140,7 @@ class Layout:
     d_mlp: int
     shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
     # Tensors the donor holds in another shape: the embeddings and LM head of a donor whose tokenizer adds
-    # tokens to the target's (check.tokenizer_relation). They are no candidate: nothing to transplant.
+    # tokens to the target's (io.tokenizers.tokenizer_relation). They are no candidate: nothing to transplant.
     unshared: frozenset[str] = frozenset()
 
     @property

@@ -102,6 +102,6 @@ def test_a_revision_of_a_cached_hub_id_is_its_own_model(tiny_pairs, tmp_path: Pa
     import analysis
 
     assert analysis.check("org/tiny@step1000", "org/tiny").ok  # two revisions: a donor and a target
-    for bad in ("org/tiny@", "org/tiny@a b", "org/tiny@@x"):
+    for bad in ("org/tiny@", "org/tiny@a b", "org/tiny@@x", "org/tiny@../../x"):
         with pytest.raises(GraftError, match="ID@REVISION"):
             resolve(bad)

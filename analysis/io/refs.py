@@ -84,7 +84,8 @@ def resolve(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
             )
         return ModelRef(text, "folder", path)
     repo_id, at, revision = text.partition("@")  # ID@REV: a branch, tag or commit (Pythia's step143000)
-    if text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(repo_id) or (at and not REVISION.fullmatch(revision)):
+    bad_revision = at and (not REVISION.fullmatch(revision) or ".." in revision.split("/"))
+    if text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(repo_id) or bad_revision:
         raise GraftError(f"no such model folder: {text}", "check the path (a hub id is ID or ID@REVISION)")
     return ModelRef(text, "hub", cached_snapshot(repo_id, revision or "main"), revision=revision or None)
 
@@ -110,7 +111,7 @@ def cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
     if not commit or not COMMIT.fullmatch(commit):
         return None
     folder = repo / "snapshots" / commit
-    return folder if commit and (folder / "config.json").is_file() else None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def source_paths(ref: str | os.PathLike[str] | ModelRef) -> list[Path]:
