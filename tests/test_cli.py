@@ -274,3 +274,32 @@ def test_embeddings_padded_to_another_size_leave_the_layers_transplantable(tmp_p
     assert report.ok and report.tokenizer == "same" and "vocab_size" in report.config_diffs
     code, _, _ = run(transplant_args(donor, target, tmp_path / "o", "-c", "L0.mlp"), capsys)
     assert code == 0
+
+
+@pytest.mark.real
+def test_a_real_twin_whose_tokenizer_adds_a_token(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct's real BPE tokenizer with a pad token added and the embeddings resized (as before
+    a fine-tune), against the copy whose MLPs in layers 20–29 got noise: the tokenizers are compatible, the
+    embeddings are the one unshared tensor, and gradient localization on ARC-Easy scores those ten MLPs and
+    nothing else that the pair shares."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).resolve().parents[1] / "bench" / "sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.scoring_config(dev=4, test=4)
+    donor = tmp_path / "donor-with-pad"
+    tok = AutoTokenizer.from_pretrained(cfg.donor)
+    model = AutoModelForCausalLM.from_pretrained(cfg.donor)
+    tok.add_special_tokens({"pad_token": "<|graft_pad|>"})
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(donor)
+    tok.save_pretrained(donor)
+    report = analysis.check(donor, cfg.target)
+    assert report.ok and report.tokenizer == "compatible" and report.unshared == ["model.embed_tokens.weight"]
+    result = analysis.localize(donor, cfg.target, "arc_easy", method="gradient", limit=8, progress=False)
+    assert "model.embed_tokens.weight" not in result.scores.index
+    moved = set(result.scores.index[result.scores["score"].abs() > 0])
+    assert moved == {f"L{layer}.mlp" for layer in range(20, 30)}, moved
