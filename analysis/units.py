@@ -300,9 +300,10 @@ def layout(config: object, shapes: Mapping[str, tuple[int, ...]],
     found = [(family, prefix) for family, naming in NAMINGS.items() for prefix in prefixes
              if all(f"{prefix}0.{rel}.weight" in shapes for rel in naming.linears.values())]
     if not found:
-        raise GraftError(
-            "unsupported architecture: no layer 0 with a known set of attention and MLP projections "
-            f"(first tensors: {', '.join(names[:3])})", f"graftlm supports {SUPPORTED}")
+        experts = next((n for n in names if ".experts." in n), None)
+        what = (f"a mixture of experts ({experts}): graftlm cuts one MLP per layer" if experts else
+                f"no layer 0 with a known set of attention and MLP projections (first tensors: {', '.join(names[:3])})")
+        raise GraftError(f"unsupported architecture: {what}", f"graftlm supports {SUPPORTED}")
     family, prefix = found[0]
     n_layers = 1 + max(int(m.group("layer")) for n in names if (m := LAYER_RE.match(n)) and m.group("prefix") == prefix)
     n_heads = int(config.num_attention_heads)  # type: ignore[attr-defined]

@@ -223,6 +223,7 @@ def test_an_architecture_cut_otherwise_is_refused_in_one_line(config) -> None:
     with pytest.raises(GraftError, match="unsupported architecture") as err:
         units.layout(cfg, shapes)
     assert "\n" not in str(err.value)
+    assert ("mixture of experts" in str(err.value)) == (cfg.model_type == "mixtral")
 
 
 def test_a_multimodal_checkpoint_is_cut_by_its_language_model() -> None:
