@@ -5,7 +5,8 @@ one projection, the attention block, or the whole layer) and carries two views o
 TransformerLens hook names where its activation is seen, and the slices of Hugging Face tensors that
 hold its weights. Architectures differ only in how they name and fuse tensors; a :class:`Layout`
 hides that (:data:`NAMINGS`: separate q/k/v as in Llama, Qwen, Gemma, Phi-2, OPT, GPT-J; fused as in
-Phi-3; GPT-2's transposed ``Conv1D``; GPT-NeoX's and BLOOM's per-head interleaved ``query_key_value``).
+Phi-3 (and GLM-4's gate/up); GPT-2's transposed ``Conv1D``; GPT-NeoX's and BLOOM's per-head interleaved
+``query_key_value``).
 
 Component ids (also the pattern syntax, with ``*`` wildcards)::
 
@@ -120,9 +121,10 @@ NAMINGS: dict[str, Naming] = {
     "gptj": Naming({"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj",
                     "up": "mlp.fc_in", "down": "mlp.fc_out"}),
     "starcoder2": Naming({**_SELF_ATTN, "up": "mlp.c_fc", "down": "mlp.c_proj"}),
+    "glm": Naming({**_SELF_ATTN, "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj", "down": "mlp.down_proj"}),
 }
 SUPPORTED = ("Llama-style models (Llama, Mistral, Qwen, Gemma, OLMo, SmolLM, Granite, ...), Phi-1/2/3, GPT-2, "
-             "GPT-NeoX (Pythia), GPT-J, OPT, BLOOM and StarCoder2")
+             "GPT-NeoX (Pythia), GPT-J, OPT, BLOOM, StarCoder2 and GLM-4")
 # Tensors inside the attention module besides its projections (per-head norms of queries and keys).
 ATTN_NORMS = ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm")
 

@@ -1,4 +1,4 @@
-"""Tiny random models of eleven architectures, built in-process and saved as HF folders (no downloads)."""
+"""Tiny random models of twelve architectures, built in-process and saved as HF folders (no downloads)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from analysis.study.config import SweepConfig
 torch.set_num_threads(1)
 
 CHARS = [chr(i) for i in range(32, 127)]
-FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox", "phi", "opt", "gptj", "bloom", "starcoder2")
+FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox", "phi", "opt", "gptj", "bloom", "starcoder2", "glm")
 
 
 def char_tokenizer(folder: Path, extra: int = 0) -> T.PreTrainedTokenizerFast:
@@ -69,7 +69,7 @@ def tiny_config(family: str, vocab: int, **over: object) -> T.PretrainedConfig:
         cfg["head_dim"] = 8
     cfg.update(over)
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "gemma3": T.Gemma3TextConfig, "phi3": T.Phi3Config,
-           "starcoder2": T.Starcoder2Config}[family]
+           "starcoder2": T.Starcoder2Config, "glm": T.Glm4Config}[family]
     return cls(**cfg)
 
 

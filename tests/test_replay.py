@@ -1,4 +1,4 @@
-"""Replaying the layers below a transplant gives exactly the results of full forwards, on eleven families."""
+"""Replaying the layers below a transplant gives exactly the results of full forwards, on twelve families."""
 
 from __future__ import annotations
 
