@@ -141,7 +141,7 @@ def test_every_method_ranks_the_known_head_first(constructed, models, method: st
     assert result.plans[8].components[0].id == KNOWN
 
 
-@pytest.mark.parametrize("method", ["gradient", "attribution"])
+@pytest.mark.parametrize("method", ["gradient", "greedy", "attribution"])
 def test_a_probe_without_a_gap_is_said_so(constructed, models, method: str) -> None:
     """A donor no better than the target on the probe (here: the target itself) leaves the scores nothing to
     explain: the result says so (meta, CLI, report notes); a donor that is better does not get the warning."""

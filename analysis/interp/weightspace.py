@@ -260,6 +260,7 @@ def greedy(blend: Blend, batches: Sequence[Batch], k: int, *, metric: Metric = "
     with _frozen(blend.model):
         current, grad = obj.gradient(m)
         start = current
+        end = obj.value(torch.ones(blend.n))  # copy-all: is there a gap to close at all (probe.no_gap)
         bar = tqdm(total=k, desc="greedy", disable=not progress, leave=False)
         while len(chosen) < k:
             size = min(chunk_size(len(chosen)), k - len(chosen))
@@ -284,7 +285,7 @@ def greedy(blend: Blend, batches: Sequence[Batch], k: int, *, metric: Metric = "
     rest = sorted((c for c in range(blend.n) if c not in chosen), key=lambda c: (-float(grad[c]), c))
     scores[rest] = grad[rest].numpy() / obj.n_items
     info = {"k": k, "steps": steps, "verify": verify, "target_metric": start / obj.n_items,
-            "chosen_metric": current / obj.n_items, "forwards": obj.forwards}
+            "chosen_metric": current / obj.n_items, "copy_all_metric": end / obj.n_items, "forwards": obj.forwards}
     return chosen + rest, scores, info
 
 
