@@ -137,3 +137,28 @@ def test_an_evaluation_reads_a_model_offloaded_to_disk(llama_pair: tuple[Path, P
         main(["eval", "-m", str(target), "--task", str(task), "-o", str(tmp_path / "bad"), "--device-map", "{layers: disk}"])
     assert bad.value.code == 2 and not (tmp_path / "bad").exists()
 
+
+
+def test_a_model_transformer_lens_cannot_wrap_is_one_line_and_leaves_no_half_state(
+        llama_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where TransformerLens's bridge fails on a model (an architecture it splits wrongly, as its Falcon with
+    grouped keys and values), the activation methods stop with one line that names the methods that need no
+    bridge; the HF model is untouched and the bridge boots once the cause is gone."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    _, target = llama_pair
+    loaded = load(target)
+    real = TransformerBridge.boot_transformers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("split_with_sizes expects split_sizes to sum exactly to 64\nmore")
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", broken)
+    with pytest.raises(GraftError, match=r"TransformerLens cannot wrap .*split_with_sizes.*gradient, greedy") as err:
+        _ = loaded.bridge
+    assert "\n" not in str(err.value)
+    ids = torch.tensor([[4, 8, 15]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, load(target).model(ids).logits)
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", real)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.bridge(ids), loaded.model(ids).logits)

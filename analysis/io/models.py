@@ -97,15 +97,22 @@ class LoadedModel:
             # the twin's hooks read offloaded weights through the same loader, so an edit served there
             # (:meth:`edited`) reaches both views
             shared.update({id(where.loader): where.loader for where in self._offloaded.values()})
-            self._hooked = copy.deepcopy(self.model, shared)
-            with hub_mode(False):
-                self._bridge = TransformerBridge.boot_transformers(
-                    str(self.ref.path or self.ref.text),
-                    hf_model=self._hooked,
-                    tokenizer=self.tokenizer,
-                    dtype=self.model.dtype,
-                    device=self.model.device,
-                )
+            hooked = copy.deepcopy(self.model, shared)
+            try:
+                with hub_mode(False):
+                    self._bridge = TransformerBridge.boot_transformers(
+                        str(self.ref.path or self.ref.repo_id),
+                        hf_model=hooked,
+                        tokenizer=self.tokenizer,
+                        dtype=self.model.dtype,
+                        device=self.model.device,
+                    )
+            except Exception as err:  # TransformerLens's own limits (an architecture it cannot split), not ours
+                reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+                raise GraftError(f"TransformerLens cannot wrap {self.name} ({type(err).__name__}: {reason})",
+                                 "the activation methods (shifts, lae, attribution, patching) need it; gradient, "
+                                 "greedy, mask and weight do not") from err
+            self._hooked = hooked
         return self._bridge
 
     @property
