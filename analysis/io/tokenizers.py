@@ -33,11 +33,11 @@ def _tokenizer_json(ref: ModelRef) -> dict[str, Any] | None:
     return data
 
 
-def tokenizer_fingerprint(ref: ModelRef) -> str | None:
-    """A comparable view of a folder's tokenizer (vocabulary, merges, special tokens), or None."""
-    data = _tokenizer_json(ref)
+def _fingerprint(ref: ModelRef, data: dict[str, Any] | None) -> object | None:
+    """A comparable view of a folder's tokenizer (vocabulary, merges, special tokens), or None: its parsed
+    tokenizer.json's model and added tokens, else the bytes of vocab.json / tokenizer.model."""
     if data is not None:
-        return json.dumps({"model": data.get("model"), "added": data.get("added_tokens")}, sort_keys=True)
+        return data.get("model"), data.get("added_tokens")
     if ref.path is None or ref.kind == "gguf":
         return None
     vocab = [p for p in (ref.path / "vocab.json", ref.path / "tokenizer.model") if p.is_file()]
@@ -49,12 +49,12 @@ def tokenizer_relation(donor: ModelRef, target: ModelRef) -> TokenizerRelation |
     merges, normalizer and pre-tokenizer) and every token both know has the same id, one only knowing more
     (an instruction-tuned twin's chat tokens, a pad token added before fine-tuning): the layers read the
     same ids, only the embedding rows differ; ``different``; None when there is nothing to compare."""
-    prints = tokenizer_fingerprint(donor), tokenizer_fingerprint(target)
-    if None in prints:
+    d, t = _tokenizer_json(donor), _tokenizer_json(target)  # each parsed once (a large vocabulary: megabytes)
+    prints = _fingerprint(donor, d), _fingerprint(target, t)
+    if prints[0] is None or prints[1] is None:
         return None
     if prints[0] == prints[1]:
         return "same"
-    d, t = _tokenizer_json(donor), _tokenizer_json(target)
     if d is None or t is None:
         return "different"
     splitting = ("normalizer", "pre_tokenizer")
