@@ -86,3 +86,22 @@ def test_a_folder_from_hf_download_local_dir_is_known_by_its_download_record(tin
     assert file_sha256(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()
     record.write_text("not a record")
     assert checkpoint.listed_sha256(weights) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 17, 9 * 4096])
+def test_a_file_hashes_to_its_sha256_whatever_its_size(size: int, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing reads a memory map in chunks and unmaps those behind it: every byte counts once, an empty
+    file (which cannot be mapped) included."""
+    import hashlib
+
+    import analysis.io.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "HASH_CACHE", tmp_path / "cache" / "sha256.json")
+    monkeypatch.setattr(checkpoint, "HASH_CHUNK", 4096)
+    data = bytes(range(256)) * (size // 256 + 1)
+    f = tmp_path / "w.bin"
+    f.write_bytes(data[:size])
+    assert file_sha256(f) == hashlib.sha256(data[:size]).hexdigest()
+    chunks = [(pos, bytes(chunk)) for pos, chunk in checkpoint.mapped_chunks(f, 4096)]
+    assert b"".join(c for _, c in chunks) == data[:size] and [p for p, _ in chunks] == list(range(0, size, 4096))

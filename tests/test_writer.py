@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import build_model
 
+from analysis.errors import GraftError
 from analysis.io import checkpoint, writer
 from analysis.plan import Plan
 from analysis.transplant import transplant
@@ -45,3 +46,22 @@ def test_a_cold_transplant_hashes_the_target_while_copying_it(sharded_pair, tmp_
     again = transplant(donor, target, Plan.of(["L0.H1", "L1.mlp"], alpha=0.5), out=tmp_path / "again")
     for a, b in zip(sorted(out.glob("*.safetensors")), sorted(again.glob("*.safetensors")), strict=True):
         assert a.read_bytes() == b.read_bytes()  # the plain kernel copy (hashes remembered) writes the same bytes
+
+
+def test_a_target_changed_while_it_is_copied_stops_the_transplant(sharded_pair, tmp_path: Path, monkeypatch) -> None:
+    """The bytes hashed are the bytes written only if nothing writes the file meanwhile: a file whose
+    identity (size, mtime, ctime) moved during the copy stops the transplant, nothing remembered or written."""
+    donor, target = sharded_pair
+    identity = checkpoint.file_identity
+    seen: dict[Path, int] = {}
+
+    def moving(file: Path) -> tuple[str, int]:  # the second look at a target shard sees it changed
+        key, ctime = identity(file)
+        seen[file] = seen.get(file, 0) + 1
+        return (key, ctime + 1) if file.parent == target and seen[file] > 1 else (key, ctime)
+
+    monkeypatch.setattr(writer, "file_identity", moving)
+    with pytest.raises(GraftError, match="changed while it was read"):
+        transplant(donor, target, Plan.of(["L0.H1"], alpha=0.5), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert all(checkpoint.cached_sha256(s) is None for s in target.glob("*.safetensors"))

@@ -11,8 +11,10 @@ elements with :func:`read_raw` and converts float formats with numpy (:func:`to_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -209,11 +211,41 @@ def file_sha256(file: Path, verify: bool = False) -> str:
     if cached:
         return cached
     key, ctime = _cache_key(file)
-    with open(file, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()  # releases the GIL: files hash in parallel
+    h = hashlib.sha256()
+    for _, data in mapped_chunks(file):
+        h.update(data)  # releases the GIL: files hash in parallel
+    digest = h.hexdigest()
     check_listed(file, digest)
     remember_sha256(file, digest, (key, ctime))
     return digest
+
+
+HASH_CHUNK = 8 << 20
+
+
+def mapped_chunks(file: Path, chunk: int = HASH_CHUNK) -> Iterator[tuple[int, memoryview]]:
+    """A file's bytes as (offset, bytes) chunks of one read-only memory map: hashing (and writing) from the
+    page cache itself, where ``read()`` first copies every byte into a buffer — a third of the CPU time of
+    hashing a model on two cores. A chunk stays mapped until two more have been handed out (a caller may
+    still be writing the one before), then is unmapped: the process's memory stays flat, the page cache
+    keeps the bytes."""
+    with open(file, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:  # an empty file cannot be mapped
+            return
+        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(data)
+        try:
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                data.madvise(mmap.MADV_SEQUENTIAL)  # read ahead
+            for pos in range(0, size, chunk):
+                yield pos, view[pos: pos + chunk]
+                if pos >= 2 * chunk and hasattr(mmap, "MADV_DONTNEED") and chunk % mmap.PAGESIZE == 0:
+                    data.madvise(mmap.MADV_DONTNEED, pos - 2 * chunk, chunk)
+        finally:
+            view.release()
+            with contextlib.suppress(BufferError):  # a chunk still held (by a failure's traceback): unmapped when it goes
+                data.close()
 
 
 def check_listed(file: Path, digest: str) -> None:

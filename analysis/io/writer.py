@@ -27,6 +27,7 @@ from analysis.io.checkpoint import (
     check_listed,
     file_identity,
     file_sha256,
+    mapped_chunks,
     remember_sha256,
 )
 from analysis.io.files import moment
@@ -182,15 +183,17 @@ def copy_small_files(src: Path, tmp: Path) -> None:
         shutil.copyfile(item, tmp / item.name)
 
 
-STREAM_CHUNK = 8 << 20  # bytes read, hashed and written at a time when a copy also hashes
+STREAM_CHUNK = 8 << 20  # bytes hashed, then written, at a time when a copy also hashes
 
 
 def copy_and_hash(file: Path, fd: int, gaps: list[tuple[int, int]], digest: Future[str]) -> None:
     """Read ``file`` once, front to back: every byte into its sha256, the bytes inside ``gaps`` written to
     ``fd`` at the same offsets; the digest is remembered and set on ``digest`` (its exception too).
 
-    Two buffers in turn: while this thread hashes one chunk, a writer thread writes the previous chunk's
-    ranges (hashlib and pwrite release the GIL), so the copy costs no more than the hash it rides on."""
+    The file is mapped, not read: the hash reads the page cache in place and the writes copy from it,
+    one copy of each byte in all. While this thread hashes a chunk, a writer thread writes the previous
+    chunk's ranges (hashlib and pwrite release the GIL), so the copy costs no more than the hash it
+    rides on; a chunk is written after it is hashed, from the same mapping."""
     def write(view: memoryview, pos: int) -> None:
         end = pos + len(view)
         for a, b in gaps:
@@ -201,27 +204,19 @@ def copy_and_hash(file: Path, fd: int, gaps: list[tuple[int, int]], digest: Futu
     try:
         identity = file_identity(file)
         h = hashlib.sha256()
-        buffers = [memoryview(bytearray(STREAM_CHUNK)) for _ in range(2)]
-        pending: list[Future[None] | None] = [None, None]
-        src = os.open(file, os.O_RDONLY)
-        try:
-            with ThreadPoolExecutor(max_workers=1) as writer:
-                size, pos, k = os.fstat(src).st_size, 0, 0
-                while pos < size:
-                    if pending[k] is not None:
-                        pending[k].result()  # the buffer's last chunk is written: reuse it
-                    n = os.preadv(src, [buffers[k][: min(STREAM_CHUNK, size - pos)]], pos)
-                    if n == 0:
-                        raise GraftError(f"{file} ended early", "re-download the model")
-                    pending[k] = writer.submit(write, buffers[k][:n], pos)
-                    h.update(buffers[k][:n])
-                    pos, k = pos + n, 1 - k
-                for job in pending:
-                    if job is not None:
-                        job.result()
-        finally:
-            os.close(src)
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending: Future[None] | None = None
+            for pos, chunk in mapped_chunks(file, STREAM_CHUNK):
+                h.update(chunk)
+                if pending is not None:
+                    pending.result()  # one chunk written while the next is hashed
+                pending = writer.submit(write, chunk, pos)
+                del chunk
+            if pending is not None:
+                pending.result()
         moment(f"copied and hashed {file.name}")
+        if file_identity(file) != identity:
+            raise GraftError(f"{file} changed while it was read", "run the command again once nothing writes it")
         check_listed(file, h.hexdigest())
         remember_sha256(file, h.hexdigest(), identity)
         digest.set_result(h.hexdigest())
