@@ -88,7 +88,10 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
     except GraftError as err:
         problems.append(f"donor: {err}")
     matching = units.match(dck.shapes(), tck.shapes(), lay)
-    unshared = units.vocabulary_only(matching.mismatched) if alike else []
+    # the vocabulary's tensors: of two sizes when one tokenizer extends the other's, and an LM head only
+    # one model unties from its embeddings (whatever the tokenizers: told apart below)
+    unshared = (units.vocabulary_only(matching.mismatched) if alike else []) or \
+        units.tied_head(matching.mismatched, dck.shapes(), tck.shapes())
     shape_problems = [m for m in matching.mismatched if m[0] not in unshared]
     if shape_problems:
         name, d, t = shape_problems[0]
@@ -112,6 +115,9 @@ def require_compatible(report: CheckReport, params: set[str] | None = None) -> N
         raise GraftError(f"{report.donor} → {report.target}: {problem}",
                          "donor and target must share architecture, shapes and tokenizer (run `graftlm check`)")
     if params is not None:
+        for name in sorted(params & set(report.unshared) - {m[0] for m in report.mismatched}):
+            raise GraftError(f"tensor {name} is one model's LM head too (tied to its embeddings) but not the "
+                             "other's: it is not the same tensor in the two", "leave it out of the plan")
         for name, d, t in report.mismatched:
             if name in params:
                 raise GraftError(f"tensor {name}: donor {_shape(d)}, target {_shape(t)}",

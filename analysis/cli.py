@@ -90,6 +90,9 @@ def check_cmd(
         for name, d, t in report.mismatched[:5]:
             why = " (the vocabulary's: not transplantable, no candidate)" if name in report.unshared else ""
             out_console.print(f"mismatch {name}: donor {d}, target {t}{why}")
+        tied = [n for n in report.unshared if n not in {m[0] for m in report.mismatched}]
+        if tied:  # the embeddings a model ties its LM head to: the same shape, another meaning
+            out_console.print(f"unshared {', '.join(tied)}: one model's LM head too (tied), no candidate")
     if not report.ok:
         raise GraftError(f"not transplantable: {report.problems[0]}", "see the table above (or --json)")
     if not as_json:

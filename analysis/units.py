@@ -141,9 +141,11 @@ class Layout:
     head_dim: int
     d_mlp: int
     shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
-    # Tensors the donor holds in another shape: the embeddings and LM head of a donor whose tokenizer adds
-    # tokens to the target's (io.tokenizers.tokenizer_relation). They are no candidate: nothing to transplant.
+    # Tensors the two models do not share (:func:`unshared_vocabulary`): the embeddings and LM head of a
+    # donor whose tokenizer adds tokens to the target's (io.tokenizers.tokenizer_relation), or of a pair
+    # where one model ties its LM head to its embeddings. They are no candidate: nothing to transplant.
     unshared: frozenset[str] = frozenset()
+    tied_in_one: bool = False  # unshared because one model ties its LM head to its embeddings
 
     @property
     def naming(self) -> Naming:
@@ -315,8 +317,10 @@ def layout(config: object, shapes: Mapping[str, tuple[int, ...]],
     naming = NAMINGS[family]
     down = shapes[f"{prefix}0.{naming.linears['down']}.weight"]
     d_mlp = down[0] if naming.conv1d else down[1]
-    unshared = frozenset(n for n in shapes if donor_shapes is not None and donor_shapes.get(n) != shapes[n])
-    lay = Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes, unshared)
+    differ = mismatches(donor_shapes, shapes) if donor_shapes is not None else []
+    tied = bool(differ) and bool(tied_head(differ, donor_shapes or {}, shapes))
+    unshared = frozenset(unshared_vocabulary(differ, donor_shapes or {}, shapes))
+    lay = Layout(family, prefix, n_layers, n_heads, n_kv, head_dim, d_mlp, shapes, unshared, tied)
     _check(lay)
     return lay
 
@@ -496,14 +500,18 @@ class Matching:
         return not self.mismatched
 
 
+def mismatches(donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]]
+               ) -> list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]:
+    """(name, donor shape, target shape) of every tensor whose shape differs or that one model lacks."""
+    return [(name, donor_shapes.get(name), target_shapes.get(name))
+            for name in sorted(set(donor_shapes) | set(target_shapes), key=_natural)
+            if donor_shapes.get(name) != target_shapes.get(name)]
+
+
 def match(donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]],
           lay: Layout) -> Matching:
     """Compare every tensor by name and shape, and count the components that match per kind."""
-    mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
-    for name in sorted(set(donor_shapes) | set(target_shapes), key=_natural):
-        d, t = donor_shapes.get(name), target_shapes.get(name)
-        if d != t:
-            mismatched.append((name, d, t))
+    mismatched = mismatches(donor_shapes, target_shapes)
     # A tensor present on one side only (a bias, say) spoils the component whose weight it sits beside.
     bad = {m[0] for m in mismatched} | {m[0].removesuffix(".bias") + ".weight" for m in mismatched}
     counts: dict[Kind, int] = {}
@@ -529,6 +537,32 @@ def vocabulary_only(mismatched: list[tuple[str, tuple[int, ...] | None, tuple[in
     def vocabulary(name: str, d: tuple[int, ...] | None, t: tuple[int, ...] | None) -> bool:
         return LAYER_RE.match(name) is None and d is not None and t is not None and len(d) == len(t) and d[1:] == t[1:]
     return [m[0] for m in mismatched] if all(vocabulary(*m) for m in mismatched) else []
+
+
+def tied_head(mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]],
+              donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """When the one tensor ``mismatched`` names is an LM head only one model has — the other ties its head to
+    its input embeddings, and neither file nor parameter list holds it — that head and the embeddings of its
+    shape (in the tying model they are its LM head too: moving them would move the head) ; else none."""
+    if len(mismatched) != 1:
+        return []
+    name, d, t = mismatched[0]
+    shape = d or t
+    if LAYER_RE.match(name) is not None or (d is None) == (t is None) or shape is None or len(shape) != 2:
+        return []
+    partners = [n for n, s in target_shapes.items() if n != name and s == shape and donor_shapes.get(n) == s
+                and LAYER_RE.match(n) is None]
+    return [name, *partners] if len(partners) == 1 else []
+
+
+def unshared_vocabulary(mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]],
+                        donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]]
+                        ) -> list[str]:
+    """The vocabulary's tensors that are not the same thing in the two models (:attr:`Layout.unshared`):
+    those of two sizes (:func:`vocabulary_only`: one tokenizer adds tokens, or its embeddings are padded —
+    to be allowed only when the tokenizers agree) or an LM head tied in one model only (:func:`tied_head`);
+    none when something else differs."""
+    return vocabulary_only(mismatched) or tied_head(mismatched, donor_shapes, target_shapes)
 
 
 def _natural(name: str) -> list[object]:

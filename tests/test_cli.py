@@ -276,6 +276,31 @@ def test_embeddings_padded_to_another_size_leave_the_layers_transplantable(tmp_p
     assert code == 0
 
 
+def test_a_pair_where_one_model_ties_its_lm_head_leaves_the_layers_transplantable(tmp_path: Path, capsys) -> None:
+    """One twin ties its LM head to its embeddings, the other does not (a fine-tune that untied it): the
+    layers transplant either way; the head and the embeddings (the tying model's head too) are named and
+    refused in a plan."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    untied = build_model(tmp_path / "u", "llama", seed=1)
+    tied = build_model(tmp_path / "t", "llama", seed=2, tie_word_embeddings=True)
+    for donor, target in ((untied, tied), (tied, untied)):
+        report = analysis.check(donor, target)
+        assert report.ok and report.unshared == ["lm_head.weight", "model.embed_tokens.weight"]
+        code, out, _ = run(["check", "--donor", str(donor), "--target", str(target)], capsys)
+        assert code == 0 and "unshared model.embed_tokens.weight: one model's LM head too (tied)" in out
+        dest = tmp_path / f"o-{target.name}"
+        code, _, _ = run(transplant_args(donor, target, dest, "-c", "L0.mlp", "-c", "L1.H2"), capsys)
+        assert code == 0
+        written, original = (AutoModelForCausalLM.from_pretrained(p) for p in (dest, target))
+        assert written.config.tie_word_embeddings == original.config.tie_word_embeddings
+        assert torch.equal(written.lm_head.weight, original.lm_head.weight)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            code, _, err = run(transplant_args(donor, target, tmp_path / "refused", "-c", name), capsys)
+            assert code == 2 and name in err and not (tmp_path / "refused").exists()
+
+
 @pytest.mark.real
 def test_a_real_twin_whose_tokenizer_adds_a_token(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct's real BPE tokenizer with a pad token added and the embeddings resized (as before

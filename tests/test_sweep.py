@@ -83,6 +83,26 @@ def test_a_donor_whose_tokenizer_adds_tokens_is_studied_without_its_vocabulary(s
     assert "differ in size, and are no candidate." in report.write(run).read_text()
 
 
+def test_a_donor_that_ties_its_lm_head_is_studied_without_its_vocabulary(study: tuple[Path, SweepConfig],
+                                                                          tmp_path: Path) -> None:
+    """A twin that ties its LM head to its embeddings (saved without an lm_head tensor) beside one that does
+    not: the layers are studied; the embeddings — the tying model's LM head too — and the head are no
+    candidate, copy-all included, and the report says why."""
+    from analysis import report
+
+    _, cfg = study
+    donor = build_model(tmp_path / "donor", "llama", seed=1, tie_word_embeddings=True)
+    run = tmp_path / "run"
+    sweep(small(cfg, donor=str(donor), methods=["gradient"], components=["head", "mlp", "outer"], answers="reference",
+                controls={"random_seeds": [0], "copy_all": True, "weight": False}), run, progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    order = next(r for r in rows if r["key"].startswith("order"))
+    assert order["unshared"] == ["lm_head.weight", "model.embed_tokens.weight"] and order["tied_in_one"]
+    ranked = [cid for cid, _ in json.loads((run / "rankings" / "gradient.json").read_text())["ranking"]]
+    assert "model.norm.weight" in ranked and not set(order["unshared"]) & set(ranked)
+    assert "One model ties its LM head to its input embeddings" in report.write(run).read_text()
+
+
 def test_the_report_says_how_to_ship_the_chosen_point(study: tuple[Path, SweepConfig], tmp_path: Path) -> None:
     """The report's transplant command, run as printed, writes a model that transformers loads."""
     import shlex

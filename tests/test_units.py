@@ -244,3 +244,21 @@ def test_a_multimodal_checkpoint_is_cut_by_its_language_model() -> None:
     assert any("vision_tower" in n for n in shapes) and not any("vision" in n or "projector" in n for n in outer)
     names = units.language_model_names(lay)
     assert set(names) == {n for n in shapes if n.startswith("model.language_model.") or n.count(".") == 1}
+
+
+def test_an_lm_head_tied_in_one_model_only_unshares_the_vocabulary_and_nothing_else() -> None:
+    """The tying model's files and parameters hold no lm_head: that head, and the embeddings it is tied to,
+    are not the same tensors in the two models. Anything else missing or of another shape is no such pair;
+    nor is a head whose shape two tensors share (which one is it tied to?)."""
+    from analysis.units import mismatches, tied_head
+
+    untied = {"model.embed_tokens.weight": (99, 32), "model.layers.0.mlp.down_proj.weight": (32, 64),
+              "model.norm.weight": (32,), "lm_head.weight": (99, 32)}
+    tied = {n: s for n, s in untied.items() if n != "lm_head.weight"}
+    for donor, target in ((untied, tied), (tied, untied)):
+        assert tied_head(mismatches(donor, target), donor, target) == ["lm_head.weight", "model.embed_tokens.weight"]
+    other = {**tied, "model.layers.0.mlp.down_proj.weight": (32, 48)}
+    assert tied_head(mismatches(untied, other), untied, other) == []
+    lookalike = {**untied, "model.pos_embed.weight": (99, 32)}
+    ambiguous = {n: s for n, s in lookalike.items() if n != "lm_head.weight"}
+    assert tied_head(mismatches(lookalike, ambiguous), lookalike, ambiguous) == []

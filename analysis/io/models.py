@@ -220,22 +220,22 @@ def hf_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def require_same_shapes(donor: LoadedModel, target: LoadedModel) -> None:
     """Refuse a pair that does not share every parameter name and shape (one line: the first offender) —
-    unless only the vocabulary's tensors differ and the tokenizers are the same or one merely adds tokens
-    to the other's (:func:`analysis.io.tokenizers.tokenizer_relation`): those tensors are then no candidate
-    (:attr:`analysis.units.Layout.unshared`) and everything else is compared and transplanted."""
+    unless only the vocabulary's tensors differ, and either the tokenizers are the same or one merely adds
+    tokens to the other's (:func:`analysis.io.tokenizers.tokenizer_relation`), or one model ties its LM head
+    to its embeddings: those tensors are then no candidate (:attr:`analysis.units.Layout.unshared`) and
+    everything else is compared and transplanted."""
     from analysis.io.tokenizers import tokenizer_relation
-    from analysis.units import vocabulary_only
+    from analysis.units import mismatches, tied_head, vocabulary_only
 
-    dp, tp = donor.parameters(), target.parameters()
-    mismatched = [(name, tuple(dp[name].shape) if name in dp else None, tuple(p.shape)) for name, p in tp.items()
-                  if name not in dp or tuple(dp[name].shape) != tuple(p.shape)]
-    if not mismatched:
+    dp, tp = ({n: tuple(p.shape) for n, p in m.parameters().items()} for m in (donor, target))
+    mismatched = mismatches(dp, tp)
+    if not mismatched or tied_head(mismatched, dp, tp):  # an LM head one model ties to its embeddings
         return
     vocabulary = bool(vocabulary_only(mismatched))
     if vocabulary and tokenizer_relation(donor.ref, target.ref) in ("same", "compatible"):
         return
     name, other, shape = mismatched[0]
-    raise GraftError(f"tensor {name}: donor {other or 'missing'}, target {shape}",
+    raise GraftError(f"tensor {name}: donor {other or 'missing'}, target {shape or 'missing'}",
                      "the tokenizers must be the same, or one add tokens to the other (run `graftlm check`)"
                      if vocabulary else "donor and target must share architecture and shapes (run `graftlm check`)")
 

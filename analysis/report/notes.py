@@ -59,7 +59,10 @@ def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> li
     if order.get("overlap_dropped"):
         dropped = order["overlap_dropped"]
         said.append(dropped_line(dropped["counts"], dropped["overlaps"]) + ".")
-    if order.get("unshared"):
+    if order.get("unshared") and order.get("tied_in_one"):
+        said.append(f"One model ties its LM head to its input embeddings, the other does not: "
+                    f"{', '.join(order['unshared'])} are not the same tensors in the two, and are no candidate.")
+    elif order.get("unshared"):
         said.append(f"The vocabularies differ in size (one tokenizer adds tokens, or pads its embeddings; every "
                     f"shared token has the same id): {', '.join(order['unshared'])} differ in size, and are no "
                     "candidate.")

@@ -219,6 +219,7 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                              "k_grow_to": most or None,
                              "overlap_dropped": dropped.__dict__ if dropped.counts else None,
                              "unshared": sorted(lay.unshared) or None,  # a vocabulary one tokenizer extends
+                             "tied_in_one": lay.tied_in_one or None,  # ... or an LM head one model ties
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
                                                 all_ids, units.language_model_names(lay))})
