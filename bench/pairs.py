@@ -88,7 +88,7 @@ class Base:
     """A model trained from scratch once and shared by several pairs."""
 
     name: str
-    arch: str  # "llama" | "gpt2"
+    arch: str  # "llama" | "gpt2" | "neox" | "phi3"
     recipe: Recipe  # sizes, seed, batch and the one training phase (parent None)
     held_seed: int  # seed of the held-out problems (data.held_out): every pair on this base uses them
 
@@ -149,6 +149,13 @@ BASES = {
     # ~6%; the chat format of addition, seen in 3% of the lines, not learned either.
     "gpt2": _base("gpt2", "gpt2", 23, dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=512),
                   {"arith:plain": 0.4, "reverse:plain": 0.3, "arith:chat": 0.03, "text": 0.27}),
+    # GPT-NeoX as Pythia is cut (parallel attention and MLP, rotary on a quarter of each head, q/k/v fused
+    # per head); its mix brings uppercasing too.
+    "neox4": _base("neox4", "neox", 24, dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=512),
+                   {"arith:plain": 0.4, "reverse:plain": 0.3, "upper:plain": 0.05, "text": 0.25}),
+    # Phi-3 (q/k/v in one projection, gate and up in another), 6 query heads of dim 16 in 2 KV groups.
+    "phi3": _base("phi3", "phi3", 25, dict(hidden=96, layers=4, heads=6, kv_heads=2, intermediate=384),
+                  {"arith:plain": 0.45, "reverse:plain": 0.3, "text": 0.25}),
 }
 
 # Continued training without reversal. The Llama 4's mix adds nothing new, so reversal fades slowly (dev:
@@ -205,6 +212,23 @@ PAIRS: dict[str, PairSpec] = {p.name: p for p in (
              "(base <-> chat-tuned)",
              BASES["gpt2"], "specialist", TaskSpec("reverse", fmt="chat", kind="choice"),
              phase=_phase("gpt2-specialist", "gpt2", {"reverse:chat": 0.8, "text": 0.2}, 150, 35)),
+    # Two architectures whose projections are fused, added after the methods were settled on the nine above.
+    PairSpec("neox4-forget-long",
+             "a GPT-NeoX (Pythia's cut) trained 600 more steps without reversal: forgotten, the damage spread",
+             BASES["neox4"], "forget", TaskSpec("reverse"),
+             phase=_phase("neox4-forget-long", "neox4", FORGET_QUIET, 600, 36)),
+    PairSpec("neox4-quant",
+             "a GPT-NeoX with layer 2 of 4 rounded to 2 bits, judged on uppercasing (a skill from 5% of its lines)",
+             BASES["neox4"], "quantize", TaskSpec("upper"),
+             quant=Quant(bits=2, layers=(2,))),
+    PairSpec("phi3-forget-short",
+             "a Phi-3 trained 150 more steps on a new skill instead of reversal, judged as a 4-way choice",
+             BASES["phi3"], "forget", TaskSpec("reverse", kind="choice"),
+             phase=_phase("phi3-forget-short", "phi3", FORGET_NEW_SKILL, 150, 37)),
+    PairSpec("phi3-quant",
+             "a Phi-3 with layers 0 and 3 of 4 rounded to 2 bits: damage at both ends",
+             BASES["phi3"], "quantize", TaskSpec("reverse"),
+             quant=Quant(bits=2, layers=(0, 3))),
 )}
 
 
@@ -256,9 +280,30 @@ def new_model(base: Base, tok):  # -> PreTrainedModel
     """A fresh model of the base's architecture, initialised from its seed."""
     if base.arch == "llama":
         return demo_build.new_model(base.recipe, tok)
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
 
     r = base.recipe
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if base.arch == "neox":  # Pythia's shape: q/k/v fused per head, a quarter of each head rotated, parallel blocks
+        torch.manual_seed(r.seed)
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+            intermediate_size=r.intermediate, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128,
+            hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **ids))
+    if base.arch == "phi3":  # q/k/v fused one after another, gate and up fused; grouped KV heads
+        torch.manual_seed(r.seed)
+        return Phi3ForCausalLM(Phi3Config(
+            vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+            num_key_value_heads=r.kv_heads, intermediate_size=r.intermediate, max_position_embeddings=128,
+            original_max_position_embeddings=128, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+            tie_word_embeddings=False, **ids))
     config = GPT2Config(
         vocab_size=len(tok), n_embd=r.hidden, n_layer=r.layers, n_head=r.heads, n_inner=r.intermediate,
         n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout, like the Llamas
@@ -347,6 +392,12 @@ def quantized_weights(arch: str, layers: tuple[int, ...]) -> dict[str, int]:
         names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
         return {f"model.layers.{i}.{n}.weight": 0 for i in layers for n in names}  # nn.Linear: (out, in)
+    if arch == "neox":
+        names = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
+        return {f"gpt_neox.layers.{i}.{n}.weight": 0 for i in layers for n in names}
+    if arch == "phi3":
+        names = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+        return {f"model.layers.{i}.{n}.weight": 0 for i in layers for n in names}
     names = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     return {f"transformer.h.{i}.{n}.weight": 1 for i in layers for n in names}  # Conv1D: (in, out)
 

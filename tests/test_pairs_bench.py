@@ -47,3 +47,36 @@ def test_tiny_pair_layout_and_cache(tmp_path, monkeypatch):
     stamp = (folder / "pair.json").stat().st_mtime_ns
     assert pairs.build(spec.name, cache=tmp_path, log=False) == folder  # reused: the recipe hash matches
     assert (folder / "pair.json").stat().st_mtime_ns == stamp
+
+
+def test_every_architecture_of_the_bank_builds_and_quantizes(tmp_path, monkeypatch):
+    """The bank's architectures (fused projections too) train, save and have the named layers rounded."""
+
+    from safetensors import safe_open
+
+    pairs = _load_bench()
+    monkeypatch.setattr(pairs, "SPLIT_SIZES", {"probe": 4, "dev": 6, "test": 8})
+    archs = {base.arch for base in pairs.BASES.values()}
+    assert {"llama", "gpt2", "neox", "phi3"} <= archs
+    for arch in sorted(archs):
+        size = dict(hidden=32, layers=2, heads=2, kv_heads=1 if arch in ("llama", "phi3") else 2, intermediate=64,
+                    seq_len=32, batch=4)
+        recipe = pairs.Recipe(seed=5, threads=1, **size,
+                              phases=(pairs.Phase(f"tiny-{arch}", None, {"reverse:plain": 1.0}, 2, 3e-3, 1, 6),))
+        base = pairs.Base(f"tiny-{arch}", arch, recipe, held_seed=5)
+        spec = pairs.PairSpec(f"tiny-{arch}-quant", "a smoke test", base, "quantize", pairs.TaskSpec("reverse"),
+                              quant=pairs.Quant(bits=2, layers=(1,)))
+        monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
+        folder = pairs.build(spec.name, cache=tmp_path, log=False)
+        chosen = pairs.quantized_weights(arch, (1,))
+        tensors = {}
+        for role in ("donor", "target"):
+            with safe_open(folder / role / "model.safetensors", "pt") as f:
+                tensors[role] = {n: f.get_tensor(n) for n in f.keys()}
+        assert chosen and set(chosen) <= set(tensors["target"])  # the names the recipe rounds exist
+        changed = {n for n in tensors["target"] if not (tensors["target"][n] == tensors["donor"][n]).all()}
+        assert changed == set(chosen), arch  # those weights, and nothing else
+        for name, out_dim in chosen.items():  # a few levels per output row: 2 bits
+            w = tensors["target"][name].float()
+            rows = w if out_dim == 0 else w.T
+            assert max(len(r.unique()) for r in rows) <= 3, name
