@@ -51,7 +51,6 @@ def test_tiny_pair_layout_and_cache(tmp_path, monkeypatch):
 
 def test_every_architecture_of_the_bank_builds_and_quantizes(tmp_path, monkeypatch):
     """The bank's architectures (fused projections too) train, save and have the named layers rounded."""
-
     from safetensors import safe_open
 
     pairs = _load_bench()
