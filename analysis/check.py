@@ -36,6 +36,7 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     tokenizer: TokenizerRelation | None = None  # see tokenizer_relation
     unshared: list[str] = field(default_factory=list)  # the vocabulary's tensors, when one tokenizer adds tokens
+    notes: list[str] = field(default_factory=list)  # what a user should know that blocks nothing
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,7 @@ class CheckReport:
             "config_diffs": {k: list(v) for k, v in self.config_diffs.items()},
             "tokenizer_equal": self.tokenizer_equal, "tokenizer": self.tokenizer, "unshared": self.unshared,
             "mismatched": [{"tensor": n, "donor": d, "target": t} for n, d, t in self.mismatched],
-            "problems": self.problems,
+            "problems": self.problems, "notes": self.notes,
         }
 
 
@@ -98,9 +99,15 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
         problems.append(f"tensor {name}: donor {_shape(d)}, target {_shape(t)}"
                         + (f" (and {len(shape_problems) - 1} more)" if len(shape_problems) > 1 else ""))
     totals = units.match(tck.shapes(), tck.shapes(), lay).matched
+    notes = [SHARED_NORM] if lay.heads_share_a_norm else []
     return CheckReport(dref.text, tref.text, lay.family, dict(matching.matched), dict(totals), diffs,
                        None if relation is None else relation == "same", matching.mismatched, problems, relation,
-                       unshared)
+                       unshared, notes)
+
+
+SHARED_NORM = ("the queries (keys) of every head are normalized together (OLMo 2's q_norm and k_norm): a head moved "
+               "alone takes its own weights and its share of the norm, and rescales the other heads' queries (keys) "
+               "of its layer a little — heads are units of weight, not of activation, here")
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

@@ -93,6 +93,8 @@ def check_cmd(
         tied = [n for n in report.unshared if n not in {m[0] for m in report.mismatched}]
         if tied:  # the embeddings a model ties its LM head to: the same shape, another meaning
             out_console.print(f"unshared {', '.join(tied)}: one model's LM head too (tied), no candidate")
+        for note in report.notes:
+            out_console.print(f"note: {note}")
     if not report.ok:
         raise GraftError(f"not transplantable: {report.problems[0]}", "see the table above (or --json)")
     if not as_json:

@@ -122,11 +122,17 @@ NAMINGS: dict[str, Naming] = {
                     "up": "mlp.fc_in", "down": "mlp.fc_out"}),
     "starcoder2": Naming({**_SELF_ATTN, "up": "mlp.c_fc", "down": "mlp.c_proj"}),
     "glm": Naming({**_SELF_ATTN, "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj", "down": "mlp.down_proj"}),
+    # Llama's attention over an MLP without a gate (Arcee's AFM, Apertus): tried after Llama, which needs one
+    "arcee": Naming({**_SELF_ATTN, "up": "mlp.up_proj", "down": "mlp.down_proj"}),
 }
-SUPPORTED = ("Llama-style models (Llama, Mistral, Qwen, Gemma, OLMo, SmolLM, Granite, ...), Phi-1/2/3, GPT-2, "
-             "GPT-NeoX (Pythia), GPT-J, OPT, BLOOM, StarCoder2 and GLM-4")
-# Tensors inside the attention module besides its projections (per-head norms of queries and keys).
-ATTN_NORMS = ("self_attn.q_norm", "self_attn.k_norm", "self_attn.q_layernorm", "self_attn.k_layernorm")
+SUPPORTED = ("Llama-style models (Llama, Mistral, Qwen, Gemma, OLMo, SmolLM, Granite, Cohere, EXAONE, Arcee, "
+             "Apertus, ...), Phi-1/2/3, GPT-2, GPT-NeoX (Pythia), GPT-J, OPT, BLOOM, StarCoder2 and GLM-4")
+# Tensors inside the attention module besides its projections: norms of the queries and of the keys.
+Q_NORMS = ("self_attn.q_norm", "self_attn.q_layernorm", "self_attn.query_layernorm")
+K_NORMS = ("self_attn.k_norm", "self_attn.k_layernorm", "self_attn.key_layernorm")
+ATTN_NORMS = Q_NORMS + K_NORMS
+# Tensors inside the MLP besides its projections: a learned activation's parameters (Apertus's xIELU).
+MLP_EXTRAS = ("mlp.act_fn",)
 
 
 @dataclass
@@ -225,23 +231,49 @@ class Layout:
             rows = [r for g in range(self.n_kv) for r in self._kv_rows(lin, g)]  # type: ignore[arg-type]
         return self._out(layer, lin, _merge(rows))
 
+    def _norm_slices(self, layer: int, which: Literal["q", "k"], index: int) -> list[Slice]:
+        """A head's own entries of the norm of its queries (keys): where the norm's weight (and bias) has
+        one entry per feature of every head (OLMo 2: width heads × head size) or one row per head (Cohere),
+        those of head (KV head) ``index``; a norm shared by every head (Qwen3: width head size) has none —
+        it belongs to the attention block."""
+        n, hd = (self.n_heads if which == "q" else self.n_kv), self.head_dim
+        slices = []
+        for rel in Q_NORMS if which == "q" else K_NORMS:
+            for part in ("weight", "bias"):
+                name = f"{self.prefix}{layer}.{rel}.{part}"
+                shape = self.shapes.get(name)
+                if shape == (n * hd,) and n > 1:
+                    slices.append(Slice(name, 0, index * hd, (index + 1) * hd))
+                elif shape == (n, hd) and n > 1:
+                    slices.append(Slice(name, 0, index, index + 1))
+        return slices
+
+    @property
+    def heads_share_a_norm(self) -> bool:
+        """True when the norm of the queries or keys runs over every head's features at once (OLMo 2): a
+        head moved alone then rescales the other heads' queries or keys, so the activations of those heads
+        move a little too (the weights of none but its own)."""
+        return any(self.shapes.get(f"{self.prefix}0.{rel}.weight") == (n * self.head_dim,) and n > 1
+                   for rels, n in ((Q_NORMS, self.n_heads), (K_NORMS, self.n_kv)) for rel in rels)
+
     def head_slices(self, layer: int, head: int, with_kv: bool) -> list[Slice]:
-        slices = self._out(layer, "q", self._q_rows(head))
+        slices = self._out(layer, "q", self._q_rows(head)) + self._norm_slices(layer, "q", head)
         if with_kv:
             group = head // (self.n_heads // self.n_kv)
-            slices += self._out(layer, "k", self._kv_rows("k", group))
+            slices += self._out(layer, "k", self._kv_rows("k", group)) + self._norm_slices(layer, "k", group)
             slices += self._out(layer, "v", self._kv_rows("v", group))
         slices += self._in(layer, "o", [(head * self.head_dim, (head + 1) * self.head_dim)])
         return slices
 
     def kv_slices(self, layer: int, group: int) -> list[Slice]:
-        return self._out(layer, "k", self._kv_rows("k", group)) + self._out(layer, "v", self._kv_rows("v", group))
+        return self._out(layer, "k", self._kv_rows("k", group)) + self._norm_slices(layer, "k", group) + \
+            self._out(layer, "v", self._kv_rows("v", group))
 
     def group_slices(self, layer: int, group: int) -> list[Slice]:
         per = self.n_heads // self.n_kv
         heads = range(group * per, (group + 1) * per)
-        slices = [s for h in heads for s in self._out(layer, "q", self._q_rows(h))]
-        slices += self._out(layer, "k", self._kv_rows("k", group))
+        slices = [s for h in heads for s in self._out(layer, "q", self._q_rows(h)) + self._norm_slices(layer, "q", h)]
+        slices += self._out(layer, "k", self._kv_rows("k", group)) + self._norm_slices(layer, "k", group)
         slices += self._out(layer, "v", self._kv_rows("v", group))
         slices += self._in(layer, "o", [(heads[0] * self.head_dim, (heads[-1] + 1) * self.head_dim)])
         return _merge_slices(slices)
@@ -261,8 +293,7 @@ class Layout:
         """Tensors of the attention block or the MLP (q_norm/k_norm belong to attention)."""
         rels = [self._rel(lin) for lin in (ATTN_LINEARS if block == "attn" else MLP_LINEARS)]
         rels = [r for r in dict.fromkeys(rels) if r]
-        if block == "attn":
-            rels += list(ATTN_NORMS)
+        rels += list(ATTN_NORMS if block == "attn" else MLP_EXTRAS)
         head = f"{self.prefix}{layer}."
         return sorted(n for n in self.shapes if any(n.startswith(head + r + ".") for r in rels))
 

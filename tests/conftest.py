@@ -26,7 +26,14 @@ from analysis.study.config import SweepConfig
 torch.set_num_threads(1)
 
 CHARS = [chr(i) for i in range(32, 127)]
-FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox", "phi", "opt", "gptj", "bloom", "starcoder2", "glm")
+FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "gpt2", "neox", "phi", "opt", "gptj", "bloom", "starcoder2", "glm",
+            # Llama's names with something of their own: a shared (qwen3, exaone4, hunyuan, apertus) or an
+            # all-heads (olmo2) norm of queries and keys, sliding windows (mistral, gemma2, exaone4),
+            # multipliers (granite), a parallel block (cohere), no MLP gate (arcee, apertus: a learned activation)
+            "qwen3", "mistral", "olmo2", "granite", "gemma2", "cohere", "smollm3", "exaone4", "seedoss", "hunyuan",
+            "arcee", "apertus")
+# The query and key norm of these runs over every head at once: a head moved alone rescales the others'.
+HEADS_SHARE_A_NORM = ("olmo2",)
 
 
 def char_tokenizer(folder: Path, extra: int = 0) -> T.PreTrainedTokenizerFast:
@@ -65,11 +72,14 @@ def tiny_config(family: str, vocab: int, **over: object) -> T.PretrainedConfig:
         return T.PhiConfig(**cfg) if family == "phi" else T.OPTConfig(**cfg)
     cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=64, max_position_embeddings=64, **common)
-    if family == "gemma3":
+    if family in ("gemma3", "gemma2", "qwen3", "exaone4", "seedoss", "hunyuan"):  # head_dim set apart
         cfg["head_dim"] = 8
     cfg.update(over)
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "gemma3": T.Gemma3TextConfig, "phi3": T.Phi3Config,
-           "starcoder2": T.Starcoder2Config, "glm": T.Glm4Config}[family]
+           "starcoder2": T.Starcoder2Config, "glm": T.Glm4Config, "qwen3": T.Qwen3Config, "mistral": T.MistralConfig,
+           "olmo2": T.Olmo2Config, "granite": T.GraniteConfig, "gemma2": T.Gemma2Config, "cohere": T.CohereConfig,
+           "smollm3": T.SmolLM3Config, "exaone4": T.Exaone4Config, "seedoss": T.SeedOssConfig,
+           "hunyuan": T.HunYuanDenseV1Config, "arcee": T.ArceeConfig, "apertus": T.ApertusConfig}[family]
     return cls(**cfg)
 
 
@@ -279,7 +289,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim too (a learned scalar)
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -301,6 +301,18 @@ def test_a_pair_where_one_model_ties_its_lm_head_leaves_the_layers_transplantabl
             assert code == 2 and name in err and not (tmp_path / "refused").exists()
 
 
+def test_check_says_when_the_heads_share_one_norm(tmp_path: Path, capsys) -> None:
+    """OLMo 2 normalizes the queries (keys) of all heads together: transplantable, with a note saying a head
+    is a unit of weight there, not of activation; Qwen3's norm, one per head size, gets no note."""
+    from analysis.check import SHARED_NORM
+
+    for family, noted in (("olmo2", True), ("qwen3", False)):
+        donor = build_model(tmp_path / family / "d", family, seed=1)
+        target = build_model(tmp_path / family / "t", family, seed=2)
+        code, out, _ = run(["check", "--donor", str(donor), "--target", str(target)], capsys)
+        assert code == 0 and (SHARED_NORM[:40] in " ".join(out.split())) == noted, out
+
+
 @pytest.mark.real
 def test_a_real_twin_whose_tokenizer_adds_a_token(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct's real BPE tokenizer with a pad token added and the embeddings resized (as before

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, build_model
+from conftest import FAMILIES, HEADS_SHARE_A_NORM, build_model
 from transformers import AutoModelForCausalLM
 
 from analysis import units
@@ -63,8 +63,16 @@ def test_heads_and_projections_take_the_donors_activations(family: str, tmp_path
     base, ref = cache(t, hooks), cache(d, hooks)
     lay = units.layout(t.model.config, {n: tuple(p.shape) for n, p in t.parameters().items()})
     dck = Checkpoint.open(donor)
-    # A KV group (or, without GQA, a head) carries its own q, k, v and o: its z becomes the donor's.
     unit = "G" if lay.gqa else "H"
+    # OLMo 2 normalizes the queries (keys) of every head together: a head moved alone changes the scale of
+    # the others', so no head's activations are its own — only the whole block's and the projections' are.
+    assert lay.heads_share_a_norm == (family in HEADS_SHARE_A_NORM)
+    if lay.heads_share_a_norm:
+        with applied(t, dck, Plan.of([f"L0.{unit}*", *(["L0.KV*"] if lay.gqa else [])])):
+            out = cache(t, ["blocks.0.hook_attn_out"])["blocks.0.hook_attn_out"]
+        torch.testing.assert_close(out, ref["blocks.0.hook_attn_out"])
+        return
+    # A KV group (or, without GQA, a head) carries its own q, k, v and o: its z becomes the donor's.
     for idx in range(lay.n_kv if lay.gqa else lay.n_heads):
         comp = units.component(lay, f"L0.{unit}{idx}")
         with applied(t, dck, Plan.of([comp.id])):

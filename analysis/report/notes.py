@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from analysis.check import SHARED_NORM
 from analysis.study.config import KGrid
 from analysis.study.runfolder import length_suffix, short_name
 from analysis.study.splits import dropped_line
@@ -66,6 +67,8 @@ def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> li
         said.append(f"The vocabularies differ in size (one tokenizer adds tokens, or pads its embeddings; every "
                     f"shared token has the same id): {', '.join(order['unshared'])} differ in size, and are no "
                     "candidate.")
+    if order.get("heads_share_a_norm"):
+        said.append(f"Note: {SHARED_NORM}.")
     k_grid = KGrid(**order["k_grid"]) if order.get("k_grid") else None
     if k_grid is not None and k_grid.describe():
         said.append(f"k: {k_grid.describe()}.")

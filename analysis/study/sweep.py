@@ -216,10 +216,10 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                 results.add({"key": order_key, "phase": "order", "max_new_tokens": mnt, "donor": donor_name,
                              "target": target_name, "donor_ref": models[donor_name].name,
                              "target_ref": models[target_name].name, "k_grid": k_grid.__dict__,
-                             "k_grow_to": most or None,
-                             "overlap_dropped": dropped.__dict__ if dropped.counts else None,
+                             "k_grow_to": most or None, "overlap_dropped": dropped.__dict__ if dropped.counts else None,
                              "unshared": sorted(lay.unshared) or None,  # a vocabulary one tokenizer extends
                              "tied_in_one": lay.tied_in_one or None,  # ... or an LM head one model ties
+                             "heads_share_a_norm": lay.heads_share_a_norm or None,  # check.SHARED_NORM
                              # what copy-all cannot move: a ceiling on every selection, said when it binds
                              "outside": outside(getter(models[donor_name]), getter(models[target_name]), lay,
                                                 all_ids, units.language_model_names(lay))})
