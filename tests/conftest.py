@@ -74,6 +74,8 @@ def tiny_config(family: str, vocab: int, **over: object) -> T.PretrainedConfig:
                intermediate_size=64, max_position_embeddings=64, **common)
     if family in ("gemma3", "gemma2", "qwen3", "exaone4", "seedoss", "hunyuan"):  # head_dim set apart
         cfg["head_dim"] = 8
+    if family == "cohere":  # a LayerNorm of each head's queries and keys: weights one row per head
+        cfg["use_qk_norm"] = True
     cfg.update(over)
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "gemma3": T.Gemma3TextConfig, "phi3": T.Phi3Config,
            "starcoder2": T.Starcoder2Config, "glm": T.Glm4Config, "qwen3": T.Qwen3Config, "mistral": T.MistralConfig,
@@ -90,8 +92,8 @@ def build_model(folder: Path, family: str, seed: int, *, dtype: torch.dtype = to
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(tiny_config(family, len(tok), **over))
     with torch.no_grad():  # random norms and biases, so a transplant of them is visible
-        for p in model.parameters():
-            if p.ndim == 1:
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or "norm" in name:  # (Cohere's norms of queries and keys: a row per head)
                 p.add_(torch.randn_like(p) * 0.1)
     model.to(dtype).save_pretrained(folder, max_shard_size=shard or "2GB")
     return folder
