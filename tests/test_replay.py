@@ -76,8 +76,8 @@ PROMPTS = ["The cat sat on the", "1 + 1 =", "abc", SHOTS + "Q: 3+1=\nA:", SHOTS 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replayed_generation_is_bit_identical_to_decoding_in_full(deep_pairs, family: str) -> None:
     """Greedy decoding replays the prompts' layers below the transplant, keys and values included, and
-    gives exactly the tokens and logprobs of full decoding (where the KV cache is not a plain one, e.g.
-    sliding windows, nothing is recorded and every layer runs)."""
+    gives exactly the tokens and logprobs of full decoding — sliding windows (Mistral, Gemma-2/3, EXAONE 4)
+    included, while the window holds every token of the prompt."""
     donor, target = deep_pairs[family]
     replay = LayerReplay(target.model)
 
@@ -92,10 +92,26 @@ def test_replayed_generation_is_bit_identical_to_decoding_in_full(deep_pairs, fa
             with replay.unchanged_below(int(component[1])):
                 got = generated(replay)
         assert got == expected, f"{family} {component}: replayed generation differs"  # exact
-    config = target.model.config
-    sliding = bool(getattr(config, "sliding_window", None)) or "sliding_attention" in (getattr(config, "layer_types",
-                                                                                               None) or ())
-    assert (replay.stats.replayed > 0) == (not sliding and family not in NOT_REPLAYED), replay.stats
+    assert (replay.stats.replayed > 0) == (family not in NOT_REPLAYED), replay.stats
+
+
+def test_a_window_shorter_than_the_prompt_is_not_replayed(deep_pairs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sliding window shorter than a prompt keeps only its end: keys and values taken from it could not
+    refill the cache, so nothing is recorded, every layer runs, and the tokens are the same."""
+    donor, target = deep_pairs["mistral"]
+    monkeypatch.setattr(target.model.config, "sliding_window", 3)  # the cache's window and the mask's
+    replay = LayerReplay(target.model)
+
+    def generated(p: LayerReplay | None) -> list[tuple[list[int], float]]:
+        out = decoding.generate(target.model, target.tokenizer, PROMPTS, stop=["\n"], max_new_tokens=5,
+                                batch_size=2, replay=p)
+        return [(g.tokens, g.logprob) for g in out]
+
+    with applied(target, donor, Plan.of(["L2.mlp"], alpha=0.5)):
+        expected = generated(None)
+        with replay.unchanged_below(2):
+            assert generated(replay) == expected and generated(replay) == expected
+    assert replay.stats.replayed == 0
 
 
 def test_other_batching_or_items_never_replay_the_wrong_records(deep_pairs) -> None:

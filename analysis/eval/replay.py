@@ -13,7 +13,8 @@ the batches are the same), so the layers below L are skipped there too, and thei
 recorded with the hidden state are written into the KV cache instead of placeholders (a session with
 ``kv=True``): the decoding steps, which depend on the tokens the transplanted model chose, run every
 layer over an identical cache. Bit-identical to full decoding on Llama, Qwen2, Phi-3, GPT-2 and
-GPT-NeoX; a cache that is not a plain one (Gemma-3's sliding windows) records nothing, so every layer runs.
+GPT-NeoX; a cache that is not a plain one (quantized, or a sliding window shorter than a call's tokens) records
+nothing, so every layer runs.
 
     replay = LayerReplay(target.model)
     lowest = lowest_layer([c.layer for c in units.select(layout, [c.id for c in plan.components])])
@@ -195,18 +196,22 @@ class LayerReplay:
         return hook
 
     def _kv_taker(self, index: int) -> Any:
-        """A hook keeping the keys and values layer ``index`` added to a plain KV cache in this call."""
-        from transformers.cache_utils import DynamicLayer
+        """A hook keeping the keys and values layer ``index`` added to a plain KV cache in this call — or to a
+        sliding window's, when the window still holds every one of them (given to the cache again, they are
+        then kept and cut exactly as the first time)."""
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         def hook(_module: torch.nn.Module, args: Any, kwargs: Any, _output: Any) -> None:
             cache = _find_cache(args, kwargs)
             hidden = args[0] if args else kwargs.get("hidden_states")
             layers = getattr(cache, "layers", None)
             layer = layers[index] if layers is not None and index < len(layers) else None
-            if type(layer) is not DynamicLayer or not isinstance(hidden, torch.Tensor):
-                self._captured[index] = None  # sliding windows, quantized caches: not refilled
+            t = hidden.shape[1] if isinstance(hidden, torch.Tensor) else 0
+            window = type(layer) is DynamicSlidingWindowLayer and not layer.record_past and \
+                t <= layer.sliding_window - 1  # type: ignore[union-attr]
+            if not t or (type(layer) is not DynamicLayer and not window):
+                self._captured[index] = None  # a window shorter than the tokens, quantized caches: not refilled
                 return
-            t = hidden.shape[1]
             self._captured[index] = (layer.keys[..., -t:, :].detach().clone(), layer.values[..., -t:, :].detach().clone())
 
         return hook
