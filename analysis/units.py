@@ -340,6 +340,11 @@ def layout(config: object, shapes: Mapping[str, tuple[int, ...]],
                 f"no layer 0 with a known set of attention and MLP projections (first tensors: {', '.join(names[:3])})")
         raise GraftError(f"unsupported architecture: {what}", f"graftlm supports {SUPPORTED}")
     family, prefix = found[0]
+    if getattr(config, "model_type", None) == "falcon" and (getattr(config, "multi_query", False) or
+                                                            getattr(config, "new_decoder_architecture", False)):
+        raise GraftError("unsupported architecture: Falcon's multi-query or grouped query_key_value (Falcon-7B, "
+                         "-40B, -180B) is cut another way than BLOOM's, whose names it shares",
+                         f"Falcon 3 is Llama-style and works; graftlm supports {SUPPORTED}")
     n_layers = 1 + max(int(m.group("layer")) for n in names if (m := LAYER_RE.match(n)) and m.group("prefix") == prefix)
     n_heads = int(config.num_attention_heads)  # type: ignore[attr-defined]
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)

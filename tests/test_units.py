@@ -216,13 +216,16 @@ def test_gpt2_conv1d_head_slices_are_columns(tiny_pairs) -> None:
     # with another layout: recognised by name, refused by shape, never cut as BLOOM's.
     lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
                                       new_decoder_architecture=True, vocab_size=50),
+    # Falcon-7B's multi-query [q of every head | k | v]
+    lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                                      vocab_size=50),
     # experts instead of one MLP per layer
     lambda: transformers.MixtralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=16, num_local_experts=2, vocab_size=50),
     # a config whose head count disagrees with the tensors (head_dim left out of a custom config)
     lambda: transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, head_dim=16, intermediate_size=16, vocab_size=50),
-], ids=["falcon", "mixtral", "wrong-head-dim"])
+], ids=["falcon", "falcon-7b", "mixtral", "wrong-head-dim"])
 def test_an_architecture_cut_otherwise_is_refused_in_one_line(config) -> None:
     cfg = config()
     shapes = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(cfg).named_parameters()}
@@ -232,6 +235,7 @@ def test_an_architecture_cut_otherwise_is_refused_in_one_line(config) -> None:
         units.layout(cfg, shapes)
     assert "\n" not in str(err.value)
     assert ("mixture of experts" in str(err.value)) == (cfg.model_type == "mixtral")
+    assert ("Falcon's" in str(err.value)) == (cfg.model_type == "falcon")  # named, not taken for BLOOM
 
 
 def test_a_multimodal_checkpoint_is_cut_by_its_language_model() -> None:
