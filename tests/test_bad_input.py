@@ -60,6 +60,13 @@ ROWS = [
         "not a readable GGUF file", "!config"),
     row("check-config-not-json", f"check {D} --target {{r}}/badconfig", "config.json is not valid JSON"),
     row("check-config-not-utf8", f"check {D} --target {{r}}/latin1config", "config.json is not UTF-8"),
+    row("check-quantized-target", f"check {D} --target {{r}}/gptq", "quantized checkpoint (gptq, 4 bits)",
+        "unquantized"),
+    row("transplant-quantized-donor", f"transplant --donor {{r}}/gptq {T} -c L1.mlp --out {{r}}/outs/o",
+        "quantized checkpoint"),
+    row("localize-quantized-target", f"localize {D} --target {{r}}/gptq {TASK} --method weight --out {{r}}/outs/o",
+        "quantized checkpoint"),
+    row("eval-quantized-model", "eval --model {r}/gptq --task {r}/task.yaml --out {r}/outs/o", "quantized checkpoint"),
     row("check-unknown-demo", f"check --donor demo:nope {T}", "unknown demo model 'demo:nope'"),
     row("check-missing-option", f"check {D}", "Missing option '--target'", "--help"),
     row("unknown-command", "transmogrify", "No such command 'transmogrify'"),
@@ -227,6 +234,11 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.copytree(target, r / "badconfig")
     (r / "badconfig" / "config.json").write_text('{"model_type": ')
     shutil.copytree(target, r / "latin1config")
+    # a GPTQ checkpoint as AutoGPTQ writes it: packed weights beside their scales, said in config.json
+    gptq = _small_files(target, r / "gptq")
+    config = json.loads((target / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    shutil.copy(target / "model.safetensors", gptq / "model.safetensors")
     (r / "latin1config" / "config.json").write_bytes(b'{"model_type": "llama", "name": "caf\xe9"}')
     evil = _small_files(target, r / "evil")
     (evil / "pytorch_model.bin").write_bytes(_malicious_pickle())

@@ -162,3 +162,18 @@ def test_a_model_transformer_lens_cannot_wrap_is_one_line_and_leaves_no_half_sta
     monkeypatch.setattr(TransformerBridge, "boot_transformers", real)
     with torch.no_grad():
         torch.testing.assert_close(loaded.bridge(ids), loaded.model(ids).logits)
+
+
+def test_a_model_that_needs_a_missing_package_is_one_line(llama_pair: tuple[Path, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers raises ImportError for a tokenizer or model class whose package is not installed
+    (sentencepiece, tiktoken, a quantizer): one line naming it, not a traceback."""
+    import transformers
+
+    def missing(*_: object, **__: object) -> None:
+        raise ImportError("requires the protobuf library but it was not found in your environment")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+    with pytest.raises(GraftError, match="needs a package that is not installed: requires the protobuf") as err:
+        load(llama_pair[1])
+    assert "\n" not in str(err.value)

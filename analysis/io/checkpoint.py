@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from analysis.errors import GraftError
 from analysis.io.models import LoadedModel
-from analysis.io.refs import ModelRef, resolve, weight_files
+from analysis.io.refs import ModelRef, refuse_quantized, resolve, weight_files
 from analysis.io.safetensors import TensorInfo, read_headers, st_dtype, torch_dtype
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Checkpoint:
     def open(cls, ref: str | os.PathLike[str] | ModelRef, *, allow_pickle: bool = False,
              trust_remote_code: bool = False) -> Checkpoint:
         mref = resolve(ref)
+        refuse_quantized(mref)  # before its headers: an FP8 tensor would be "an unsupported dtype" otherwise
         files = weight_files(mref)
         if files:
             return cls(mref, read_headers(mref.text, files), None)

@@ -347,6 +347,9 @@ def load(
         if mref.kind != "gguf":
             raise
         raise gguf_unreadable(mref, err) from err
+    except ImportError as err:  # a tokenizer or model class that needs a package this environment lacks
+        raise GraftError(f"loading {mref.text} needs a package that is not installed: {str(err).splitlines()[0]}",
+                         "install it in this environment") from err
     if device_map is None:
         model.to(device)
     model.eval()

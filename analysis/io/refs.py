@@ -223,8 +223,26 @@ def load_config(ref: str | os.PathLike[str] | ModelRef, *, trust_remote_code: bo
     return ModelConfig(**data)
 
 
+def refuse_quantized(mref: ModelRef) -> None:
+    """Refuse a checkpoint its config says is quantized (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, …):
+    its weights are packed or scaled, so a head cut from them or a blend of them is other weights, silently.
+    (A GGUF file is dequantized as it loads.)"""
+    if mref.path is None or mref.kind == "gguf" or not (mref.path / "config.json").is_file():
+        return
+    quant = read_config_json(mref.path / "config.json").get("quantization_config")
+    if not isinstance(quant, dict):
+        return
+    method = str(quant.get("quant_method") or quant.get("format") or "unknown method")
+    bits = quant.get("bits") or ("4" if quant.get("load_in_4bit") else "8" if quant.get("load_in_8bit") else None)
+    raise GraftError(f"{mref.text} is a quantized checkpoint ({method}{f', {bits} bits' if bits else ''}): its weights "
+                     "are stored packed or scaled, and cutting or blending those bytes would give other weights",
+                     "use the unquantized release it was made from (or load it, dequantize() it and save it in "
+                     "bfloat16), and quantize the transplanted model afterwards")
+
+
 def check_architecture(mref: ModelRef, trust_remote_code: bool) -> None:
-    """Refuse custom modelling code unless asked: it would run arbitrary Python."""
+    """Refuse custom modelling code unless asked (it would run arbitrary Python), and quantized weights."""
+    refuse_quantized(mref)
     if mref.path is None or mref.kind == "gguf" or trust_remote_code:
         return
     config = read_config_json(mref.path / "config.json")
