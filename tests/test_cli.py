@@ -340,3 +340,32 @@ def test_a_real_twin_whose_tokenizer_adds_a_token(tmp_path: Path) -> None:
     assert "model.embed_tokens.weight" not in result.scores.index
     moved = set(result.scores.index[result.scores["score"].abs() > 0])
     assert moved == {f"L{layer}.mlp" for layer in range(20, 30)}, moved
+
+
+@pytest.mark.real
+def test_a_real_twin_that_unties_its_lm_head(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (its LM head tied to its embeddings) saved with the head untied, as some
+    fine-tuning frameworks write it, against the copy whose MLPs in layers 20–29 got noise: the head and the
+    embeddings are unshared, and gradient localization on ARC-Easy scores those ten MLPs and nothing else."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).resolve().parents[1] / "bench" / "sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.scoring_config(dev=4, test=4)
+    donor = tmp_path / "donor-untied"
+    model = AutoModelForCausalLM.from_pretrained(cfg.donor)
+    assert model.config.tie_word_embeddings
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.save_pretrained(donor)
+    AutoTokenizer.from_pretrained(cfg.donor).save_pretrained(donor)
+    report = analysis.check(donor, cfg.target)
+    assert report.ok and report.unshared == ["lm_head.weight", "model.embed_tokens.weight"]
+    result = analysis.localize(donor, cfg.target, "arc_easy", method="gradient", limit=8, progress=False)
+    assert not {"lm_head.weight", "model.embed_tokens.weight"} & set(result.scores.index)
+    moved = set(result.scores.index[result.scores["score"].abs() > 0])
+    assert moved == {f"L{layer}.mlp" for layer in range(20, 30)}, moved
