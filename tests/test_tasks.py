@@ -160,6 +160,13 @@ def test_chat_template(tmp_path: Path) -> None:
     ('{"prompt": "q", "answer": "1", "split": "tset"}\n', ":1", "unknown split 'tset'"),
     ('{"id": "x", "prompt": "q", "answer": "1"}\n{"id": "x", "prompt": "r", "answer": "2"}\n', ":2", "duplicate id"),
     ("[1, 2]\n", ":1", "expected a JSON object"),
+    # a dataset's own field names: the fix names the mapping, nothing is guessed
+    ('{"question": "2+2=", "answer": "4"}\n', ":1", "missing field 'prompt' (a generate item needs prompt, answer); "
+     "it has 'question' — map it in a task YAML: fields: {prompt: question}"),
+    ('{"prompt": "2+2=", "completion": "4"}\n', ":1", "it has 'completion' — map it in a task YAML: fields: "
+     "{answer: completion}"),
+    # a letter that is also another choice's text: two readings, refused
+    ('{"prompt": "q", "choices": ["B", "A"], "answer": "B"}\n', ":1", "say one choice; got 'B'"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path: Path, content: str, where: str, words: str) -> None:
     path = tmp_path / "bad.jsonl"
@@ -168,6 +175,22 @@ def test_bad_jsonl_names_file_and_line(tmp_path: Path, content: str, where: str,
         tasks.load(path)
     message = str(err.value)
     assert message.startswith(f"{path}{where}:") and words in message and "\n" not in message
+
+
+def test_a_choice_answer_may_be_a_letter_a_label_or_the_choice(tmp_path: Path) -> None:
+    """MMLU keeps an index, ARC a label ("B", or "3" beside labels 1–4), other sets a letter or the choice's
+    text: each names the same choice."""
+    rows = [{"id": "index", "prompt": "q", "choices": ["w", "x", "y", "z"], "answer": 2},
+            {"id": "digits", "prompt": "q", "choices": ["w", "x", "y", "z"], "answer": "2"},
+            {"id": "letter", "prompt": "q", "choices": ["w", "x", "y", "z"], "answer": "C"},
+            {"id": "text", "prompt": "q", "choices": ["w", "x", "y", "z"], "answer": "y"},
+            {"id": "arc", "prompt": "q", "choices": {"text": ["w", "x", "y", "z"], "label": ["A", "B", "C", "D"]},
+             "answer": "C"},
+            {"id": "arc-digits", "prompt": "q", "choices": {"text": ["w", "x", "y", "z"], "label": ["1", "2", "3", "4"]},
+             "answer": "3"}]
+    write(tmp_path / "mc.jsonl", rows)
+    items = tasks.load(tmp_path / "mc.jsonl").items()
+    assert {it.id: it.fields["answer"] for it in items} == dict.fromkeys((r["id"] for r in rows), 2)
 
 
 @pytest.mark.parametrize(("yaml_text", "words"), [

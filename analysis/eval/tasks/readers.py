@@ -101,21 +101,18 @@ def make_item(record: Mapping[str, Any], *, kind: str, where: str, index: int,
     for key in need:
         if key not in fields or fields[key] is None:
             src = rename.get(key, key)
-            raise GraftError(f"{where}: missing field {src!r} (a {kind} item needs {', '.join(need)})",
-                             f"add {src!r} to the item")
+            alias = next((a for a in ALIASES.get(key, ()) if a in record and key not in rename), None)
+            fix = f"map it in a task YAML: fields: {{{key}: {alias}}}" if alias else f"add {src!r} to the item"
+            raise GraftError(f"{where}: missing field {src!r} (a {kind} item needs {', '.join(need)})"
+                             + (f"; it has {alias!r}" if alias else ""), fix)
     if kind == "choice":
-        choices = fields["choices"]
+        choices, labels = fields["choices"], None
         if isinstance(choices, Mapping) and "text" in choices:  # HF ARC-style {"text": [...], "label": [...]}
+            labels = [str(label) for label in choices.get("label") or []] or None
             choices = fields["choices"] = list(choices["text"])
         if not isinstance(choices, list) or len(choices) < 2:
             raise GraftError(f"{where}: 'choices' must be a list of at least 2 strings", "fix the item")
-        answer = fields["answer"]
-        if isinstance(answer, str) and answer.strip().lstrip("-").isdigit():
-            answer = int(answer)
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise GraftError(f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), "
-                             f"got {fields['answer']!r}", "give the correct choice's index")
-        fields["answer"] = answer
+        fields["answer"] = choice_index(fields["answer"], choices, labels, where)
     if kind == "generate" and isinstance(fields["answer"], list | dict):
         raise GraftError(f"{where}: 'answer' must be a string or a number", "fix the item")
     item_split = split
@@ -125,6 +122,36 @@ def make_item(record: Mapping[str, Any], *, kind: str, where: str, index: int,
             raise GraftError(f"{where}: unknown split {item_split!r}", f"use one of {', '.join(SPLITS)}")
     item_id = str(fields.get("id", index))
     return Item(id=item_id, fields=fields, split=item_split, where=where)
+
+
+# Where datasets keep what graftlm calls prompt, answer and choices (GSM8K, ARC, MMLU, BIG-bench, chat
+# exports): named in the error's fix, never taken silently — a wrong guess would score the wrong text.
+ALIASES = {"prompt": ("question", "input", "query", "problem", "instruction"),
+           "answer": ("answerKey", "label", "target", "completion", "output", "solution", "gold"),
+           "choices": ("options", "endings")}
+
+
+def choice_index(answer: Any, choices: list[Any], labels: list[str] | None, where: str) -> int:
+    """The correct choice's index from what datasets store: the index (or its digits), the choice's label
+    (ARC's answerKey "B" or "2" beside its labels), a letter A, B, … in order, or the choice's own text —
+    refused when two of these readings disagree."""
+    readings: set[int] = set()
+    if isinstance(answer, str) and answer.strip().lstrip("-").isdigit() and labels is None:
+        answer = int(answer)
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        readings.add(answer)
+    elif isinstance(answer, str):
+        key = answer.strip()
+        if labels is not None and key in labels:
+            readings.add(labels.index(key))
+        elif len(key) == 1 and "A" <= key <= "Z" and labels is None:
+            readings.add(ord(key) - ord("A"))
+        if key in [str(c).strip() for c in choices] and labels is None:
+            readings.add([str(c).strip() for c in choices].index(key))
+    if len(readings) != 1 or not 0 <= (index := readings.pop()) < len(choices):
+        raise GraftError(f"{where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), a letter, a label "
+                         f"or a choice's text, and say one choice; got {answer!r}", "give the correct choice's index")
+    return index
 
 
 def check_unique(items: Iterable[Item]) -> None:
