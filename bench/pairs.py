@@ -88,7 +88,7 @@ class Base:
     """A model trained from scratch once and shared by several pairs."""
 
     name: str
-    arch: str  # "llama" | "gpt2" | "neox" | "phi3"
+    arch: str  # "llama" | "gpt2" | "neox" | "phi3" | "olmo2"
     recipe: Recipe  # sizes, seed, batch and the one training phase (parent None)
     held_seed: int  # seed of the held-out problems (data.held_out): every pair on this base uses them
 
@@ -156,6 +156,10 @@ BASES = {
     # Phi-3 (q/k/v in one projection, gate and up in another), 6 query heads of dim 16 in 2 KV groups.
     "phi3": _base("phi3", "phi3", 25, dict(hidden=96, layers=4, heads=6, kv_heads=2, intermediate=384),
                   {"arith:plain": 0.45, "reverse:plain": 0.3, "text": 0.25}),
+    # OLMo 2 (queries and keys normalized over every head at once, norms after attention and MLP), 6 query
+    # heads of dim 16 in 3 KV groups.
+    "olmo2": _base("olmo2", "olmo2", 26, dict(hidden=96, layers=4, heads=6, kv_heads=3, intermediate=384),
+                   {"arith:plain": 0.45, "reverse:plain": 0.3, "text": 0.25}),
 }
 
 # Continued training without reversal. The Llama 4's mix adds nothing new, so reversal fades slowly (dev:
@@ -229,6 +233,15 @@ PAIRS: dict[str, PairSpec] = {p.name: p for p in (
              "a Phi-3 with layers 0 and 3 of 4 rounded to 2 bits: damage at both ends",
              BASES["phi3"], "quantize", TaskSpec("reverse"),
              quant=Quant(bits=2, layers=(0, 3))),
+    # Added in session 12 with the heads-share-a-norm family: a head is a unit of weight there, not of activation.
+    PairSpec("olmo2-forget-long",
+             "an OLMo 2 trained 600 more steps without reversal: forgotten, the damage spread",
+             BASES["olmo2"], "forget", TaskSpec("reverse"),
+             phase=_phase("olmo2-forget-long", "olmo2", FORGET_QUIET, 600, 38)),
+    PairSpec("olmo2-quant",
+             "an OLMo 2 with layer 1 of 4 rounded to 2 bits: damage in one layer",
+             BASES["olmo2"], "quantize", TaskSpec("reverse"),
+             quant=Quant(bits=2, layers=(1,))),
 )}
 
 
@@ -297,6 +310,14 @@ def new_model(base: Base, tok):  # -> PreTrainedModel
             vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
             intermediate_size=r.intermediate, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128,
             hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **ids))
+    if base.arch == "olmo2":  # Llama's projections; queries and keys normalized over all heads at once
+        from transformers import Olmo2Config, Olmo2ForCausalLM
+
+        torch.manual_seed(r.seed)
+        return Olmo2ForCausalLM(Olmo2Config(
+            vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+            num_key_value_heads=r.kv_heads, intermediate_size=r.intermediate, max_position_embeddings=128,
+            attention_dropout=0.0, tie_word_embeddings=False, **ids))
     if base.arch == "phi3":  # q/k/v fused one after another, gate and up fused; grouped KV heads
         torch.manual_seed(r.seed)
         return Phi3ForCausalLM(Phi3Config(
@@ -388,7 +409,7 @@ def rtn(weight: torch.Tensor, bits: int, out_dim: int) -> torch.Tensor:
 
 def quantized_weights(arch: str, layers: tuple[int, ...]) -> dict[str, int]:
     """Parameter name -> output axis, for every attention and MLP linear weight of ``layers``."""
-    if arch == "llama":
+    if arch in ("llama", "olmo2"):
         names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
         return {f"model.layers.{i}.{n}.weight": 0 for i in layers for n in names}  # nn.Linear: (out, in)

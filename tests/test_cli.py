@@ -313,20 +313,25 @@ def test_check_says_when_the_heads_share_one_norm(tmp_path: Path, capsys) -> Non
         assert code == 0 and (SHARED_NORM[:40] in " ".join(out.split())) == noted, out
 
 
+def smollm2_scoring_pair():  # -> SweepConfig
+    """bench/sweep.py's real pair: SmolLM2-135M-Instruct and its copy with noise in the MLPs of layers 20–29."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).resolve().parents[1] / "bench" / "sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.scoring_config(dev=4, test=4)
+
+
 @pytest.mark.real
 def test_a_real_twin_whose_tokenizer_adds_a_token(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct's real BPE tokenizer with a pad token added and the embeddings resized (as before
     a fine-tune), against the copy whose MLPs in layers 20–29 got noise: the tokenizers are compatible, the
     embeddings are the one unshared tensor, and gradient localization on ARC-Easy scores those ten MLPs and
     nothing else that the pair shares."""
-    import importlib.util
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).resolve().parents[1] / "bench" / "sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = bench.scoring_config(dev=4, test=4)
+    cfg = smollm2_scoring_pair()
     donor = tmp_path / "donor-with-pad"
     tok = AutoTokenizer.from_pretrained(cfg.donor)
     model = AutoModelForCausalLM.from_pretrained(cfg.donor)
@@ -347,15 +352,10 @@ def test_a_real_twin_that_unties_its_lm_head(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct (its LM head tied to its embeddings) saved with the head untied, as some
     fine-tuning frameworks write it, against the copy whose MLPs in layers 20–29 got noise: the head and the
     embeddings are unshared, and gradient localization on ARC-Easy scores those ten MLPs and nothing else."""
-    import importlib.util
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).resolve().parents[1] / "bench" / "sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = bench.scoring_config(dev=4, test=4)
+    cfg = smollm2_scoring_pair()
     donor = tmp_path / "donor-untied"
     model = AutoModelForCausalLM.from_pretrained(cfg.donor)
     assert model.config.tie_word_embeddings
