@@ -187,7 +187,9 @@ def test_a_choice_answer_may_be_a_letter_a_label_or_the_choice(tmp_path: Path) -
             {"id": "arc", "prompt": "q", "choices": {"text": ["w", "x", "y", "z"], "label": ["A", "B", "C", "D"]},
              "answer": "C"},
             {"id": "arc-digits", "prompt": "q", "choices": {"text": ["w", "x", "y", "z"], "label": ["1", "2", "3", "4"]},
-             "answer": "3"}]
+             "answer": "3"},
+            {"id": "arc-index", "prompt": "q", "choices": {"text": ["w", "x", "y", "z"], "label": ["A", "B", "C", "D"]},
+             "answer": "2"}]
     write(tmp_path / "mc.jsonl", rows)
     items = tasks.load(tmp_path / "mc.jsonl").items()
     assert {it.id: it.fields["answer"] for it in items} == dict.fromkeys((r["id"] for r in rows), 2)

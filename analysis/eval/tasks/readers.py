@@ -144,6 +144,8 @@ def choice_index(answer: Any, choices: list[Any], labels: list[str] | None, wher
         key = answer.strip()
         if labels is not None and key in labels:
             readings.add(labels.index(key))
+        elif labels is not None and key.lstrip("-").isdigit():  # digits that are no label: an index, as before
+            readings.add(int(key))
         elif len(key) == 1 and "A" <= key <= "Z" and labels is None:
             readings.add(ord(key) - ord("A"))
         if key in [str(c).strip() for c in choices] and labels is None:
