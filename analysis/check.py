@@ -89,10 +89,7 @@ def check(donor: str | Path | Checkpoint, target: str | Path | Checkpoint, *, al
     except GraftError as err:
         problems.append(f"donor: {err}")
     matching = units.match(dck.shapes(), tck.shapes(), lay)
-    # the vocabulary's tensors: of two sizes when one tokenizer extends the other's, and an LM head only
-    # one model unties from its embeddings (whatever the tokenizers: told apart below)
-    unshared = (units.vocabulary_only(matching.mismatched) if alike else []) or \
-        units.tied_head(matching.mismatched, dck.shapes(), tck.shapes())
+    unshared = units.unshared_vocabulary(matching.mismatched, dck.shapes(), tck.shapes(), tokenizers_alike=alike)
     shape_problems = [m for m in matching.mismatched if m[0] not in unshared]
     if shape_problems:
         name, d, t = shape_problems[0]

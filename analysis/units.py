@@ -592,13 +592,14 @@ def tied_head(mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...
 
 
 def unshared_vocabulary(mismatched: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]],
-                        donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]]
-                        ) -> list[str]:
+                        donor_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]],
+                        tokenizers_alike: bool = True) -> list[str]:
     """The vocabulary's tensors that are not the same thing in the two models (:attr:`Layout.unshared`):
     those of two sizes (:func:`vocabulary_only`: one tokenizer adds tokens, or its embeddings are padded —
-    to be allowed only when the tokenizers agree) or an LM head tied in one model only (:func:`tied_head`);
-    none when something else differs."""
-    return vocabulary_only(mismatched) or tied_head(mismatched, donor_shapes, target_shapes)
+    only where ``tokenizers_alike``) or an LM head tied in one model only (:func:`tied_head`, whatever the
+    tokenizers); none when something else differs."""
+    return (vocabulary_only(mismatched) if tokenizers_alike else []) or tied_head(mismatched, donor_shapes,
+                                                                                  target_shapes)
 
 
 def _natural(name: str) -> list[object]:
