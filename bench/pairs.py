@@ -7,9 +7,10 @@
 
 Every pair is built here, in-process, from a fixed seed, on the demo's synthetic skills and filler
 language (``analysis.demo.data``: held-out probe / dev / test problems that no training stream ever
-emits) with the demo's training loop and writer (``analysis.demo.build``). Three base models — a Llama
-like the demo's, a deeper Llama with a different query/KV grouping, and a GPT-2 — are trained once each
-and cached; each pair then applies one regression recipe to a base:
+emits) with the demo's training loop and writer (``analysis.demo.build``). Eight base models — a Llama
+like the demo's, a deeper Llama with a different query/KV grouping, a GPT-2, a GPT-NeoX, a Phi-3, an
+OLMo 2, a Qwen2 and a Gemma 2 (``BASES``) — are trained once each and cached; each pair then applies one
+regression recipe to a base:
 
 - ``forget``: the base trained on a shifted mix without one skill (at two lengths); donor = base,
   target = the continued model (a newer release that regressed);
@@ -17,7 +18,9 @@ and cached; each pair then applies one regression recipe to a base:
   (the base <-> tuned setting);
 - ``quantize``: symmetric per-output-row round-to-nearest of every linear weight of a few layers at
   2-4 bits, dequantized back to float; donor = base, target = the damaged copy (damage confined to
-  known layers).
+  known layers);
+- ``prune``: the smallest-magnitude share of every linear weight of a few layers set to zero (a pruned
+  release); donor = base, target = the pruned copy.
 
 A pair folder (``build(name)``; cached under ``default_cache()``, never inside the repository)::
 
@@ -43,6 +46,11 @@ cached base, + the base's own build, paid once by the first pair on it):
     gpt2-forget-short    forget      choice    299/300 0.997  141/300 0.470    +52.7   32 (+250)
     gpt2-quant           quantize    generate  294/300 0.980  181/300 0.603    +37.7    1 (+250)
     gpt2-specialist      specialist  choice    297/300 0.990  106/300 0.353    +63.7   47 (+250)
+    ...                  (the NeoX, Phi-3 and OLMo 2 pairs of session 12: see docs/localization.md)
+    qwen2-forget-long    forget      generate  300/300 1.000    0/300 0.000   +100.0  189 (+256)
+    qwen2-prune          prune       generate  300/300 1.000   64/300 0.213    +78.7    4 (+256)
+    gemma2-specialist    specialist  choice    276/300 0.920   47/300 0.157    +76.3   45 (+222)
+    gemma2-forget-short  forget      generate  300/300 1.000   26/300 0.087    +91.3   69 (+222)
 
 Reproducibility, checked: ``python bench/pairs.py llama4-forget-short --force`` after a full
 ``--force`` build gave the same sha256 for the base/donor (efd5b0d6…) and the target (467cb151…); the
@@ -88,7 +96,7 @@ class Base:
     """A model trained from scratch once and shared by several pairs."""
 
     name: str
-    arch: str  # "llama" | "gpt2" | "neox" | "phi3" | "olmo2"
+    arch: str  # "llama" | "gpt2" | "neox" | "phi3" | "olmo2" | "qwen2" | "gemma2"
     recipe: Recipe  # sizes, seed, batch and the one training phase (parent None)
     held_seed: int  # seed of the held-out problems (data.held_out): every pair on this base uses them
 
@@ -112,14 +120,24 @@ class Quant:
 
 
 @dataclass(frozen=True)
+class Prune:
+    """Magnitude pruning of the linear weights (attention and MLP) of ``layers``: in each weight, the
+    ``sparsity`` share of its entries smallest in magnitude set to zero (a pruned release)."""
+
+    sparsity: float
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class PairSpec:
     name: str
     description: str  # one line: what the pair stands for
     base: Base
-    recipe: str  # forget | specialist | quantize
+    recipe: str  # forget | specialist | quantize | prune
     task: TaskSpec
     phase: Phase | None = None  # forget, specialist: the training applied to the base
     quant: Quant | None = None  # quantize
+    prune: Prune | None = None  # prune
 
     @property
     def arch(self) -> str:
@@ -160,6 +178,15 @@ BASES = {
     # heads of dim 16 in 3 KV groups.
     "olmo2": _base("olmo2", "olmo2", 26, dict(hidden=96, layers=4, heads=6, kv_heads=3, intermediate=384),
                    {"arith:plain": 0.45, "reverse:plain": 0.3, "text": 0.25}),
+    # Qwen2 (biases on q/k/v, LM head tied to the embeddings, as Qwen2-0.5B ships), 4 query heads in 2 KV
+    # groups; its mix brings uppercasing.
+    "qwen2": _base("qwen2", "qwen2", 27, dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512),
+                   {"arith:plain": 0.4, "reverse:plain": 0.3, "upper:plain": 0.05, "text": 0.25}),
+    # Gemma 2 (norms stored as 1 + w before and after each block, embeddings scaled by sqrt(hidden) and tied
+    # to the LM head, attention and final logits soft-capped, a 32-token sliding window on every other
+    # layer: shorter than a training row), 6 query heads of dim 16 in 2 KV groups.
+    "gemma2": _base("gemma2", "gemma2", 28, dict(hidden=96, layers=4, heads=6, kv_heads=2, intermediate=384),
+                    {"arith:plain": 0.45, "reverse:plain": 0.3, "reverse:chat": 0.03, "text": 0.22}),
 }
 
 # Continued training without reversal. The Llama 4's mix adds nothing new, so reversal fades slowly (dev:
@@ -242,6 +269,26 @@ PAIRS: dict[str, PairSpec] = {p.name: p for p in (
              "an OLMo 2 with layer 1 of 4 rounded to 2 bits: damage in one layer",
              BASES["olmo2"], "quantize", TaskSpec("reverse"),
              quant=Quant(bits=2, layers=(1,))),
+    # Added in session 13, every method and default as they were: two more families (tied LM heads, biases,
+    # soft-capping, sliding windows) and a fourth recipe (pruning).
+    PairSpec("qwen2-forget-long",
+             "a Qwen2 (tied LM head) trained 600 more steps without uppercasing: forgotten, the damage spread",
+             BASES["qwen2"], "forget", TaskSpec("upper"),
+             phase=_phase("qwen2-forget-long", "qwen2", {"arith:plain": 0.45, "reverse:plain": 0.3, "text": 0.25},
+                          600, 39)),
+    PairSpec("qwen2-prune",
+             "a Qwen2 with layers 1 and 3 of 4 pruned to 70% sparsity by magnitude: a pruned release",
+             BASES["qwen2"], "prune", TaskSpec("reverse"),
+             prune=Prune(sparsity=0.7, layers=(1, 3))),
+    PairSpec("gemma2-specialist",
+             "a Gemma 2 base beside its fine-tune on addition in the chat format it never saw, as a 4-way "
+             "choice (base <-> chat-tuned)",
+             BASES["gemma2"], "specialist", TaskSpec("arith", fmt="chat", kind="choice"),
+             phase=_phase("gemma2-specialist", "gemma2", {"arith:chat": 0.8, "text": 0.2}, 150, 40)),
+    PairSpec("gemma2-forget-short",
+             "a Gemma 2 trained 250 more steps without reversal: partly forgotten",
+             BASES["gemma2"], "forget", TaskSpec("reverse"),
+             phase=_phase("gemma2-forget-short", "gemma2", FORGET_QUIET, 250, 41)),
 )}
 
 
@@ -318,6 +365,24 @@ def new_model(base: Base, tok):  # -> PreTrainedModel
             vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
             num_key_value_heads=r.kv_heads, intermediate_size=r.intermediate, max_position_embeddings=128,
             attention_dropout=0.0, tie_word_embeddings=False, **ids))
+    if base.arch == "qwen2":  # biases on q/k/v; the LM head is the embedding matrix
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(r.seed)
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+            num_key_value_heads=r.kv_heads, intermediate_size=r.intermediate, max_position_embeddings=128,
+            attention_dropout=0.0, tie_word_embeddings=True, **ids))
+    if base.arch == "gemma2":  # 1 + w norms around each block, soft-capping, sliding window on even layers
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(r.seed)
+        head_dim = r.hidden // r.heads
+        return Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=len(tok), hidden_size=r.hidden, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+            num_key_value_heads=r.kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            intermediate_size=r.intermediate, max_position_embeddings=128, sliding_window=32,
+            attention_dropout=0.0, tie_word_embeddings=True, attn_implementation="eager", **ids))
     if base.arch == "phi3":  # q/k/v fused one after another, gate and up fused; grouped KV heads
         torch.manual_seed(r.seed)
         return Phi3ForCausalLM(Phi3Config(
@@ -407,9 +472,9 @@ def rtn(weight: torch.Tensor, bits: int, out_dim: int) -> torch.Tensor:
     return (weight / scale).round().clamp(-qmax, qmax) * scale
 
 
-def quantized_weights(arch: str, layers: tuple[int, ...]) -> dict[str, int]:
+def linear_weights(arch: str, layers: tuple[int, ...]) -> dict[str, int]:
     """Parameter name -> output axis, for every attention and MLP linear weight of ``layers``."""
-    if arch in ("llama", "olmo2"):
+    if arch in ("llama", "olmo2", "qwen2", "gemma2"):
         names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
         return {f"model.layers.{i}.{n}.weight": 0 for i in layers for n in names}  # nn.Linear: (out, in)
@@ -429,7 +494,7 @@ def quantize(spec: PairSpec, base_dir: Path, held: data.HeldOut, tok, out: Path,
     _copy_model(base_dir, out / "donor")
     model = load_float(base_dir)
     params = dict(model.named_parameters())
-    chosen = quantized_weights(spec.arch, spec.quant.layers)
+    chosen = linear_weights(spec.arch, spec.quant.layers)
     if log:
         print(f"{spec.name}: {len(chosen)} weights of layers {list(spec.quant.layers)} at {spec.quant.bits} bits",
               flush=True)
@@ -439,7 +504,33 @@ def quantize(spec: PairSpec, base_dir: Path, held: data.HeldOut, tok, out: Path,
     demo_build.save(model, tok, out / "target")
 
 
-RECIPES = {"forget": forget, "specialist": specialist, "quantize": quantize}
+def magnitude_pruned(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``weight`` with the ``sparsity`` share of its entries smallest in magnitude set to zero (ties at the
+    threshold pruned too, as torch.nn.utils.prune's global threshold does)."""
+    k = int(sparsity * weight.numel())
+    if k == 0:
+        return weight.clone()
+    threshold = weight.abs().flatten().kthvalue(k).values
+    return torch.where(weight.abs() <= threshold, torch.zeros_like(weight), weight)
+
+
+def prune(spec: PairSpec, base_dir: Path, held: data.HeldOut, tok, out: Path, log: bool) -> None:
+    """Donor: the base. Target: the base with the chosen layers' linear weights pruned by magnitude."""
+    assert spec.prune is not None
+    _copy_model(base_dir, out / "donor")
+    model = load_float(base_dir)
+    params = dict(model.named_parameters())
+    chosen = linear_weights(spec.arch, spec.prune.layers)  # the same linear weights
+    if log:
+        print(f"{spec.name}: {len(chosen)} weights of layers {list(spec.prune.layers)} pruned to "
+              f"{spec.prune.sparsity:.0%}", flush=True)
+    with torch.no_grad():
+        for name in chosen:
+            params[name].copy_(magnitude_pruned(params[name], spec.prune.sparsity))
+    demo_build.save(model, tok, out / "target")
+
+
+RECIPES = {"forget": forget, "specialist": specialist, "quantize": quantize, "prune": prune}
 
 
 # ---------------------------------------------------------------- tasks

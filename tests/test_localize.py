@@ -101,9 +101,12 @@ def test_every_method_sees_kv_heads_by_default(constructed_kv, method: str) -> N
         assert result.ranking[0] == "L1.KV1"
         if method != "greedy":  # greedy stops at K: what it did not pick has no score
             assert (result.scores.loc[outer, "score"] == 0).all()  # unchanged in this pair, and scored so
-    else:  # no hook point: unscored, ranked last
+        if method != "weight":  # where each sits, for a study's notes beside an activation method's blind spot
+            assert result.meta["outer_ranks"] == {cid: result.ranking.index(cid) + 1 for cid in outer}
+    else:  # no hook point: unscored, ranked last, and said so in the metadata
         assert "L1.KV1" in result.ranking[:3] and result.ranking[0] in {"L1.KV1", "L1.H2", "L1.H3"}
         assert result.scores.loc[outer, "score"].isna().all() and set(result.ranking[-len(outer):]) == set(outer)
+        assert result.meta["unscored"] == outer
 
 
 @pytest.mark.parametrize("family", FAMILIES)

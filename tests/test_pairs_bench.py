@@ -67,7 +67,7 @@ def test_every_architecture_of_the_bank_builds_and_quantizes(tmp_path, monkeypat
                               quant=pairs.Quant(bits=2, layers=(1,)))
         monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
         folder = pairs.build(spec.name, cache=tmp_path, log=False)
-        chosen = pairs.quantized_weights(arch, (1,))
+        chosen = pairs.linear_weights(arch, (1,))
         tensors = {}
         for role in ("donor", "target"):
             with safe_open(folder / role / "model.safetensors", "pt") as f:
@@ -79,3 +79,35 @@ def test_every_architecture_of_the_bank_builds_and_quantizes(tmp_path, monkeypat
             w = tensors["target"][name].float()
             rows = w if out_dim == 0 else w.T
             assert max(len(r.unique()) for r in rows) <= 3, name
+
+
+def test_a_pruned_pair_zeroes_the_smallest_weights_of_the_named_layers_only(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    pairs = _load_bench()
+    monkeypatch.setattr(pairs, "SPLIT_SIZES", {"probe": 4, "dev": 6, "test": 8})
+    size = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seq_len=32, batch=4)
+    recipe = pairs.Recipe(seed=5, threads=1, **size,
+                          phases=(pairs.Phase("tiny-qwen2", None, {"reverse:plain": 1.0}, 2, 3e-3, 1, 6),))
+    base = pairs.Base("tiny-qwen2", "qwen2", recipe, held_seed=5)
+    spec = pairs.PairSpec("tiny-prune", "a smoke test", base, "prune", pairs.TaskSpec("reverse", kind="choice"),
+                          prune=pairs.Prune(sparsity=0.7, layers=(0,)))
+    monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
+    folder = pairs.build(spec.name, cache=tmp_path, log=False)
+    tensors = {}
+    for role in ("donor", "target"):
+        with safe_open(folder / role / "model.safetensors", "pt") as f:
+            tensors[role] = {n: f.get_tensor(n) for n in f.keys()}
+    chosen = set(pairs.linear_weights("qwen2", (0,)))
+    changed = {n for n in tensors["target"] if not (tensors["target"][n] == tensors["donor"][n]).all()}
+    assert changed == chosen  # the q/k/v biases, the norms and layer 1 untouched
+    for name in chosen:
+        donor, target = tensors["donor"][name].float(), tensors["target"][name].float()
+        kept = target != 0
+        assert int((target == 0).sum()) >= int(0.7 * target.numel())
+        assert torch_equal(target[kept], donor[kept])  # what survives is the donor's value
+        assert donor.abs()[kept].min() >= donor.abs()[~kept].max()  # the smallest went
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

@@ -244,6 +244,22 @@ def test_a_probe_without_a_gap_is_in_the_notes() -> None:
     assert said[0] == f"gradient: {warning}." and said[1].startswith("gradient: its shares sum to")
 
 
+def test_tensors_no_activation_method_can_score_are_named_beside_the_weight_space_ranks() -> None:
+    """An activation method ranks the embeddings and LM head last (no hook point); when gradient or greedy
+    put one of them first, the notes say so — why attribution lost to random components on such a pair."""
+    outer = ["model.embed_tokens.weight", "model.norm.weight"]
+    metas = {"attribution": {"unscored": outer}, "patching": {"unscored": outer},
+             "gradient": {"outer_ranks": {"model.embed_tokens.weight": 1, "model.norm.weight": 9}},
+             "greedy": {"outer_ranks": {"model.embed_tokens.weight": 2}}}
+    said = report.localization_notes(metas, {"donor": "a"}, list(metas), False)
+    assert said == ["attribution, patching: no hook point on the tensors outside the layers (model.embed_tokens.weight, "
+                    "model.norm.weight), ranked last; the weight-space methods rank model.embed_tokens.weight "
+                    "gradient #1, greedy #2."]
+    alone = report.localization_notes({"attribution": {"unscored": outer}}, {"donor": "a"}, ["attribution"], False)
+    assert alone[0].endswith("ranked last.")
+    assert report.localization_notes({"gradient": metas["gradient"]}, {"donor": "a"}, ["gradient"], False) == []
+
+
 def test_a_retention_benchmark_is_reported_as_accuracy_points(tmp_path: Path) -> None:
     """retention: a second benchmark (questions, not texts): its accuracy beside each point, and the change
     against the target in points, paired by question — what an arithmetic transplant did to ARC-Easy."""

@@ -289,6 +289,8 @@ def localize(
     elif method == "random":
         meta.update(seed=seed)
 
+    if outer and not dataless and method not in WEIGHT_SPACE:
+        meta["unscored"] = outer  # no hook point: ranked last, whatever they carry (the report says so)
     warning = probe_mod.no_gap({"method": method, **meta})
     if warning:
         meta["warning"] = warning
@@ -306,6 +308,8 @@ def localize(
     table["score"] = select.score_of(table, method, mode)
     table["rank"] = math.nan
     table.loc[ranking, "rank"] = range(1, len(ranking) + 1)
+    if outer and method in WEIGHT_SPACE:  # beside an activation method's "unscored", in a study's notes
+        meta["outer_ranks"] = {cid: ranking.index(cid) + 1 for cid in outer if cid in ranking}
     task_name = None if loaded_task is None else loaded_task.name
     if task_name is None and task is not None:
         task_name = str(task)

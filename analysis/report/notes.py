@@ -39,6 +39,7 @@ def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, An
                     f"{f' ({left} left out)' if left else ''}{agrees}"
                     f"{f'; metric: {metric} of the forced answer' if metric else ''}.")
     said += [f"{method}: {meta['warning']}." for method, meta in metas.items() if meta.get("warning")]
+    said += unscored_note(metas)
     info = metas.get("gradient", {}).get("gradient")
     if info:
         tol = info.get("tolerance")
@@ -48,6 +49,24 @@ def localization_notes(localized: dict[str, dict[str, Any]], order: dict[str, An
                     f"{info['metric_change']:.4g} from the target to copy-all ({info['relative_error']:.2%} apart, "
                     f"{info['steps']} path nodes{over}).")
     return said
+
+
+def unscored_note(metas: dict[str, dict[str, Any]]) -> list[str]:
+    """Activation methods cannot score the tensors outside the layers (embeddings, LM head, final norm: no
+    hook point) and rank them last; where a weight-space method of the same study ranks one of them among
+    its first three, that is what they could not see (a further-trained, tied LM head, say)."""
+    blind = [m for m, meta in metas.items() if meta.get("unscored")]
+    if not blind:
+        return []
+    high: dict[str, list[str]] = {}  # tensor → "gradient #1", ...
+    for m, meta in metas.items():
+        for cid, rank in sorted((meta.get("outer_ranks") or {}).items(), key=lambda kv: kv[1]):
+            if rank <= 3:
+                high.setdefault(cid, []).append(f"{m} #{rank}")
+    ranked = "; ".join(cid + " " + ", ".join(r) for cid, r in high.items())
+    seen = f"; the weight-space methods rank {ranked}" if high else ""
+    return [f"{', '.join(blind)}: no hook point on the tensors outside the layers "
+            f"({', '.join(metas[blind[0]]['unscored'])}), ranked last{seen}."]
 
 
 def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> list[str]:
