@@ -14,8 +14,8 @@ regression recipe to a base:
 
 - ``forget``: the base trained on a shifted mix without one skill (at two lengths); donor = base,
   target = the continued model (a newer release that regressed);
-- ``specialist``: the base fine-tuned on one skill it is weak at; donor = the fine-tune, target = base
-  (the base <-> tuned setting);
+- ``specialist``: the base fine-tuned on one skill it is weak at — every weight, or low-rank adapters
+  merged afterwards (``Lora``); donor = the fine-tune, target = base (the base <-> tuned setting);
 - ``quantize``: symmetric per-output-row round-to-nearest of every linear weight of a few layers at
   2-4 bits, dequantized back to float; donor = base, target = the damaged copy (damage confined to
   known layers);
@@ -51,6 +51,7 @@ cached base, + the base's own build, paid once by the first pair on it):
     qwen2-prune          prune       generate  300/300 1.000   64/300 0.213    +78.7    4 (+256)
     gemma2-specialist    specialist  choice    276/300 0.920   47/300 0.157    +76.3   45 (+222)
     gemma2-forget-short  forget      generate  300/300 1.000   26/300 0.087    +91.3   69 (+222)
+    llama6-lora-specialist  specialist  choice  262/300 0.873  153/300 0.510  +36.3  126 (+242)
 
 Reproducibility, checked: ``python bench/pairs.py llama4-forget-short --force`` after a full
 ``--force`` build gave the same sha256 for the base/donor (efd5b0d6…) and the target (467cb151…); the
@@ -129,6 +130,15 @@ class Prune:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters ``W + (alpha / rank) · B A`` on every attention and MLP linear weight, trained with
+    the base frozen and merged into the weights afterwards (how most published fine-tunes are made)."""
+
+    rank: int
+    alpha: float
+
+
+@dataclass(frozen=True)
 class PairSpec:
     name: str
     description: str  # one line: what the pair stands for
@@ -138,6 +148,7 @@ class PairSpec:
     phase: Phase | None = None  # forget, specialist: the training applied to the base
     quant: Quant | None = None  # quantize
     prune: Prune | None = None  # prune
+    lora: Lora | None = None  # specialist: adapters trained instead of every weight
 
     @property
     def arch(self) -> str:
@@ -285,6 +296,12 @@ PAIRS: dict[str, PairSpec] = {p.name: p for p in (
              "choice (base <-> chat-tuned)",
              BASES["gemma2"], "specialist", TaskSpec("arith", fmt="chat", kind="choice"),
              phase=_phase("gemma2-specialist", "gemma2", {"arith:chat": 0.8, "text": 0.2}, 150, 40)),
+    PairSpec("llama6-lora-specialist",
+             "llama6-specialist's base beside a rank-4 LoRA fine-tune on addition, merged (base <-> tuned "
+             "as most fine-tunes are published), as a 4-way choice",
+             BASES["llama6"], "specialist", TaskSpec("arith", kind="choice"),
+             phase=_phase("llama6-lora-specialist", "llama6", {"arith:plain": 0.8, "text": 0.2}, 400, 42, lr=3e-3),
+             lora=Lora(rank=4, alpha=8.0)),
     PairSpec("gemma2-forget-short",
              "a Gemma 2 trained 250 more steps without reversal: partly forgotten",
              BASES["gemma2"], "forget", TaskSpec("reverse"),
@@ -310,7 +327,13 @@ def recipe_dict(spec: PairSpec) -> dict:
     """The recipe as JSON-able data: everything the build depends on besides the code."""
     d = asdict(spec)
     d.pop("description")
+    for key in LATER_FIELDS:  # unset, a field added after pairs were cached leaves their hash as it was
+        if d[key] is None:
+            d.pop(key)
     return d
+
+
+LATER_FIELDS = ("lora",)
 
 
 def recipe_hash(spec: PairSpec) -> str:
@@ -458,9 +481,50 @@ def forget(spec: PairSpec, base_dir: Path, held: data.HeldOut, tok, out: Path, l
 
 
 def specialist(spec: PairSpec, base_dir: Path, held: data.HeldOut, tok, out: Path, log: bool) -> None:
-    """Donor: the base fine-tuned on the task's skill. Target: the base."""
-    demo_build.save(continued(spec, base_dir, held, tok, log), tok, out / "donor")
+    """Donor: the base fine-tuned on the task's skill (every weight, or low-rank adapters merged). Target: the base."""
+    tuned = continued(spec, base_dir, held, tok, log) if spec.lora is None else lora_tuned(spec, base_dir, held, tok, log)
+    demo_build.save(tuned, tok, out / "donor")
     _copy_model(base_dir, out / "target")
+
+
+class LowRank(torch.nn.Module):
+    """A weight's parametrization ``W + scale · B A`` (``B`` starts at zero, so training starts at the base)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, out_dim: int, gen: torch.Generator) -> None:
+        super().__init__()
+        n_out, n_in = weight.shape if out_dim == 0 else weight.shape[::-1]
+        self.a = torch.nn.Parameter(torch.randn(rank, n_in, generator=gen) / n_in ** 0.5)
+        self.b = torch.nn.Parameter(torch.zeros(n_out, rank))
+        self.scale, self.out_dim = scale, out_dim
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.scale * (self.b @ self.a)
+        return weight + (delta if self.out_dim == 0 else delta.T)
+
+
+def lora_tuned(spec: PairSpec, base_dir: Path, held: data.HeldOut, tok, log: bool):  # -> PreTrainedModel
+    """The base with adapters on every attention and MLP linear weight, trained on the pair's phase with
+    everything else frozen, then merged."""
+    from torch.nn.utils import parametrize
+
+    assert spec.phase is not None and spec.lora is not None
+    model = load_float(base_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(spec.phase.seed)
+    chosen = linear_weights(spec.arch, tuple(range(spec.base.recipe.layers)))
+    for name, out_dim in chosen.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        parametrize.register_parametrization(
+            module, "weight", LowRank(module.weight, spec.lora.rank, spec.lora.alpha / spec.lora.rank, out_dim, gen))
+    if log:
+        print(f"{spec.name}: rank-{spec.lora.rank} adapters on {len(chosen)} weights, {spec.phase.steps} steps, "
+              f"mix {spec.phase.mix}", flush=True)
+    demo_build.train(model, spec.phase, spec.base.recipe, held, tok.get_vocab(), log=log)
+    with torch.no_grad():
+        for name in chosen:
+            parametrize.remove_parametrizations(model.get_submodule(name.rsplit(".", 1)[0]), "weight")
+    return model
 
 
 def rtn(weight: torch.Tensor, bits: int, out_dim: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pairs.py"
 
 
@@ -105,9 +107,33 @@ def test_a_pruned_pair_zeroes_the_smallest_weights_of_the_named_layers_only(tmp_
         donor, target = tensors["donor"][name].float(), tensors["target"][name].float()
         kept = target != 0
         assert int((target == 0).sum()) >= int(0.7 * target.numel())
-        assert torch_equal(target[kept], donor[kept])  # what survives is the donor's value
+        assert torch.equal(target[kept], donor[kept])  # what survives is the donor's value
         assert donor.abs()[kept].min() >= donor.abs()[~kept].max()  # the smallest went
 
 
-def torch_equal(a, b) -> bool:
-    return bool((a == b).all())
+def test_a_lora_specialist_changes_every_linear_weight_by_a_low_rank_delta_only(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    pairs = _load_bench()
+    monkeypatch.setattr(pairs, "SPLIT_SIZES", {"probe": 4, "dev": 6, "test": 8})
+    size = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seq_len=32, batch=4)
+    recipe = pairs.Recipe(seed=5, threads=1, **size,
+                          phases=(pairs.Phase("tiny-lora", None, {"reverse:plain": 1.0}, 2, 3e-3, 1, 6),))
+    base = pairs.Base("tiny-lora", "llama", recipe, held_seed=5)
+    spec = pairs.PairSpec("tiny-lora-specialist", "a smoke test", base, "specialist", pairs.TaskSpec("reverse"),
+                          phase=pairs.Phase("tiny-lora-specialist", "tiny-lora", {"arith:plain": 1.0}, 3, 1e-2, 1, 7),
+                          lora=pairs.Lora(rank=2, alpha=4.0))
+    monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
+    folder = pairs.build(spec.name, cache=tmp_path, log=False)
+    tensors = {}
+    for role in ("donor", "target"):
+        with safe_open(folder / role / "model.safetensors", "pt") as f:
+            tensors[role] = {n: f.get_tensor(n).float() for n in f.keys()}
+    assert set(tensors["donor"]) == set(tensors["target"])  # merged: no adapter tensors left
+    chosen = set(pairs.linear_weights("llama", (0, 1)))
+    changed = {n for n in tensors["target"] if not (tensors["target"][n] == tensors["donor"][n]).all()}
+    assert changed == chosen  # every linear weight; the norms and embeddings frozen
+    for name in chosen:  # rank 2, up to the bf16 rounding of both models' weights
+        s = torch.linalg.svdvals(tensors["donor"][name] - tensors["target"][name])
+        assert s[2] < 0.05 * s[0], name
+    assert "lora" not in pairs.recipe_dict(pairs.PAIRS["llama4-quant"])  # unset: old pairs keep their hash
