@@ -350,10 +350,24 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 
 def _tmp_dir(final: Path) -> Path:
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a build that was killed
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- models

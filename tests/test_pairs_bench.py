@@ -45,6 +45,10 @@ def test_tiny_pair_layout_and_cache(tmp_path, monkeypatch):
     assert sorted({r["split"] for r in rows}) == ["dev", "probe", "retention", "test"]
     assert all(len(r["choices"]) == 4 and r["choices"][r["answer"]] for r in rows if r["split"] != "retention")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    killed = tmp_path / f".{spec.name}.tmp-{2 ** 22 + 1}"  # a build killed midway (no such pid: above pid_max)
+    (killed / "donor").mkdir(parents=True)
+    assert pairs.build(spec.name, cache=tmp_path, log=False, force=True) == folder
+    assert not killed.exists()  # cleared by the next build of that pair
 
     stamp = (folder / "pair.json").stat().st_mtime_ns
     assert pairs.build(spec.name, cache=tmp_path, log=False) == folder  # reused: the recipe hash matches
