@@ -97,7 +97,8 @@ def notes(s: Summary, order: dict[str, Any], grid_ks: dict[str, set[int]]) -> li
         grown = sorted(k for k in ks if asked is not None and k > asked)
         if grown:
             said.append(f"{method}: the grid grew past K={asked} to K={', '.join(map(str, grown))} (k_grow_to): its "
-                        f"top K was its best on dev and well short of the donor.")
+                        f"top K was its best on dev (or nothing was clearly above the target yet) and well short "
+                        f"of the donor.")
     at_top: dict[int, list[str]] = {}  # K → the methods that chose it at the top of their grid
     most = order.get("k_grow_to") or 0  # below it the grid grew where it had to (config.grown_k); older runs: 0
     for f in s.methods:

@@ -11,6 +11,7 @@ renders these as text and :mod:`analysis.report.figures` as pictures; both read 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from analysis.eval import metrics
 from analysis.interp.methods import named
 from analysis.io.files import parse_yaml, read_text
 from analysis.report.notes import localization_notes, notes
+from analysis.study.points import chosen_point
 from analysis.study.runfolder import rankings_meta, read_results
 
 
@@ -155,6 +157,19 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, confi
     retention = {role: (r.get(measure) if (r := get("baseline", "retention", name)) else None)
                  for role, name in (("donor", d), ("target", t))}
 
+    def _current(chosen: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each method's chosen row for the point its dev grid chooses now: a study resumed by a graftlm whose
+        grid grows further keeps the test row of the point chosen before, which is no longer the choice."""
+        chosen = list(chosen)
+        grid = [r for r in rows if r.get("phase") == "grid" and r.get("max_new_tokens") == mnt]
+        keep = []
+        for method in dict.fromkeys(r["method"] for r in chosen):
+            mine = [r for r in chosen if r["method"] == method]
+            points = [r for r in grid if r["method"] == method]
+            now = chosen_point(points) if points else None
+            keep += [r for r in mine if (r["top_k"], r["alpha"]) == now] or mine
+        return keep
+
     def finding(row: dict[str, Any], label: str) -> Finding:
         acc = _acc(row)
         ret = get(row["phase"], "retention", "transplant", row["method"], row["top_k"], row["alpha"], row["seed"])
@@ -168,7 +183,7 @@ def _summary(order: dict[str, Any], rows: list[dict[str, Any]], task: str, confi
     same = [r for r in rows if r.get("max_new_tokens") == mnt and r.get("split") == "test"]
     # Rows in a fixed order, not the order they were written (Ray workers finish in any order): methods as
     # the config lists them; controls by budget, random seeds then weight-ranked, copy-all last.
-    chosen_rows = sorted((r for r in same if r["phase"] == "chosen"),
+    chosen_rows = sorted(_current(r for r in same if r["phase"] == "chosen"),
                          key=lambda r: config_methods.index(r["method"]) if r["method"] in config_methods
                          else len(config_methods))
     methods = [finding(r, f"{r['method']} (K={r['top_k']}, α={r['alpha']})") for r in chosen_rows]

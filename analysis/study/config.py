@@ -76,8 +76,9 @@ class SweepConfig(BaseModel):
                                description="numbers of components, or shares of them such as 5%")
     k_grow_to: int | str | None = Field(
         "50%", description="grow a method's K grid, doubling its top K up to this many components (or share of "
-                           "them), while that top K holds the method's best dev point, recovers less than 90% "
-                           "of the dev gap, and lies clearly below the donor; null: the grid as given")
+                           "them), while that top K holds the method's best dev point (or no point is clearly "
+                           "above the target yet), recovers less than 90% of the dev gap, and lies clearly "
+                           "below the donor; null: the grid as given")
     alpha: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     race: float | None = Field(None, gt=0, lt=1, description="race the dev grid at this error rate: a point clearly "
                                                             "below its method's best so far stops early; null: "
@@ -236,16 +237,21 @@ def grown_k(grid: dict[int, list[dict[str, Any]]], donor_dev: float | None, targ
             most: int) -> int | None:
     """The K to add above one method's dev grid (K → its rows, one per α), or None. The grid grows while
     its answer is bounded by the grid rather than by the method: the top K holds the method's best dev
-    point (ties count: a flat grid says nothing yet), that point recovers less than GROW_UNTIL of the
-    dev gap, and the donor's dev accuracy lies above its 95% interval. Each step doubles the top K, up
-    to ``most``; points stopped by a race, and rows without an accuracy (a perplexity task), are left out."""
+    point (ties count: a flat grid says nothing yet) — or no point of the grid is clearly above the
+    target yet (the target's dev accuracy inside the best point's 95% interval: a smaller K that wins by
+    noise has found nothing) — that top point recovers less than GROW_UNTIL of the dev gap, and the
+    donor's dev accuracy lies above its 95% interval. Each step doubles the top K, up to ``most``;
+    points stopped by a race, and rows without an accuracy (a perplexity task), are left out."""
     live = {k: [r for r in rows if "raced" not in r and r.get("accuracy") is not None] for k, rows in grid.items()}
     top = max(live)
     if top >= most or not live[top] or donor_dev is None or target_dev is None or donor_dev <= target_dev:
         return None
     best = max(live[top], key=lambda r: r["accuracy"])
-    if any(r["accuracy"] > best["accuracy"] for k, rows in live.items() if k != top for r in rows):
-        return None
+    lower = [r for k, rows in live.items() if k != top for r in rows]
+    if any(r["accuracy"] > best["accuracy"] for r in lower):
+        found = max(lower, key=lambda r: r["accuracy"]).get("ci_low")
+        if found is None or found > target_dev:  # a smaller K is better, and clearly above the target
+            return None
     recovered = (best["accuracy"] - target_dev) / (donor_dev - target_dev)
     return min(2 * top, most) if recovered < GROW_UNTIL and donor_dev > best["ci_high"] else None
 

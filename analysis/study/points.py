@@ -235,3 +235,10 @@ class Local:
 
     def close(self) -> None:
         pass
+
+
+def chosen_point(rows: list[dict[str, Any]]) -> tuple[int, float]:
+    """A method's chosen (K, α) among its dev grid rows: the best accuracy, ties to the smaller change (K, then
+    α); never a point its race stopped. The sweep evaluates it on test; the report reads that row back."""
+    best = max((r for r in rows if "raced" not in r), key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))
+    return best["top_k"], best["alpha"]

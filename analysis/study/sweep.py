@@ -31,7 +31,7 @@ from analysis.interp.methods import BUDGETED
 from analysis.io.files import check_out, write_file
 from analysis.plan import Plan
 from analysis.study.config import RayOptions, SweepConfig, grow_limit, grown_k, ray_options, resolve_k
-from analysis.study.points import Executor, Job, Local, Point, PointRunner, tokens
+from analysis.study.points import Executor, Job, Local, Point, PointRunner, chosen_point, tokens
 from analysis.study.progress import Progress
 from analysis.study.runfolder import (
     INPUTS,
@@ -259,8 +259,8 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                     k = grown_k(grid_rows, donor_dev, target_dev, most)
                     if k is None:
                         continue
-                    bar.note(f"{method}: K={method_ks[method][-1]}, the top of its grid, is its best on dev and "
-                             f"well below the donor: K={k} added")
+                    bar.note(f"{method}: K={method_ks[method][-1]}, the top of its grid, is its best on dev (or "
+                             f"nothing is clearly above the target yet) and well below the donor: K={k} added")
                     method_ks[method].append(k)
                     if method in BUDGETED:
                         by_budget[method][k] = _ranking(run_dir, method, donor, target, task, cfg, top=k,
@@ -275,13 +275,8 @@ def _study(cfg: SweepConfig, run_dir: Path, results: Results, task: Any, splits:
                 bar.fewer(-len(more))
                 evaluate_all(more, via=raced)
             # The chosen point per method on test, with retention (never a point its race stopped).
-            chosen: dict[str, tuple[int, float]] = {}
-            for method in cfg.methods:
-                rows = [results[Point("grid", "dev", "transplant", method, k, a, mnt).key]
-                        for k in method_ks[method] for a in cfg.alpha]
-                best = max((r for r in rows if "raced" not in r),
-                           key=lambda r: (r["accuracy"], -r["top_k"], -r["alpha"]))  # ties: the smaller change
-                chosen[method] = (best["top_k"], best["alpha"])
+            chosen = {m: chosen_point([results[Point("grid", "dev", "transplant", m, k, a, mnt).key]
+                                       for k in method_ks[m] for a in cfg.alpha]) for m in cfg.methods}
             budgets = sorted(set(chosen.values()))
             bar.fewer((len(chosen) - len(budgets)) * _controls_per_budget(cfg))  # methods that chose the same budget
             wanted.clear()
