@@ -87,28 +87,36 @@ def test_every_architecture_of_the_bank_builds_and_quantizes(tmp_path, monkeypat
             assert max(len(r.unique()) for r in rows) <= 3, name
 
 
-def test_a_pruned_pair_zeroes_the_smallest_weights_of_the_named_layers_only(tmp_path, monkeypatch):
+def _tiny_pair(pairs, tmp_path, monkeypatch, arch: str, recipe: str, task, **spec) -> dict:
+    """Both models' tensors (float32) of a two-layer pair of ``arch`` made by ``recipe``."""
     from safetensors import safe_open
 
-    pairs = _load_bench()
     monkeypatch.setattr(pairs, "SPLIT_SIZES", {"probe": 4, "dev": 6, "test": 8})
     size = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seq_len=32, batch=4)
-    recipe = pairs.Recipe(seed=5, threads=1, **size,
-                          phases=(pairs.Phase("tiny-qwen2", None, {"reverse:plain": 1.0}, 2, 3e-3, 1, 6),))
-    base = pairs.Base("tiny-qwen2", "qwen2", recipe, held_seed=5)
-    spec = pairs.PairSpec("tiny-prune", "a smoke test", base, "prune", pairs.TaskSpec("reverse", kind="choice"),
-                          prune=pairs.Prune(sparsity=0.7, layers=(0,)))
-    monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
-    folder = pairs.build(spec.name, cache=tmp_path, log=False)
+    phase = pairs.Phase(f"tiny-{arch}", None, {"reverse:plain": 1.0}, 2, 3e-3, 1, 6)
+    base = pairs.Base(f"tiny-{arch}", arch, pairs.Recipe(seed=5, threads=1, **size, phases=(phase,)), held_seed=5)
+    pair = pairs.PairSpec(f"tiny-{recipe}", "a smoke test", base, recipe, task, **spec)
+    monkeypatch.setitem(pairs.PAIRS, pair.name, pair)
+    folder = pairs.build(pair.name, cache=tmp_path, log=False)
     tensors = {}
     for role in ("donor", "target"):
         with safe_open(folder / role / "model.safetensors", "pt") as f:
-            tensors[role] = {n: f.get_tensor(n) for n in f.keys()}
+            tensors[role] = {n: f.get_tensor(n).float() for n in f.keys()}
+    return tensors
+
+
+def _changed(tensors: dict) -> set[str]:
+    return {n for n in tensors["target"] if not torch.equal(tensors["target"][n], tensors["donor"][n])}
+
+
+def test_a_pruned_pair_zeroes_the_smallest_weights_of_the_named_layers_only(tmp_path, monkeypatch):
+    pairs = _load_bench()
+    tensors = _tiny_pair(pairs, tmp_path, monkeypatch, "qwen2", "prune", pairs.TaskSpec("reverse", kind="choice"),
+                         prune=pairs.Prune(sparsity=0.7, layers=(0,)))
     chosen = set(pairs.linear_weights("qwen2", (0,)))
-    changed = {n for n in tensors["target"] if not (tensors["target"][n] == tensors["donor"][n]).all()}
-    assert changed == chosen  # the q/k/v biases, the norms and layer 1 untouched
+    assert _changed(tensors) == chosen  # the q/k/v biases, the norms and layer 1 untouched
     for name in chosen:
-        donor, target = tensors["donor"][name].float(), tensors["target"][name].float()
+        donor, target = tensors["donor"][name], tensors["target"][name]
         kept = target != 0
         assert int((target == 0).sum()) >= int(0.7 * target.numel())
         assert torch.equal(target[kept], donor[kept])  # what survives is the donor's value
@@ -116,27 +124,13 @@ def test_a_pruned_pair_zeroes_the_smallest_weights_of_the_named_layers_only(tmp_
 
 
 def test_a_lora_specialist_changes_every_linear_weight_by_a_low_rank_delta_only(tmp_path, monkeypatch):
-    from safetensors import safe_open
-
     pairs = _load_bench()
-    monkeypatch.setattr(pairs, "SPLIT_SIZES", {"probe": 4, "dev": 6, "test": 8})
-    size = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seq_len=32, batch=4)
-    recipe = pairs.Recipe(seed=5, threads=1, **size,
-                          phases=(pairs.Phase("tiny-lora", None, {"reverse:plain": 1.0}, 2, 3e-3, 1, 6),))
-    base = pairs.Base("tiny-lora", "llama", recipe, held_seed=5)
-    spec = pairs.PairSpec("tiny-lora-specialist", "a smoke test", base, "specialist", pairs.TaskSpec("reverse"),
-                          phase=pairs.Phase("tiny-lora-specialist", "tiny-lora", {"arith:plain": 1.0}, 3, 1e-2, 1, 7),
-                          lora=pairs.Lora(rank=2, alpha=4.0))
-    monkeypatch.setitem(pairs.PAIRS, spec.name, spec)
-    folder = pairs.build(spec.name, cache=tmp_path, log=False)
-    tensors = {}
-    for role in ("donor", "target"):
-        with safe_open(folder / role / "model.safetensors", "pt") as f:
-            tensors[role] = {n: f.get_tensor(n).float() for n in f.keys()}
+    tensors = _tiny_pair(pairs, tmp_path, monkeypatch, "llama", "specialist", pairs.TaskSpec("reverse"),
+                         phase=pairs.Phase("tiny-lora", "tiny-llama", {"arith:plain": 1.0}, 3, 1e-2, 1, 7),
+                         lora=pairs.Lora(rank=2, alpha=4.0))
     assert set(tensors["donor"]) == set(tensors["target"])  # merged: no adapter tensors left
     chosen = set(pairs.linear_weights("llama", (0, 1)))
-    changed = {n for n in tensors["target"] if not (tensors["target"][n] == tensors["donor"][n]).all()}
-    assert changed == chosen  # every linear weight; the norms and embeddings frozen
+    assert _changed(tensors) == chosen  # every linear weight; the norms and embeddings frozen
     for name in chosen:  # rank 2, up to the bf16 rounding of both models' weights
         s = torch.linalg.svdvals(tensors["donor"][name] - tensors["target"][name])
         assert s[2] < 0.05 * s[0], name
