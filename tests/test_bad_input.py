@@ -173,6 +173,8 @@ ROWS = [
     row("sweep-config-is-a-list", "sweep {r}/cfg-list.yaml --out {r}/outs/s", "mapping of keys"),
     row("sweep-missing-config", "sweep {r}/cfg-nope.yaml --out {r}/outs/s", "no such sweep config"),
     row("sweep-missing-task", "sweep {r}/cfg-notask.yaml --out {r}/outs/s", "nothere.yaml"),
+    row("sweep-perplexity-task", "sweep {r}/cfg-ppl.yaml --out {r}/outs/s", "is a perplexity task",
+        "retention: FILE"),
     row("sweep-out-is-a-file", "sweep {r}/cfg.yaml --out {r}/afile.txt", "is a file, not a folder"),
     row("sweep-out-inside-the-target", "sweep {r}/cfg.yaml --out {r}/target/run", "inside a source"),
     row("sweep-run-in-use", "sweep {r}/cfg.yaml --out {r}/locked", "in use by another sweep", f"pid {os.getpid()}"),
@@ -256,6 +258,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (r / "broken.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
     (r / "typo.yaml").write_text("data: task.jsonl\nprompts: '{prompt}'\n")
     (r / "latin1.yaml").write_bytes(b"data: task.jsonl\ndescription: caf\xe9\n")
+    (r / "texts.jsonl").write_text("".join(json.dumps({"id": f"x{i}", "text": f"line {i % 2}", "split": s}) + "\n"
+                                           for i, s in enumerate(["probe", "dev", "test"] * 2)))  # texts repeat
+    (r / "texts.yaml").write_text("data: texts.jsonl\nkind: perplexity\n")
     (r / "plan.yaml").write_text("components: [L1.mlp]\n")
     (r / "plan-latin1.yaml").write_bytes(b"\xff\xfe components: [L1.mlp]\n")
     (r / "plan-typo.yaml").write_text("componentz: [L1.mlp]\n")
@@ -278,7 +283,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                        "ret0": base.replace("retention_limit: 100", "retention_limit: 0"),
                        "mem": base.replace("reuse_memory_gb: 2.0", "reuse_memory_gb: -1"),
                        "list": "- donor\n- target\n",
-                       "notask": base.replace(str(r / "task.yaml"), str(r / "nothere.yaml"))}.items():
+                       "notask": base.replace(str(r / "task.yaml"), str(r / "nothere.yaml")),
+                       "ppl": base.replace(str(r / "task.yaml"), str(r / "texts.yaml"))}.items():
         assert text != base or name in ("broken", "list"), name
         (r / f"cfg-{name}.yaml").write_text(text)
     (r / "cfg-latin1.yaml").write_bytes(base.encode() + b"# caf\xe9\n")

@@ -75,6 +75,16 @@ def test_overlaps_are_counted_per_pair_of_splits_and_named_by_file_and_line(tmp_
         tasks.load(write_overlapping(tmp_path, "maybe"))
 
 
+def test_texts_shared_by_two_splits_of_a_perplexity_task_are_overlaps(tmp_path: Path) -> None:
+    """A perplexity item has no prompt: its text is what two splits must not share."""
+    rows = [{"id": "a", "text": "the same line", "split": "probe"}, {"id": "b", "text": "another", "split": "dev"},
+            {"id": "c", "text": "the same line", "split": "test"}]
+    task = tasks.load(write(tmp_path / "t.jsonl", rows))
+    assert task.kind == "perplexity"
+    (found,) = task.overlaps(["probe", "dev", "test"])
+    assert (found.split, found.other, [(a.id, b.id) for a, b in found.pairs]) == ("probe", "test", [("a", "c")])
+
+
 def test_without_drops_items_from_their_own_split_only(tmp_path: Path) -> None:
     task = tasks.load(write_overlapping(tmp_path))
     cleaned = task.without(it for o in task.overlaps(["probe", "dev", "test"]) for it, _ in o.pairs)

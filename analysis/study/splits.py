@@ -37,7 +37,12 @@ def check_splits(task: Any, cfg: SweepConfig) -> tuple[dict[str, str], Any, Drop
     """The task split of each role (probe, dev, test), the task to study and what was dropped from it.
     The roles must exist and share no item (id or prompt): asserted, not assumed. With ``overlap: drop``
     (sweep config or task) shared items leave probe and dev — never test — in the returned task, which
-    localization and every evaluation then read."""
+    localization and every evaluation then read. A perplexity task is refused: a study chooses K and α by
+    accuracy on dev and claims k/n with an interval on test."""
+    if task.kind == "perplexity":
+        raise GraftError(f"task {task.name} is a perplexity task: a sweep chooses K and α by accuracy on dev and "
+                         "reports k/n on test", "sweep a generate or choice task, with this one as its retention "
+                         "set (retention: FILE); graftlm localize and graftlm eval take it as it is")
     missing = [s for s in cfg.splits.values() if s not in task.splits]
     if missing:
         raise GraftError(f"task {task.name} has no {', '.join(missing)} split (splits: {', '.join(task.splits) or 'none'})",

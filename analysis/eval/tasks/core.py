@@ -174,7 +174,11 @@ class Task:
 
     def overlaps(self, splits: Sequence[str]) -> list[Overlap]:
         """Items of each split that also occur in a later one of ``splits`` (same id or the same rendered
-        prompt), one :class:`Overlap` per pair of splits that share any, in the order of ``splits``."""
+        prompt — a perplexity item's text), one :class:`Overlap` per pair of splits that share any, in the
+        order of ``splits``."""
+        def shown(it: Item) -> str:  # what the model reads of the item
+            return it.text if self.kind == "perplexity" else self.prompt_text(it)
+
         found: list[Overlap] = []
         for i, split in enumerate(splits):
             mine = self.items(split, limit=None)
@@ -182,9 +186,9 @@ class Task:
                 theirs: dict[str, Item] = {}
                 for it in self.items(other, limit=None):
                     theirs.setdefault(f"id:{it.id}", it)
-                    theirs.setdefault(f"prompt:{self.prompt_text(it)}", it)
+                    theirs.setdefault(f"prompt:{shown(it)}", it)
                 pairs = [(it, match) for it in mine
-                         if (match := theirs.get(f"id:{it.id}") or theirs.get(f"prompt:{self.prompt_text(it)}"))]
+                         if (match := theirs.get(f"id:{it.id}") or theirs.get(f"prompt:{shown(it)}"))]
                 if pairs:
                     found.append(Overlap(split, other, pairs))
         return found
